@@ -1,0 +1,1 @@
+"""Everything that touches disk: atomic writes, PEFT-format adapters, resumable training state."""

@@ -1,0 +1,366 @@
+"""The train config: one YAML file, typed and validated, every field overridable on the command line.
+
+The schema is a tree of dataclasses. Each field carries its help text in `metadata["help"]`, so the
+same definition drives validation, `leantune train --help` and the resolved `config.yaml` saved into
+every run folder. Validation is strict: an unknown key is an error that names the closest valid key
+("did you mean lora.rank?"), and a value of the wrong type names the type it should have.
+
+No heavy imports here: the CLI builds its help from this module in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    path: str | None = _f(None, "training data: a .jsonl/.json/.csv/.parquet file, or a hub dataset id (online only)")
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = _f(
+        "auto", "record format; auto detects it from the fields of the first record")
+    split: str = _f("train", "split to read when `path` is a hub dataset")
+    eval_path: str | None = _f(None, "held-out data file; when unset, `eval_fraction` of `path` is held out")
+    eval_fraction: float = _f(0.05, "fraction of the training examples held out for eval when there is no eval_path (0 disables)")
+    max_length: int = _f(1024, "longest example in tokens; longer ones are truncated or skipped (see `overlong`)")
+    overlong: Literal["truncate", "skip"] = _f("truncate", "what to do with examples longer than max_length (both are counted and reported)")
+    packing: bool = _f(True, "pack several examples per row; examples never attend to each other")
+    train_on_prompt: bool = _f(False, "also train on prompt/system/user tokens (default: responses only)")
+    system_prompt: str | None = _f(None, "system message added to chat/alpaca examples that have none")
+    chat_template: str | None = _f(None, "a Jinja chat template (inline or a file path) to use instead of the tokenizer's")
+    num_workers: int = _f(0, "reserved: tokenization runs in-process")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(16, "LoRA rank r; typical 8-64")
+    alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha/rank (alpha/sqrt(rank) with rslora)")
+    dropout: float = _f(0.0, "dropout on the LoRA input")
+    targets: str | list[str] = _f(
+        "all-linear", "modules to adapt: all-linear (every nn.Linear but lm_head), a list of names "
+        "such as [q_proj, v_proj], or a regex over full module paths")
+    rslora: bool = _f(False, "rank-stabilised LoRA: scale by alpha/sqrt(rank) (Kalajdzievski 2023)")
+    lr_ratio: float | None = _f(None, "LoRA+: learning rate of B = lr * lr_ratio (Hayou et al. 2024 suggest 16)")
+    init: Literal["default", "gaussian", "zeros"] = _f("default", "A init: PEFT's kaiming-uniform (default) or gaussian; B starts at zero")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(1.0, "passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = _f(None, "optimizer steps to run; overrides epochs")
+    batch_size: int = _f(4, "rows per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step; the loss is normalised by the label tokens of all of them")
+    lr: float = _f(2e-4, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
+    warmup_steps: int | None = _f(None, "linear warmup steps; when unset, warmup_ratio of the run")
+    warmup_ratio: float = _f(0.03, "warmup as a fraction of the total steps")
+    max_grad_norm: float | None = _f(1.0, "clip the gradient norm to this (null disables)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, ~30% slower")
+    loss_chunk: int = _f(1024, "tokens per chunk of the cross-entropy; full-vocabulary fp32 logits never exist for the whole batch")
+    eval_every: int = _f(50, "evaluate held-out loss every N steps (0: only at the end)")
+    eval_batches: int | None = _f(None, "cap on eval micro-batches per evaluation (null: the whole eval set)")
+    save_every: int = _f(100, "write a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "how many step checkpoints to keep (the final adapter is always kept)")
+    early_stopping_patience: int | None = _f(None, "stop after this many evaluations without a better eval loss")
+    log_every: int = _f(1, "write metrics every N steps")
+    tensorboard: bool = _f(True, "also write TensorBoard event files (needs the tensorboard package)")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class RunConfig:
+    model: str | None = _f(None, "base model: a local HF folder, a hub id, or a .gguf file")
+    output_dir: str = _f("runs/leantune", "run folder: resolved config, metrics, checkpoints and the final adapter")
+    method: Literal["lora"] = _f("lora", "fine-tuning method")
+    seed: int = _f(0, "random seed (data order, init, dropout)")
+    dtype: Literal["auto", "bf16", "fp32"] = _f(
+        "auto", "dtype of the frozen base weights: auto picks bf16 where the hardware runs it fast, else fp32 (never fp16 on CPU)")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
+    threads: int | None = _f(None, "CPU threads for torch (null: torch's default)")
+    attn_implementation: str = _f("sdpa", "attention kernel passed to transformers (sdpa, eager)")
+    trust_remote_code: bool = _f(False, "allow model code from the model folder (only for models you trust)")
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Introspection: the flat list of (dotted name, type, default, help) drives --help and overrides.
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    name: str  # dotted: "lora.rank"
+    type: Any
+    default: Any
+    help: str
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def fields_of(cls: type = RunConfig, prefix: str = "") -> list[FieldInfo]:
+    out: list[FieldInfo] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(fields_of(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append(FieldInfo(prefix + f.name, tp, default, f.metadata.get("help", "")))
+    return out
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"list of {type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check (and gently coerce: int -> float, "1e-4" -> float) `value` against the annotation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, name)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{name} must be {type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, args))}; got {value!r}{hint}")
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value] if not isinstance(value, str) else [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be {type_name(tp)}, got {value!r}")
+        return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def _all_names() -> list[str]:
+    return [fi.name for fi in fields_of()] + ["data", "lora", "train"]
+
+
+def unknown_key_error(name: str) -> ConfigError:
+    names = _all_names()
+    leaf = name.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    if not close:  # "rank" at the top level: look for a field with that leaf name anywhere
+        close = [n for n in names if n.rsplit(".", 1)[-1] == leaf][:1] or difflib.get_close_matches(
+            leaf, [n.rsplit(".", 1)[-1] for n in names], n=1)
+        close = [n for n in names if close and n.rsplit(".", 1)[-1] == close[0]][:1]
+    hint = f"; did you mean {close[0]!r}?" if close else "; see `leantune train --help` for every key"
+    return ConfigError(f"unknown config key {name!r}{hint}")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys to values, got {raw!r}")
+    hints = _hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise unknown_key_error(f"{prefix}{key}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    obj = cls(**kwargs)
+    return obj
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.model is not None, "model is not set: give a local HF folder, a hub id or a .gguf file (model: path/to/model)")
+    need(cfg.data.path is not None, "data.path is not set: point it at a .jsonl/.json/.csv/.parquet file (data: {path: train.jsonl})")
+    need(cfg.lora.rank > 0, f"lora.rank must be > 0, got {cfg.lora.rank}; typical values are 8-64")
+    need(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}; a common choice is 2 * rank")
+    need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    need(cfg.lora.lr_ratio is None or cfg.lora.lr_ratio > 0, f"lora.lr_ratio must be > 0, got {cfg.lora.lr_ratio}")
+    need(bool(cfg.lora.targets), "lora.targets is empty: use all-linear or a list such as [q_proj, v_proj]")
+    need(cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}")
+    need(0.0 <= cfg.data.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
+    t = cfg.train
+    need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}; LoRA usually trains well at 1e-4 to 3e-4")
+    need(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
+    need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
+    need(t.loss_chunk >= 16, f"train.loss_chunk must be >= 16 tokens, got {t.loss_chunk}")
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    need(t.warmup_steps is None or t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    need(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    need(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm must be > 0 or null, got {t.max_grad_norm}")
+    for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
+        need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+
+
+def from_dict(raw: dict, overrides: dict[str, Any] | None = None, validate: bool = True) -> RunConfig:
+    """Build a RunConfig from a parsed YAML mapping plus dotted overrides ({"lora.rank": "8"})."""
+    raw = _deepcopy(raw or {})
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    cfg = _build(RunConfig, raw, "")
+    if validate:
+        _check_ranges(cfg)
+    return cfg
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    valid = {fi.name for fi in fields_of()}
+    if dotted not in valid:
+        raise unknown_key_error(dotted)
+    node = raw
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{p} must be a mapping in the config file")
+    node[parts[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {str(p)!r} does not exist; create one (see README: 'A five-minute tour')")
+    if p.is_dir():
+        raise ConfigError(f"{str(p)!r} is a folder; pass the YAML config file inside it")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}; fix the syntax there") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not UTF-8 text; save the config as UTF-8 YAML") from None
+    if raw is None:
+        raise ConfigError(f"{p} is empty; it needs at least `model:` and `data: {{path: ...}}`")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p} must hold a YAML mapping (key: value lines), not a {type(raw).__name__}")
+    return raw
+
+
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    raw = load_yaml(path) if path is not None else {}
+    if path is not None:
+        base = Path(path).resolve().parent
+        _resolve_relative(raw, base)
+    return from_dict(raw, overrides)
+
+
+def _resolve_relative(raw: dict, base: Path) -> None:
+    """Input paths written in the file are read relative to the file when they exist there
+    (output_dir stays relative to the working directory, like every other tool's)."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = base / value
+            if candidate.exists():
+                return str(candidate)
+        return value
+
+    if "model" in raw:
+        raw["model"] = fix(raw["model"])
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for k in ("path", "eval_path", "chat_template"):
+            if k in data:
+                data[k] = fix(data[k])
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

