@@ -41,7 +41,6 @@ class DataConfig:
     train_on_prompt: bool = _f(False, "also train on prompt/system/user tokens (default: responses only)")
     system_prompt: str | None = _f(None, "system message added to chat/alpaca examples that have none")
     chat_template: str | None = _f(None, "a Jinja chat template (inline or a file path) to use instead of the tokenizer's")
-    num_workers: int = _f(0, "reserved: tokenization runs in-process")
 
 
 @dataclass

@@ -1,0 +1,184 @@
+"""The `leantune` command. Parses arguments, builds a validated config, calls the library.
+
+Heavy libraries (torch, transformers) are imported only inside the subcommand that runs, so
+`leantune --help` and `leantune train --help` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from .. import __version__
+from ..errors import LeantuneError
+
+EPILOG_TRAIN = """\
+examples:
+  leantune train my.yaml                         # the whole run from one file
+  leantune train my.yaml --lora.rank 8 --train.lr 1e-4
+  leantune train --model ./my-model --data.path train.jsonl --output_dir runs/first
+  leantune train runs/first/config.yaml --resume # continue after a crash or Ctrl-C
+
+a minimal config file:
+  model: ./SmolLM2-135M-Instruct        # local HF folder, hub id, or .gguf file
+  output_dir: runs/first
+  data: {path: train.jsonl}             # alpaca, chat messages, prompt/completion or text records
+  lora: {rank: 16, alpha: 32}
+  train: {epochs: 2, lr: 2.0e-4}
+"""
+
+
+def _add_config_fields(p: argparse.ArgumentParser) -> None:
+    from ..config import fields_of, type_name
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    titles = {"": "run", "data": "data (data.*)", "lora": "LoRA (lora.*)", "train": "training loop (train.*)"}
+    for fi in fields_of():
+        section = fi.name.split(".")[0] if "." in fi.name else ""
+        g = groups.get(section) or groups.setdefault(section, p.add_argument_group(titles.get(section, section)))
+        flags = [f"--{fi.name}"]
+        if "_" in fi.name:
+            flags.append(f"--{fi.name.replace('_', '-')}")
+        default = "null" if fi.default is None else fi.default
+        g.add_argument(*flags, dest=f"cfg:{fi.name}", metavar=type_name(fi.type).upper().replace(" ", "_")
+                       if "|" not in type_name(fi.type) else "{" + type_name(fi.type).replace("|", ",") + "}",
+                       default=argparse.SUPPRESS, help=f"{fi.help} (default: {default})")
+
+
+def _overrides(ns: argparse.Namespace) -> dict:
+    import yaml
+
+    out = {}
+    for k, v in vars(ns).items():
+        if k.startswith("cfg:"):
+            # YAML-parse each value so lists ([q_proj, v_proj]), null and numbers read as in the file.
+            try:
+                out[k[4:]] = yaml.safe_load(v) if isinstance(v, str) else v
+            except yaml.YAMLError:
+                out[k[4:]] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leantune",
+        description="Lean, faithful fine-tuning of open LLMs: LoRA adapters that PEFT and vLLM load unchanged.",
+        epilog="Run `leantune demo` first: it fine-tunes a small real model on this machine, offline.",
+    )
+    parser.add_argument("--version", action="version", version=f"leantune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", usage="leantune train [CONFIG] [--section.field VALUE ...] [--resume]", help="fine-tune a model from a YAML config (every field overridable here)",
+                       description="Fine-tune a causal LM with LoRA. Every config field can be set in the YAML "
+                       "file or overridden here as --section.field VALUE.",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML config file (optional when --model and --data.path are given)")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--max-steps", dest="cfg:train.max_steps", default=argparse.SUPPRESS, metavar="INT",
+                   help="shorthand for --train.max_steps")
+    _add_config_fields(p)
+
+    p = sub.add_parser("generate", help="generate with a base model plus an adapter (a prompt or a chat)",
+                       description="Generate text from a run folder, an adapter folder or a plain model.",
+                       epilog="examples:\n  leantune generate runs/first --prompt 'What is LoRA?'\n"
+                       "  leantune generate runs/first --chat          # interactive chat\n"
+                       "  leantune generate runs/first --no-adapter --prompt 'Hi'   # the base model alone",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a run folder (uses its adapter/), an adapter folder, or a model")
+    p.add_argument("--base", help="base model, when it differs from the one recorded in the adapter")
+    p.add_argument("--prompt", action="append", help="a user message (repeat for several prompts)")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (type /exit to leave)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--no-adapter", action="store_true", help="ignore the adapter: the base model alone")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="base weights dtype (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+
+    p = sub.add_parser("demo", help="fine-tune the built-in small real model on this machine (offline, CPU)",
+                       description="Fine-tunes a LoRA on SmolLM2-135M-Instruct with the built-in dataset and "
+                       "prints the same prompts before and after. Needs no network.")
+    p.add_argument("--output-dir", default="runs/demo", help="run folder (default: runs/demo; replaced if it exists)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's tuned value)")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (fast smoke runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("inspect-data", help="render N examples the way training sees them, marking trained tokens",
+                       description="Tokenizes a dataset exactly as `train` would and shows which tokens are trained "
+                       "([[...]] marks trained tokens), with counts of BOS/EOS per example.")
+    p.add_argument("config", nargs="?", help="YAML config file (its model and data sections are used)")
+    p.add_argument("-n", "--num", type=int, default=3, help="examples to show (default: 3)")
+    p.add_argument("--model", dest="cfg:model", default=argparse.SUPPRESS, help="model (for its tokenizer)")
+    p.add_argument("--data", dest="cfg:data.path", default=argparse.SUPPRESS, help="data file")
+    p.add_argument("--format", dest="cfg:data.format", default=argparse.SUPPRESS, help="data format (default: auto)")
+    p.add_argument("--max-length", dest="cfg:data.max_length", default=argparse.SUPPRESS, help="max tokens per example")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if ns.command == "train":
+            return _train(ns)
+        if ns.command == "generate":
+            from ..generate import main as generate_main
+
+            return generate_main(ns)
+        if ns.command == "demo":
+            from ..demo import run_demo
+
+            return run_demo(output_dir=ns.output_dir, steps=ns.steps, layers=ns.layers, quiet=ns.quiet)
+        if ns.command == "inspect-data":
+            return _inspect(ns)
+    except LeantuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from .. import config as config_mod
+
+    cfg = config_mod.load(ns.config, _overrides(ns))
+    from ..train.loop import run
+
+    res = run(cfg, resume=ns.resume)
+    return 130 if res.stopped == "interrupted" else 0
+
+
+def _inspect(ns: argparse.Namespace) -> int:
+    from .. import config as config_mod
+    from ..errors import ConfigError
+
+    raw = config_mod.load_yaml(ns.config) if ns.config else {}
+    cfg = config_mod.from_dict(raw, _overrides(ns), validate=False)
+    if not cfg.model or not cfg.data.path:
+        raise ConfigError("inspect-data needs a model (for its tokenizer) and data: pass a config, or --model and --data")
+    from ..data.dataset import build
+    from ..data.inspect import render_examples
+    from ..models.load import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    prepared = build(cfg.data, tok, seed=cfg.seed)
+    print(render_examples(prepared.train, tok, ns.num))
+    print(textwrap.fill(prepared.report.summary(), width=100))
+    return 0
+
+
+def entry() -> None:  # pragma: no cover - console script shim
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Chunked cross-entropy over the output head, without full-vocabulary fp32 logits for the batch.
+
+A causal LM's loss needs logits = h @ W^T for every trained position: (N, V) in fp32 is the largest
+tensor of a LoRA step (4 x 256 tokens x 128k vocab = 512 MiB, and autograd keeps it for backward).
+Here the positions are cut into chunks of `chunk` rows; each chunk's logits live only inside the
+loop. The gradient is computed in the same pass (softmax - one_hot is all backward needs), so
+nothing of size V survives the forward:
+
+    loss      = sum_i (logsumexp(z_i) - z_i[y_i]) / normalizer,      z_i = W h_i
+    dL/dh_i   = (softmax(z_i) - onehot(y_i)) W / normalizer
+    dL/dW     = sum_i (softmax(z_i) - onehot(y_i))^T h_i / normalizer   (only when W is trainable)
+
+`normalizer` is the number of label tokens of the whole optimizer step (all micro-batches), so that
+gradient accumulation over k micro-batches equals one batch k times larger.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, normalizer: float,
+                softcap: float | None) -> Tensor:
+        # hidden: (N, H) positions that carry a label; weight: (V, H); labels: (N,)
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 in tests
+        total = hidden.new_zeros((), dtype=acc)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]                               # (c, H)
+            y = labels[s:s + chunk]                               # (c,)
+            z = (h @ weight.t()).to(acc)                           # (c, V)
+            if softcap is not None:
+                t = torch.tanh(z / softcap)
+                z = softcap * t
+            lse = torch.logsumexp(z, dim=-1)                      # (c,)
+            total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                dz = torch.exp_(z.sub_(lse[:, None]))             # softmax, in place: (c, V)
+                dz[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                if softcap is not None:
+                    dz.mul_(1.0 - t * t)                          # d(cap*tanh(x/cap))/dx
+                dz.div_(normalizer)
+                dzw = dz.to(weight.dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = dzw @ weight                                # (c, H)
+                if need_w:
+                    grad_w += dz.t() @ h.to(acc)                                       # (V, H)
+        ctx.w_dtype = weight.dtype
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, normalizer: float | None = None,
+                                 chunk: int = 1024, softcap: float | None = None) -> Tensor:
+    """Sum of token cross-entropies of `hidden @ weight.T` against `labels`, divided by `normalizer`.
+
+    hidden: (N, H) (already shifted and filtered to labelled positions), weight: (V, H), labels: (N,).
+    With `normalizer=None` it is the mean over the N positions.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0
+    norm = float(normalizer if normalizer is not None else hidden.shape[0])
+    return _ChunkedLinearCE.apply(hidden, weight, labels, chunk, norm, softcap)
+
+
+def causal_lm_loss(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, normalizer: float | None = None,
+                   chunk: int = 1024, softcap: float | None = None) -> tuple[Tensor, int]:
+    """Next-token loss from the final hidden states (B, T, H) and HF-aligned labels (B, T).
+
+    Labels are aligned with input_ids (the HF convention); the shift happens here. Positions whose
+    next label is -100 are dropped *before* the head, so prompt tokens cost no head compute at all.
+    Returns (loss, number of label tokens).
+    """
+    h = hidden[:, :-1]                                 # (B, T-1, H): position t predicts token t+1
+    y = labels[:, 1:]                                  # (B, T-1)
+    keep = y != IGNORE_INDEX
+    n = int(keep.sum())
+    loss = chunked_linear_cross_entropy(h[keep], head_weight, y[keep], normalizer=normalizer if normalizer else max(n, 1),
+                                        chunk=chunk, softcap=softcap)
+    return loss, n

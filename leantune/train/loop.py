@@ -1,0 +1,258 @@
+"""The training loop, top to bottom: load, inject, plan, step, evaluate, checkpoint, save.
+
+No Trainer and no callbacks: every step is in `run()` or a plain helper beside it. The run folder:
+
+    <output_dir>/config.yaml          the fully resolved config (train it again with `leantune train config.yaml`)
+    <output_dir>/data_report.json     what the data pipeline read, kept, skipped and why
+    <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s, eval)
+    <output_dir>/tensorboard/         the same, for TensorBoard
+    <output_dir>/checkpoints/step-N/  resumable checkpoints (each also a PEFT adapter)
+    <output_dir>/adapter/             the final adapter in PEFT's format (appears only when complete)
+    <output_dir>/summary.json         written last: the run finished
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..config import RunConfig, dump_yaml
+from ..errors import ConfigError, TrainingError
+from .state import Progress, checkpoint_dirs
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    stopped: str  # "completed" | "early_stopped" | "interrupted"
+
+
+class _Stop(Exception):
+    """Raised by the test hook `stop_after` to simulate a crash after a step."""
+
+
+def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] = print,
+        stop_after: int | None = None) -> RunResult:
+    import torch
+
+    from ..adapters.base import format_trainable, mark_only_adapters_trainable
+    from ..adapters.lora import inject_lora
+    from ..checkpoint.atomic import atomic_dir, write_json, write_text
+    from ..data.dataset import batches as plan_batches
+    from ..data.dataset import build as build_data
+    from ..models.load import load_model, load_tokenizer, pick_dtype, resolve_device
+    from .metrics import MetricsLog
+    from .schedule import build_optimizer, lr_factor, set_lr, warmup_steps
+    from .state import load_checkpoint, save_checkpoint
+    from .step import evaluate, micro_batch_loss
+
+    run_dir = Path(cfg.output_dir)
+    ckpts = checkpoint_dirs(run_dir)
+    if resume and not ckpts:
+        if (run_dir / "summary.json").exists():
+            raise ConfigError(f"{run_dir} already holds a finished run; nothing to resume")
+        raise ConfigError(f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
+    if not resume and (ckpts or (run_dir / "adapter").exists()):
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
+                          f"output_dir (e.g. --output_dir {run_dir}-2)")
+    if resume and (run_dir / "summary.json").exists():
+        raise ConfigError(f"{run_dir} already holds a finished run; nothing to resume")
+
+    t = cfg.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+
+    console(f"loading {cfg.model} ({str(dtype).removeprefix('torch.')} on {device})")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
+                       trust_remote_code=cfg.trust_remote_code)
+    model.config.use_cache = False
+
+    data = build_data(cfg.data, tokenizer, seed=cfg.seed)
+    console(data.report.summary())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    inject_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                targets=cfg.lora.targets, rslora=cfg.lora.rslora, init=cfg.lora.init)
+    mark_only_adapters_trainable(model)
+    model.to(device)
+    console(format_trainable(model))
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    def epoch_plan(epoch: int) -> list[dict]:
+        return plan_batches(data.train, batch_size=t.batch_size, max_length=cfg.data.max_length,
+                            packing=cfg.data.packing, pad_id=pad_id, seed=cfg.seed, epoch=epoch)
+
+    plans: dict[int, list[dict]] = {0: epoch_plan(0)}
+    micro_per_epoch = len(plans[0])
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / t.grad_accum))
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    warmup = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
+    eval_plan = (plan_batches(data.eval, batch_size=t.batch_size, max_length=cfg.data.max_length,
+                              packing=cfg.data.packing, pad_id=pad_id, seed=cfg.seed, epoch=0)
+                 if data.eval else [])
+
+    optimizer = build_optimizer(model, cfg)
+    progress = Progress()
+    if resume:
+        progress = load_checkpoint(ckpts[-1], model, optimizer)
+        console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
+
+    def save_adapter_to(m, folder: Path) -> None:
+        from ..checkpoint.peft_format import save_adapter
+
+        save_adapter(m, folder, base_model_name_or_path=cfg.model, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                     dropout=cfg.lora.dropout, targets=cfg.lora.targets, rslora=cfg.lora.rslora)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    write_json(run_dir / "data_report.json", data.report.to_dict())
+    log = MetricsLog(run_dir, t.tensorboard, resume_step=progress.step if resume else 0)
+    if log.tb_note:
+        console(log.tb_note)
+
+    def next_micro_batch() -> dict:
+        if progress.batch_index >= micro_per_epoch:
+            progress.epoch += 1
+            progress.batch_index = 0
+        if progress.epoch not in plans:
+            plans.clear()
+            plans[progress.epoch] = epoch_plan(progress.epoch)
+        batch = plans[progress.epoch][progress.batch_index]
+        progress.batch_index += 1
+        return batch
+
+    def checkpoint() -> Path:
+        return save_checkpoint(run_dir, model, optimizer, progress, save_adapter_fn=save_adapter_to,
+                               keep=t.keep_checkpoints)
+
+    bar = _progress_bar(t.progress, total_steps, progress.step)
+    stopped, last_loss, last_eval = "completed", None, None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    t_last, tokens_window = time.perf_counter(), 0
+    try:
+        while progress.step < total_steps:
+            set_lr(optimizer, lr_factor(progress.step, total=total_steps, warmup=warmup, kind=t.schedule))
+            micro = [next_micro_batch() for _ in range(t.grad_accum)]
+            n_tokens = sum(b["num_label_tokens"] for b in micro)
+            step_loss = 0.0
+            for b in micro:
+                if b["num_label_tokens"] == 0:
+                    continue
+                loss, _ = micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=t.loss_chunk)
+                loss.backward()
+                step_loss += float(loss)
+            if not math.isfinite(step_loss):
+                last_good = checkpoint_dirs(run_dir)
+                kept = f"the last good checkpoint is {last_good[-1]}" if last_good else "no checkpoint was written yet"
+                raise TrainingError(
+                    f"the loss became {step_loss} at step {progress.step + 1}; {kept}. Likely causes: a learning "
+                    f"rate too high (train.lr={t.lr}; try {t.lr / 4:g}), no gradient clipping "
+                    f"(train.max_grad_norm), fp16 overflow (use bf16 or fp32), or a corrupt example")
+            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm
+                         else _grad_norm(trainable))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.tokens_seen += n_tokens
+            tokens_window += sum(int(b["input_ids"].numel()) for b in micro)
+            last_loss = step_loss
+
+            if progress.step % max(t.log_every, 1) == 0 or progress.step == total_steps:
+                now = time.perf_counter()
+                tps = tokens_window / max(now - t_last, 1e-9)
+                t_last, tokens_window = now, 0
+                log.log(progress.step, loss=step_loss, lr=optimizer.param_groups[0]["lr"],
+                        grad_norm=float(grad_norm), tokens_per_s=round(tps, 1), epoch=progress.epoch,
+                        label_tokens=n_tokens)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+
+            is_last = progress.step == total_steps
+            if eval_plan and ((t.eval_every and progress.step % t.eval_every == 0) or is_last):
+                res = evaluate(model, eval_plan, chunk=t.loss_chunk, limit=t.eval_batches)
+                if res:
+                    last_eval = res["eval_loss"]
+                    log.log(progress.step, **res)
+                    progress.history.append([progress.step, res["eval_loss"]])
+                    bar.write(f"step {progress.step}: eval loss {res['eval_loss']:.4f} (ppl {res['eval_ppl']:.2f})")
+                    if progress.best_eval_loss is None or res["eval_loss"] < progress.best_eval_loss - 1e-6:
+                        progress.best_eval_loss = res["eval_loss"]
+                        progress.evals_without_improvement = 0
+                    else:
+                        progress.evals_without_improvement += 1
+                    if t.early_stopping_patience and progress.evals_without_improvement >= t.early_stopping_patience:
+                        stopped = "early_stopped"
+                        bar.write(f"early stopping: no better eval loss in {t.early_stopping_patience} evaluations")
+                        break
+            if t.save_every and progress.step % t.save_every == 0 and not is_last:
+                checkpoint()
+            if stop_after is not None and progress.step >= stop_after:
+                raise _Stop()
+    except KeyboardInterrupt:
+        bar.close()
+        path = checkpoint()
+        log.close()
+        console(f"interrupted: saved {path} at step {progress.step}; continue with `leantune train "
+                f"{run_dir / 'config.yaml'} --resume`")
+        return RunResult(run_dir, None, progress.step, last_loss, last_eval, "interrupted")
+    except _Stop:
+        bar.close()
+        log.close()
+        return RunResult(run_dir, None, progress.step, last_loss, last_eval, "interrupted")
+    except BaseException:
+        bar.close()
+        log.close()
+        raise
+    bar.close()
+
+    checkpoint()
+    adapter_dir = run_dir / "adapter"
+    with atomic_dir(adapter_dir) as tmp:
+        save_adapter_to(model, tmp)
+    summary = {"status": stopped, "steps": progress.step, "total_steps": total_steps, "train_loss": last_loss,
+               "eval_loss": last_eval, "best_eval_loss": progress.best_eval_loss, "label_tokens": progress.tokens_seen,
+               "adapter": str(adapter_dir), "progress": asdict(progress)}
+    log.close()
+    write_json(run_dir / "summary.json", summary)
+    console(f"done: {progress.step} steps, train loss {last_loss:.4f}"
+            + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; adapter in {adapter_dir}")
+    return RunResult(run_dir, adapter_dir, progress.step, last_loss, last_eval, stopped)
+
+
+def _grad_norm(params) -> "float":
+    import torch
+
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def write(self, s: str) -> None:
+        print(s)
+    def close(self) -> None: ...
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
