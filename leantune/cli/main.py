@@ -61,8 +61,26 @@ def _overrides(ns: argparse.Namespace) -> dict:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that suggest the closest option."""
+
+    def error(self, message: str):  # type: ignore[override]
+        import difflib
+
+        if message.startswith("unrecognized arguments:"):
+            parsers = [self] + [sp for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                                for sp in a.choices.values()]
+            known = [o for p in parsers for a in p._actions for o in a.option_strings]
+            for arg in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(arg.split("=")[0], known, n=1)
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="leantune",
         description="Lean, faithful fine-tuning of open LLMs: LoRA adapters that PEFT and vLLM load unchanged.",
         epilog="Run `leantune demo` first: it fine-tunes a small real model on this machine, offline.",
@@ -121,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return int(e.code or 0)
     if ns.command is None:
         parser.print_help()
         return 0

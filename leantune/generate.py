@@ -1,0 +1,118 @@
+"""Generation with a base model plus an adapter: one-shot prompts or an interactive chat.
+
+`resolve_source` turns what the user points at into (base model, adapter folder):
+a run folder (its `adapter/`, or its newest checkpoint while the run is unfinished), an adapter
+folder (its adapter_config.json names the base), or a plain model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .errors import ModelError
+
+
+def resolve_source(source: str, base: str | None = None) -> tuple[str, Path | None]:
+    p = Path(source)
+    if p.is_dir() and (p / "adapter_config.json").exists():
+        cfg = json.loads((p / "adapter_config.json").read_text())
+        model = base or cfg.get("base_model_name_or_path")
+        if not model:
+            raise ModelError(f"{p}/adapter_config.json names no base model; pass --base MODEL")
+        return model, p
+    if p.is_dir() and (p / "config.yaml").exists() and not (p / "config.json").exists():
+        import yaml
+
+        run_cfg = yaml.safe_load((p / "config.yaml").read_text()) or {}
+        model = base or run_cfg.get("model")
+        if (p / "adapter").is_dir():
+            return model, p / "adapter"
+        from .train.state import checkpoint_dirs
+
+        ckpts = checkpoint_dirs(p)
+        if ckpts:
+            print(f"note: {p} has no final adapter yet; using its newest checkpoint {ckpts[-1].name}", file=sys.stderr)
+            return model, ckpts[-1]
+        raise ModelError(f"run folder {p} has no adapter and no checkpoint yet; train it first")
+    return base or source, None
+
+
+def load_for_inference(source: str, *, base: str | None = None, dtype: str = "auto", use_adapter: bool = True):
+    """Return (model, tokenizer) ready for generation, the adapter attached (not merged)."""
+    import torch
+
+    from .checkpoint.peft_format import load_adapter
+    from .models.load import load_model, load_tokenizer, pick_dtype, resolve_device
+
+    model_src, adapter = resolve_source(source, base)
+    device = resolve_device("auto")
+    tok = load_tokenizer(model_src)
+    model = load_model(model_src, dtype=pick_dtype(dtype, device), device=device)
+    if adapter is not None and use_adapter:
+        load_adapter(model, adapter)
+        model.to(device)
+    model.eval()
+    torch.set_grad_enabled(False)
+    return model, tok
+
+
+def build_prompt(tok, messages: list[dict], raw: bool) -> list[int]:
+    if raw or not getattr(tok, "chat_template", None):
+        text = "\n".join(m["content"] for m in messages if m["role"] != "system")
+        return tok(text)["input_ids"]
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+
+
+def generate_text(model, tok, messages: list[dict], *, raw: bool = False, max_new_tokens: int = 128,
+                  temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> str:
+    import torch
+
+    ids = torch.tensor([build_prompt(tok, messages, raw)], device=next(model.parameters()).device)
+    sample = temperature > 0
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=sample, temperature=temperature if sample else None,
+                         top_p=top_p if sample else None, top_k=None,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                         streamer=streamer, use_cache=True)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def main(ns) -> int:
+    import torch
+
+    torch.manual_seed(ns.seed)
+    model, tok = load_for_inference(ns.source, base=ns.base, dtype=ns.dtype, use_adapter=not ns.no_adapter)
+    system = [{"role": "system", "content": ns.system}] if ns.system else []
+    opts = dict(raw=ns.raw, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p)
+    if not ns.chat:
+        if not ns.prompt:
+            raise ModelError("nothing to generate: pass --prompt TEXT (repeatable) or --chat")
+        for prompt in ns.prompt:
+            reply = generate_text(model, tok, system + [{"role": "user", "content": prompt}], **opts)
+            print(f"> {prompt}\n{reply}\n" if len(ns.prompt) > 1 else reply)
+        return 0
+    from transformers import TextStreamer
+
+    history = list(system)
+    print("chat: type a message; /reset clears the history, /exit leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = list(system)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        print("model> ", end="", flush=True)
+        reply = generate_text(model, tok, history, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
+                              **opts)
+        history.append({"role": "assistant", "content": reply})
+    return 0
