@@ -1,0 +1,135 @@
+"""leantune against Transformers Trainer + PEFT, side by side in one run, on the same fixture.
+
+The peer side and the method are the shared benchmark's (`../shared/bench/`): a random-init Llama
+fixture, LoRA r16 on all linear layers, batch 4, max 256 tokens, AdamW 2e-4 cosine. Per-step time is
+(wall(N2) - wall(N1)) / (N2 - N1), so start-up and loading cancel; peak RSS comes from the kernel
+(wait4). Runs alternate peer, leantune, peer, leantune... so machine noise hits both alike.
+
+Tokens per second counts real (non-padding) tokens: the peer pads each batch of 4 texts to its
+longest; leantune packs whole examples into rows of up to 256 tokens, so one of its steps holds more
+text. Both are reported, with leantune unpacked (the same 4 texts per step) as the like-for-like row.
+
+    python benchmarks/bench_lora.py                 # fixture small, the issue's target setting
+    python benchmarks/bench_lora.py --size tiny --n2 4 --repeats 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_BENCH = Path(os.environ.get("LEANTUNE_PEER_BENCH", ROOT.parent / "shared" / "bench"))
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    err = p.stderr.read().decode(errors="replace")[-3000:]
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}\n{err}")
+    return wall, ru.ru_maxrss / 1024  # MiB
+
+
+def text_tokens(data: Path, tokenizer_dir: Path, seq: int) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    return [min(len(ids), seq) for ids in tok(texts)["input_ids"]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="small", help="fixture size from make_fixture.py (tiny, small, bigvocab, medium)")
+    ap.add_argument("--n1", type=int, default=2)
+    ap.add_argument("--n2", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--workdir", default=None, help="where the fixture and runs go (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    a = ap.parse_args()
+    if not (SHARED_BENCH / "peer_peft.py").exists():
+        raise SystemExit(f"peer benchmark not found at {SHARED_BENCH}; set LEANTUNE_PEER_BENCH to the shared/bench folder")
+
+    py = sys.executable
+    leantune = [py, "-m", "leantune.cli.main"]
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="leantune-bench-"))
+    fix = work / f"fixture-{a.size}"
+    if not (fix / "model" / "config.json").exists():
+        subprocess.run([py, str(SHARED_BENCH / "make_fixture.py"), "--size", a.size, "--out", str(fix)], check=True,
+                       stdout=subprocess.DEVNULL)
+    model, data, seq, batch = fix / "model", fix / "data.jsonl", 256, 4
+
+    def peer(steps: int) -> list[str]:
+        return [py, str(SHARED_BENCH / "peer_peft.py"), "--model-dir", str(model), "--data", str(data),
+                "--steps", str(steps), "--out", str(work / "peer-out")]
+
+    def ours(packing: bool):
+        def cmd(steps: int) -> list[str]:
+            out = work / f"lt-{packing}-{steps}-{time.monotonic_ns()}"
+            return leantune + ["train", "--model", str(model), "--data.path", str(data), "--data.format", "text",
+                               "--data.max_length", str(seq), "--data.packing", str(packing).lower(),
+                               "--data.eval_fraction", "0", "--lora.rank", "16", "--lora.alpha", "32",
+                               "--train.batch_size", str(batch), "--train.lr", "2e-4", "--train.max_steps", str(steps),
+                               "--train.warmup_steps", "1", "--train.save_every", "0", "--train.progress", "false",
+                               "--train.tensorboard", "false", "--output_dir", str(out)]
+        return cmd
+
+    sides = {"peer (Trainer+PEFT, fp32)": peer, "leantune (packed)": ours(True), "leantune (unpacked)": ours(False)}
+    res = {k: {"step": [], "rss": []} for k in sides}
+    for _ in range(a.repeats):
+        for name, tmpl in sides.items():
+            w1, _ = run(tmpl(a.n1))
+            w2, rss = run(tmpl(a.n2))
+            res[name]["step"].append((w2 - w1) / (a.n2 - a.n1))
+            res[name]["rss"].append(rss)
+
+    # Real tokens per step: the peer and unpacked leantune take 4 texts per step; packed leantune fills
+    # rows of `seq` tokens with whole texts (measured from its own data plan).
+    lens = text_tokens(data, model, seq)
+    mean_len = statistics.mean(lens)
+    packed_tokens = _packed_tokens_per_step(model, data, seq, batch)
+    tokens = {"peer (Trainer+PEFT, fp32)": batch * mean_len, "leantune (packed)": packed_tokens,
+              "leantune (unpacked)": batch * mean_len}
+    out = {}
+    for name in sides:
+        step = statistics.median(res[name]["step"])
+        out[name] = {"step_s": round(step, 4), "tokens_per_step": round(tokens[name], 1),
+                     "tokens_per_s": round(tokens[name] / step, 1), "peak_rss_mib": round(max(res[name]["rss"]), 1)}
+    ref = out["peer (Trainer+PEFT, fp32)"]
+    print(f"fixture {a.size}: LoRA r16 all-linear, batch {batch}, max {seq} tokens, {os.cpu_count()} cores; "
+          f"steps {a.n1}->{a.n2}, {a.repeats} repeats\n")
+    print(f"{'':28s} {'s/step':>8s} {'tok/step':>9s} {'tok/s':>8s} {'peak RSS':>9s} {'speed x':>8s} {'RSS x':>6s}")
+    for name, r in out.items():
+        r["tokens_per_s_ratio"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 3)
+        r["rss_ratio"] = round(r["peak_rss_mib"] / ref["peak_rss_mib"], 3)
+        print(f"{name:28s} {r['step_s']:8.3f} {r['tokens_per_step']:9.0f} {r['tokens_per_s']:8.0f} "
+              f"{r['peak_rss_mib']:7.0f}Mi {r['tokens_per_s_ratio']:8.2f} {r['rss_ratio']:6.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+
+
+def _packed_tokens_per_step(model: Path, data: Path, seq: int, batch: int) -> float:
+    from leantune.config import DataConfig
+    from leantune.data.dataset import batches, build
+    from leantune.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(model))
+    cfg = DataConfig(path=str(data), format="text", max_length=seq, eval_fraction=0.0)
+    examples = build(cfg, tok, seed=0).train
+    plan = batches(examples, batch_size=batch, max_length=seq, packing=True, pad_id=tok.pad_token_id or 0,
+                   seed=0, epoch=0)
+    return sum(len(ex.input_ids) for ex in examples) / len(plan)  # every example is in exactly one batch
+
+
+if __name__ == "__main__":
+    main()
