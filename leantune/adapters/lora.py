@@ -68,7 +68,7 @@ class LoraLinear(Adapter, method="lora"):
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, init: str = "default") -> None:
         super().__init__(base_layer)
-        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.rank, self.alpha, self.rslora, self.init = rank, alpha, rslora, init
         self.scaling = lora_scaling(rank, alpha, rslora)
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         weight = base_layer.weight

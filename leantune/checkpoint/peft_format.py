@@ -1,0 +1,260 @@
+"""LoRA adapters on disk in PEFT's format, so PEFT, vLLM and TGI load ours and we load theirs.
+
+A PEFT LoRA adapter is a folder of two files:
+  adapter_config.json         the LoraConfig fields (peft_type "LORA", r, lora_alpha, target_modules, ...)
+  adapter_model.safetensors   base_model.model.<module path>.lora_A.weight   (r, in)
+                              base_model.model.<module path>.lora_B.weight   (out, r)
+The update is s * B @ A with s = lora_alpha / r, or lora_alpha / sqrt(r) when use_rslora is set
+(see leantune/adapters/lora.py). We write the field set of PEFT 0.21 with its defaults; older PEFT
+versions drop the fields they don't know, with a warning. PEFT is never imported here: the tests
+compare against it live.
+
+Loading reads safetensors only (never pickle) and builds the adapters from the weight keys, the record
+of what was trained. Config fields that would change the computation (DoRA, per-module ranks, ...)
+are refused by name rather than loaded wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from .atomic import save_safetensors, write_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose LoraConfig field set and defaults we write
+
+# PEFT 0.21's LoraConfig fields at their defaults; save_adapter fills in the ones a run decides.
+PEFT_LORA_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0,
+    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+    "monteclora_config": None, "peft_type": "LORA", "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16,
+    "r": 8, "rank_pattern": {}, "revision": None, "target_modules": None, "target_parameters": None,
+    "task_type": "CAUSAL_LM", "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
+
+# Fields that change what the adapter computes or which weights it needs: loading such an adapter as
+# plain LoRA would give wrong outputs without a word, so each is refused by name.
+UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)", "lora_bias": "a LoRA bias (lora_bias)", "alpha_pattern": "per-module alphas (alpha_pattern)",
+    "rank_pattern": "per-module ranks (rank_pattern)", "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
+    "modules_to_save": "fully trained modules (modules_to_save)", "trainable_token_indices": "trainable tokens",
+    "layer_replication": "layer replication", "target_parameters": "LoRA on parameters (target_parameters)",
+    "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)", "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA",
+}
+# These inits rewrite the base weights (W_res = W - BA), so the adapter only fits the rewritten base.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+KEY_RE = re.compile(r"^(?P<path>.+)\.(?P<factor>lora_A|lora_B)(?:\.default)?\.weight$")
+
+
+def _one_value(values: set, given: Any, field: str) -> Any:
+    if len(values) > 1:
+        raise ModelError(f"the adapters differ in {field} ({sorted(values)}), which leantune does not save "
+                         f"(PEFT's rank_pattern/alpha_pattern); inject them all with one {field}")
+    (value,) = values
+    if given is not None and float(given) != float(value):
+        raise ModelError(f"save_adapter was told {field}={given} but the adapters have {value}; pass the values "
+                         "they were injected with")
+    return value
+
+
+def _target_modules(model, adapted: list[str], targets: str | Sequence[str] | None) -> str | list[str]:
+    """What to write as target_modules: the regex, or the sorted leaf names, so long as PEFT's matching
+    of it over a fresh base finds exactly the adapted modules; otherwise the full paths."""
+    from ..adapters.base import ALL_LINEAR, _inside_adapters
+
+    inside = _inside_adapters(model)
+    paths = [p for p, _ in model.named_modules() if p and p not in inside]
+    wanted = set(adapted)
+    if isinstance(targets, str) and targets.lower() != ALL_LINEAR:
+        if {p for p in paths if re.fullmatch(targets, p)} == wanted:
+            return targets
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in adapted})
+    if {p for p in paths if any(p == n or p.endswith("." + n) for n in leaves)} == wanted:
+        return leaves
+    return sorted(adapted)
+
+
+def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
+                 rank: int | None = None, alpha: float | None = None, dropout: float | None = None,
+                 targets: str | Sequence[str] | None = None, rslora: bool | None = None) -> Path:
+    """Write the model's LoRA adapters as a PEFT adapter folder; return it.
+
+    rank/alpha/dropout/rslora default to the adapters' own values; when given they must agree with them.
+    `targets` (what the run asked for) decides between writing a regex and a list of module names.
+    """
+    from ..adapters.base import adapter_modules
+    from ..adapters.lora import LoraLinear
+
+    adapters = adapter_modules(model)
+    if not adapters:
+        raise ModelError(f"{type(model).__name__} has no adapters to save; inject_lora (or load_adapter) first")
+    other = sorted({a.method for a in adapters.values() if not isinstance(a, LoraLinear)})
+    if other:
+        raise ModelError(f"save_adapter writes LoRA adapters; this model also holds {', '.join(other)}")
+    found = list(adapters.values())
+    r = _one_value({a.rank for a in found}, rank, "rank")
+    lora_alpha = _one_value({a.alpha for a in found}, alpha, "alpha")
+    lora_dropout = _one_value({float(getattr(a.dropout, "p", 0.0)) for a in found}, dropout, "dropout")
+    use_rslora = bool(_one_value({bool(a.rslora) for a in found}, rslora, "rslora"))
+    init = {a.init for a in found}
+
+    config = dict(PEFT_LORA_DEFAULTS)
+    config.update(
+        base_model_name_or_path=None if base_model_name_or_path is None else str(base_model_name_or_path),
+        r=r, lora_alpha=int(lora_alpha) if float(lora_alpha).is_integer() else float(lora_alpha),
+        lora_dropout=float(lora_dropout), use_rslora=use_rslora,
+        init_lora_weights="gaussian" if init == {"gaussian"} else True,
+        target_modules=_target_modules(model, list(adapters), targets),
+    )
+    tensors = {}
+    for path, a in adapters.items():
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = a.lora_A.weight.detach().cpu()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = a.lora_B.weight.detach().cpu()
+    out = Path(out_dir)
+    # Weights first, config last: readers (PEFT included) open the config first, so a folder that has
+    # one has both.
+    save_safetensors(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    write_json(out / CONFIG_NAME, config)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_config(adapter_dir: str | Path) -> dict:
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise ModelError(f"adapter folder {str(d)!r} does not exist; pass the folder holding {CONFIG_NAME}")
+    if not (d / CONFIG_NAME).is_file():
+        raise ModelError(f"{str(d)!r} has no {CONFIG_NAME}; is it an adapter folder (e.g. runs/x/adapter)?")
+    try:
+        config = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{d / CONFIG_NAME} is not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{d / CONFIG_NAME} must hold a JSON object; re-save the adapter")
+    return config
+
+
+def check_config(config: dict, where: Path) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ModelError(f"{where} is not a LoRA adapter: leantune loads LoRA adapters; this one is {peft_type}")
+    for field, what in UNSUPPORTED.items():
+        if config.get(field):
+            raise ModelError(f"{where} uses {what}, which leantune does not load; use PEFT for this adapter, "
+                             "or retrain it as plain LoRA")
+    if config.get("bias", "none") != "none":
+        raise ModelError(f"{where} also trains base biases (bias={config['bias']!r}), which leantune does not load")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_CHANGING_INITS):
+        raise ModelError(f"{where} was initialised with {init}, which rewrites the base weights, so it does not fit the "
+                         "original base; save it from PEFT with path_initial_model_for_weight_conversion and load that")
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ModelError(f"{where}: r must be a positive integer, got {r!r}; the adapter config is damaged")
+    if not isinstance(config.get("lora_alpha"), (int, float)):
+        raise ModelError(f"{where}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
+
+
+def _read_weights(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path} cannot be read as safetensors ({e}); re-save the adapter") from None
+
+
+def _factors_by_module(weights: dict, where: Path) -> dict[str, dict]:
+    """{module path: {"lora_A": tensor, "lora_B": tensor}} from PEFT's (or our) key names."""
+    by_module: dict[str, dict] = {}
+    for key, tensor in weights.items():
+        m = KEY_RE.match(key)
+        if m is None:
+            raise ModelError(f"{where} holds {key!r}, which is not a LoRA A/B weight; leantune loads plain LoRA "
+                             "on Linear layers (no DoRA, embedding LoRA or saved modules)")
+        path = m["path"].removeprefix(PREFIX)
+        by_module.setdefault(path, {})[m["factor"]] = tensor
+    for path, pair in by_module.items():
+        if len(pair) != 2:
+            raise ModelError(f"{where} has {next(iter(pair))} but not its partner for {path}; the file is incomplete")
+    if not by_module:
+        raise ModelError(f"{where} holds no LoRA weights; re-save the adapter")
+    return by_module
+
+
+def _check_fits(model, by_module: dict[str, dict], r: int, config: dict) -> None:
+    from torch import nn
+
+    from ..adapters.base import Adapter
+
+    base = config.get("base_model_name_or_path")
+    trained_for = f" (it was trained on {base})" if base else ""
+    for path, pair in by_module.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ModelError(f"adapter was trained for a different base{trained_for}: this "
+                             f"{type(model).__name__} has no module {path}") from None
+        if isinstance(module, Adapter):
+            raise ModelError(f"{path} already holds a {module.method} adapter; load into a fresh base model, or "
+                             "unload(model) first")
+        if not isinstance(module, nn.Linear):
+            raise ModelError(f"adapter was trained for a different base{trained_for}: {path} is a "
+                             f"{type(module).__name__} here, not a Linear layer")
+        a, b = pair["lora_A"], pair["lora_B"]
+        if tuple(a.shape) != (r, module.in_features) or tuple(b.shape) != (module.out_features, r):
+            raise ModelError(f"adapter was trained for a different base{trained_for}: {path} has A {tuple(a.shape)}"
+                             f" and B {tuple(b.shape)}, but with r={r} this layer needs A {(r, module.in_features)}"
+                             f" and B {(module.out_features, r)}")
+
+
+def load_adapter(model, adapter_dir: str | Path) -> dict:
+    """Inject a PEFT LoRA adapter (ours or PEFT's) into `model` and load its weights; return its config.
+
+    Every check runs before the model is touched, and the global RNG is left as it was (injection
+    draws an init that the loaded weights replace).
+    """
+    import torch
+
+    from ..adapters.base import set_module
+    from ..adapters.lora import LoraLinear
+
+    d = Path(adapter_dir)
+    config = read_config(d)
+    check_config(config, d / CONFIG_NAME)
+    if not (d / WEIGHTS_NAME).is_file():
+        bin_hint = " (adapter_model.bin is a pickle, which leantune never loads: re-save it with safetensors)" \
+            if (d / "adapter_model.bin").exists() else ""
+        raise ModelError(f"{str(d)!r} has no {WEIGHTS_NAME}{bin_hint}")
+    by_module = _factors_by_module(_read_weights(d / WEIGHTS_NAME), d / WEIGHTS_NAME)
+    r = config["r"]
+    _check_fits(model, by_module, r, config)
+
+    order = [p for p, _ in model.named_modules() if p in by_module]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for path in order:
+            lora = LoraLinear(model.get_submodule(path), r, config["lora_alpha"], float(config.get("lora_dropout") or 0.0),
+                              rslora=bool(config.get("use_rslora", False)))
+            lora.lora_A.weight.copy_(by_module[path]["lora_A"])
+            lora.lora_B.weight.copy_(by_module[path]["lora_B"])
+            set_module(model, path, lora)
+    return config
