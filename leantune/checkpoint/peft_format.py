@@ -201,30 +201,32 @@ def _factors_by_module(weights: dict, where: Path) -> dict[str, dict]:
     return by_module
 
 
-def _check_fits(model, by_module: dict[str, dict], r: int, config: dict) -> None:
+def _fitting_paths(model, by_module: dict[str, dict], r: int, config: dict) -> list[str]:
+    """The adapted module paths in model order, once each is known to be a Linear of the right shape."""
     from torch import nn
 
     from ..adapters.base import Adapter
 
     base = config.get("base_model_name_or_path")
-    trained_for = f" (it was trained on {base})" if base else ""
-    for path, pair in by_module.items():
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            raise ModelError(f"adapter was trained for a different base{trained_for}: this "
-                             f"{type(model).__name__} has no module {path}") from None
+    different = f"adapter was trained for a different base{f' (it was trained on {base})' if base else ''}"
+    modules = dict(model.named_modules())
+    missing = sorted(p for p in by_module if p not in modules)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelError(f"{different}: this {type(model).__name__} has no module {missing[0]}{more}")
+    order = [p for p in modules if p in by_module]
+    for path in order:
+        module = modules[path]
         if isinstance(module, Adapter):
             raise ModelError(f"{path} already holds a {module.method} adapter; load into a fresh base model, or "
                              "unload(model) first")
         if not isinstance(module, nn.Linear):
-            raise ModelError(f"adapter was trained for a different base{trained_for}: {path} is a "
-                             f"{type(module).__name__} here, not a Linear layer")
-        a, b = pair["lora_A"], pair["lora_B"]
+            raise ModelError(f"{different}: {path} is a {type(module).__name__} here, not a Linear layer")
+        a, b = by_module[path]["lora_A"], by_module[path]["lora_B"]
         if tuple(a.shape) != (r, module.in_features) or tuple(b.shape) != (module.out_features, r):
-            raise ModelError(f"adapter was trained for a different base{trained_for}: {path} has A {tuple(a.shape)}"
-                             f" and B {tuple(b.shape)}, but with r={r} this layer needs A {(r, module.in_features)}"
-                             f" and B {(module.out_features, r)}")
+            raise ModelError(f"{different}: {path} has A {tuple(a.shape)} and B {tuple(b.shape)}, but with r={r} "
+                             f"this layer needs A {(r, module.in_features)} and B {(module.out_features, r)}")
+    return order
 
 
 def load_adapter(model, adapter_dir: str | Path) -> dict:
@@ -247,13 +249,11 @@ def load_adapter(model, adapter_dir: str | Path) -> dict:
         raise ModelError(f"{str(d)!r} has no {WEIGHTS_NAME}{bin_hint}")
     by_module = _factors_by_module(_read_weights(d / WEIGHTS_NAME), d / WEIGHTS_NAME)
     r = config["r"]
-    _check_fits(model, by_module, r, config)
-
-    order = [p for p, _ in model.named_modules() if p in by_module]
+    order = _fitting_paths(model, by_module, r, config)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for path in order:
-            lora = LoraLinear(model.get_submodule(path), r, config["lora_alpha"], float(config.get("lora_dropout") or 0.0),
-                              rslora=bool(config.get("use_rslora", False)))
+            lora = LoraLinear(model.get_submodule(path), r, config["lora_alpha"],
+                              float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora", False)))
             lora.lora_A.weight.copy_(by_module[path]["lora_A"])
             lora.lora_B.weight.copy_(by_module[path]["lora_B"])
             set_module(model, path, lora)
