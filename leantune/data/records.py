@@ -150,14 +150,10 @@ def read_hub(dataset_id: str, split: str) -> list[dict[str, Any]]:
                         f"package (pip install 'leantune[hub]'), or give a local path") from None
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
-    except (ConnectionError, TimeoutError, OSError) as e:
-        if "split" in str(e).lower():
-            raise DataError(f"hub dataset {dataset_id!r} has no split {split!r}; set data.split") from None
+    except FileNotFoundError:  # datasets' DatasetNotFoundError is one
+        raise DataError(f"{dataset_id!r} is neither a local file nor a hub dataset; check data.path") from None
+    except (ConnectionError, TimeoutError, OSError):
         raise DataError(unreachable) from None
     except ValueError as e:  # datasets raises ValueError for an unknown split
         raise DataError(f"hub dataset {dataset_id!r}: {str(e).splitlines()[0]}; check data.split") from None
-    except Exception as e:
-        if type(e).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError", "FileNotFoundError"):
-            raise DataError(f"{dataset_id!r} is neither a local file nor a hub dataset; check data.path") from None
-        raise
     return [dict(r) for r in ds]

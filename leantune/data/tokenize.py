@@ -14,7 +14,7 @@ which holds only if every shorter render is a prefix of the full one, in text an
 checked, and a template that breaks it is an error (labels would be wrong silently otherwise). The
 end-of-turn token (ChatML `<|im_end|>`, Llama-3 `<|eot_id|>`, ...) lies inside [start, end), so it is
 trained and the model learns to stop; a template whose assistant turns end in no special token gets
-an EOS inserted at the end of each assistant turn.
+an EOS inserted at the end of each assistant turn (checked on the turn's last non-whitespace token).
 
 Without a chat template, alpaca renders as (see formats.PLAIN_ALPACA)
 
@@ -78,7 +78,6 @@ class TokenizerInfo:
 
     bos_id: int | None
     eos_id: int | None
-    pad_id: int | None
     adds_bos: bool  # tokenizer(text) prepends BOS (Llama-style)
     stop_ids: frozenset[int]  # tokens that end a turn: EOS and the special tokens other than bos/pad/unk
     template: str | None  # the chat template in use, or None: plain prompt format
@@ -119,7 +118,7 @@ def tokenizer_info(tokenizer: Any, chat_template: str | None = None) -> Tokenize
         specials -= {bos, tokenizer.pad_token_id, tokenizer.unk_token_id}
         if eos is not None:
             specials.add(eos)
-        per_tok[chat_template] = TokenizerInfo(bos, eos, tokenizer.pad_token_id, adds_bos, frozenset(specials),
+        per_tok[chat_template] = TokenizerInfo(bos, eos, adds_bos, frozenset(specials),
                                                resolve_chat_template(tokenizer, chat_template))
     return per_tok[chat_template]
 
@@ -225,6 +224,16 @@ def _prefix_len(prefix: str, full_text: str, full_ids: list[int], tokenizer: Any
     return len(ids)
 
 
+def _ends_with_stop(turn: list[int], tokenizer: Any, info: TokenizerInfo) -> bool:
+    """Whether the last token of a turn that is not whitespace (ChatML's trailing newline) ends it."""
+    for t in reversed(turn):
+        if t in info.stop_ids:
+            return True
+        if tokenizer.decode([t], skip_special_tokens=False).strip():
+            return False
+    return False
+
+
 def _chat_example(messages: list[dict], tokenizer: Any, info: TokenizerInfo, train_on_prompt: bool,
                   where: str) -> Example:
     template = info.template
@@ -250,7 +259,7 @@ def _chat_example(messages: list[dict], tokenizer: Any, info: TokenizerInfo, tra
         ids += full_ids[pos:start]
         trained += [train_on_prompt] * (start - pos)
         turn = full_ids[start:end]
-        if not any(t in info.stop_ids for t in turn):  # the template ends the turn in plain text
+        if not _ends_with_stop(turn, tokenizer, info):  # the template ends the turn in plain text
             turn = turn + [_need_eos(info, where)]
         ids += turn
         trained += [True] * len(turn)
