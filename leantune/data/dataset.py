@@ -141,9 +141,9 @@ def _examples(path: str, cfg: DataConfig, tokenizer: Any, report: DataReport, ke
     if not out:
         skipped = {r: c - before.get(r, 0) for r, c in report.skipped.items() if c > before.get(r, 0)}
         why = ", ".join(f"{c} {r}" for r, c in skipped.items()) or "none were readable"
+        also = ", set data.overlong: truncate" if OVERLONG in skipped else ""
         raise DataError(f"all {len(records)} examples of {key} were skipped: {why} — raise data.max_length "
-                        f"(now {cfg.max_length}), set data.overlong: truncate, or check the format "
-                        f"(read as {fmt})")
+                        f"(now {cfg.max_length}){also} or check the format (read as {fmt})")
     return out
 
 
