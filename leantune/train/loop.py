@@ -47,6 +47,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     from ..checkpoint.atomic import atomic_dir, write_json, write_text
     from ..data.dataset import batches as plan_batches
     from ..data.dataset import build as build_data
+    from ..data.tokenize import pad_id_for
     from ..models.load import load_model, load_tokenizer, pick_dtype, resolve_device
     from .metrics import MetricsLog
     from .schedule import build_optimizer, lr_factor, set_lr, warmup_steps
@@ -72,6 +73,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     device = resolve_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar is the only one; errors stay one line
     console(f"loading {cfg.model} ({str(dtype).removeprefix('torch.')} on {device})")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
@@ -80,7 +84,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
 
     data = build_data(cfg.data, tokenizer, seed=cfg.seed)
     console(data.report.summary())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id, pad_note = pad_id_for(tokenizer)
+    if pad_note:
+        console(pad_note)
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -121,7 +127,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    write_json(run_dir / "data_report.json", data.report.to_dict())
+    write_json(run_dir / "data_report.json", asdict(data.report))
     log = MetricsLog(run_dir, t.tensorboard, resume_step=progress.step if resume else 0)
     if log.tb_note:
         console(log.tb_note)
@@ -156,7 +162,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                     continue
                 loss, _ = micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=t.loss_chunk)
                 loss.backward()
-                step_loss += float(loss)
+                step_loss += float(loss.detach())
             if not math.isfinite(step_loss):
                 last_good = checkpoint_dirs(run_dir)
                 kept = f"the last good checkpoint is {last_good[-1]}" if last_good else "no checkpoint was written yet"

@@ -20,8 +20,8 @@ def write_chat_data(path, n=48, seed=0):
     with open(path, "w") as f:
         for _ in range(n):
             q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
-            # a learnable mapping: the answer repeats the question backwards
-            a = " ".join(reversed(q.split()))
+            # a learnable style: every answer is the same phrase, then the question's first word
+            a = "the quick brown fox says " + q.split()[0]
             f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
     return path
 
@@ -39,7 +39,7 @@ def read_metrics(run_dir):
 def test_cli_trains_tiny_llama_and_loss_falls(tiny_llama_dir, tmp_path):
     data = write_chat_data(tmp_path / "d.jsonl")
     out = tmp_path / "run"
-    rc = main(base_args(tiny_llama_dir, data, out, "--train.max_steps", "30", "--train.lr", "5e-3",
+    rc = main(base_args(tiny_llama_dir, data, out, "--train.max_steps", "30", "--train.lr", "1e-2",
                         "--train.eval_every", "10", "--dtype", "fp32"))
     assert rc == 0
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
