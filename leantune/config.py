@@ -53,7 +53,7 @@ class LoraConfig:
         "such as [q_proj, v_proj], or a regex over full module paths")
     rslora: bool = _f(False, "rank-stabilised LoRA: scale by alpha/sqrt(rank) (Kalajdzievski 2023)")
     lr_ratio: float | None = _f(None, "LoRA+: learning rate of B = lr * lr_ratio (Hayou et al. 2024 suggest 16)")
-    init: Literal["default", "gaussian", "zeros"] = _f("default", "A init: PEFT's kaiming-uniform (default) or gaussian; B starts at zero")
+    init: Literal["default", "gaussian"] = _f("default", "A init: PEFT's kaiming-uniform (default) or gaussian; B starts at zero")
 
 
 @dataclass
@@ -209,18 +209,32 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported type {tp}")
 
 
-def _all_names() -> list[str]:
-    return [fi.name for fi in fields_of()] + ["data", "lora", "train"]
+# Names people bring from PEFT, transformers' TrainingArguments and Axolotl.
+ALIASES = {
+    "learning_rate": "train.lr", "lr_scheduler_type": "train.schedule", "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size", "micro_batch_size": "train.batch_size",
+    "batch": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_checkpointing": "train.gradient_checkpointing", "max_grad_norm": "train.max_grad_norm",
+    "r": "lora.rank", "lora_r": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "target_modules": "lora.targets", "lora_target_modules": "lora.targets", "use_rslora": "lora.rslora",
+    "loraplus_lr_ratio": "lora.lr_ratio", "sequence_len": "data.max_length", "max_seq_length": "data.max_length",
+    "max_length": "data.max_length", "dataset": "data.path", "datasets": "data.path", "base_model": "model",
+    "model_name_or_path": "model", "output": "output_dir",
+}
 
 
 def unknown_key_error(name: str) -> ConfigError:
-    names = _all_names()
+    names = [fi.name for fi in fields_of()]
     leaf = name.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    if not close:  # "rank" at the top level: look for a field with that leaf name anywhere
-        close = [n for n in names if n.rsplit(".", 1)[-1] == leaf][:1] or difflib.get_close_matches(
-            leaf, [n.rsplit(".", 1)[-1] for n in names], n=1)
-        close = [n for n in names if close and n.rsplit(".", 1)[-1] == close[0]][:1]
+    if leaf in ALIASES:
+        return ConfigError(f"unknown config key {name!r}; leantune calls it {ALIASES[leaf]!r}")
+    # 1. the same key in another section ("rank" -> "lora.rank"); 2. a typo of a full key
+    # ("lora.rnak" -> "lora.rank"); 3. a typo of a key's last part anywhere ("learnig_rate" won't match, "rnak" will).
+    close = [n for n in names if n.rsplit(".", 1)[-1] == leaf and n != name][:1]
+    close = close or difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    if not close:
+        leaf_match = difflib.get_close_matches(leaf, [n.rsplit(".", 1)[-1] for n in names], n=1, cutoff=0.75)
+        close = [n for n in names if leaf_match and n.rsplit(".", 1)[-1] == leaf_match[0]][:1]
     hint = f"; did you mean {close[0]!r}?" if close else "; see `leantune train --help` for every key"
     return ConfigError(f"unknown config key {name!r}{hint}")
 
