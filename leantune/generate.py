@@ -41,8 +41,6 @@ def resolve_source(source: str, base: str | None = None) -> tuple[str, Path | No
 
 def load_for_inference(source: str, *, base: str | None = None, dtype: str = "auto", use_adapter: bool = True):
     """Return (model, tokenizer) ready for generation, the adapter attached (not merged)."""
-    import torch
-
     from .checkpoint.peft_format import load_adapter
     from .models.load import load_model, load_tokenizer, pick_dtype, resolve_device
 
@@ -53,8 +51,7 @@ def load_for_inference(source: str, *, base: str | None = None, dtype: str = "au
     if adapter is not None and use_adapter:
         load_adapter(model, adapter)
         model.to(device)
-    model.eval()
-    torch.set_grad_enabled(False)
+    model.eval().requires_grad_(False)
     return model, tok
 
 
@@ -72,11 +69,12 @@ def generate_text(model, tok, messages: list[dict], *, raw: bool = False, max_ne
 
     ids = torch.tensor([build_prompt(tok, messages, raw)], device=next(model.parameters()).device)
     sample = temperature > 0
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=sample, temperature=temperature if sample else None,
-                         top_p=top_p if sample else None, top_k=None,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                         streamer=streamer, use_cache=True)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=sample, temperature=temperature if sample else None,
+                             top_p=top_p if sample else None, top_k=None,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                             streamer=streamer, use_cache=True)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
