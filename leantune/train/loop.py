@@ -97,7 +97,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     model.to(device)
     console(format_trainable(model))
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing needs no input that requires grad, so a frozen base works as is.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
     def epoch_plan(epoch: int) -> list[dict]:
@@ -151,6 +153,10 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     stopped, last_loss, last_eval = "completed", None, None
     trainable = [p for p in model.parameters() if p.requires_grad]
     t_last, tokens_window = time.perf_counter(), 0
+    # The state at the last step boundary: Ctrl-C in the middle of a step rewinds to it, so the
+    # checkpoint it writes is exactly the one an uninterrupted run would have had after that step.
+    boundary = _snapshot(progress)
+    in_update = False
     try:
         while progress.step < total_steps:
             set_lr(optimizer, lr_factor(progress.step, total=total_steps, warmup=warmup, kind=t.schedule))
@@ -172,10 +178,12 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                     f"(train.max_grad_norm), fp16 overflow (use bf16 or fp32), or a corrupt example")
             grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm
                          else _grad_norm(trainable))
+            in_update = True
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             progress.tokens_seen += n_tokens
+            in_update = False
             tokens_window += sum(int(b["input_ids"].numel()) for b in micro)
             last_loss = step_loss
 
@@ -210,12 +218,19 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                 checkpoint()
             if stop_after is not None and progress.step >= stop_after:
                 raise _Stop()
+            boundary = _snapshot(progress)
     except KeyboardInterrupt:
         bar.close()
-        path = checkpoint()
         log.close()
-        console(f"interrupted: saved {path} at step {progress.step}; continue with `leantune train "
-                f"{run_dir / 'config.yaml'} --resume`")
+        resume_hint = f"continue with `leantune train {run_dir / 'config.yaml'} --resume`"
+        if in_update:  # the weights may be half-updated: keep the last checkpoint on disk instead
+            console(f"interrupted during an optimizer update; the last checkpoint on disk is kept; {resume_hint}")
+            return RunResult(run_dir, None, progress.step, last_loss, last_eval, "interrupted")
+        optimizer.zero_grad(set_to_none=True)
+        _restore(progress, boundary)
+        path = checkpoint() if progress.step > 0 else None
+        console(f"interrupted at step {progress.step}" + (f": saved {path}; {resume_hint}" if path else
+                                                          " before the first step; nothing to save"))
         return RunResult(run_dir, None, progress.step, last_loss, last_eval, "interrupted")
     except _Stop:
         bar.close()
@@ -239,6 +254,22 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     console(f"done: {progress.step} steps, train loss {last_loss:.4f}"
             + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; adapter in {adapter_dir}")
     return RunResult(run_dir, adapter_dir, progress.step, last_loss, last_eval, stopped)
+
+
+def _snapshot(progress: Progress) -> tuple:
+    import copy
+
+    import torch
+
+    return copy.deepcopy(progress), torch.get_rng_state()
+
+
+def _restore(progress: Progress, boundary: tuple) -> None:
+    import torch
+
+    saved, rng = boundary
+    progress.__dict__.update(saved.__dict__)
+    torch.set_rng_state(rng)
 
 
 def _grad_norm(params) -> "float":
