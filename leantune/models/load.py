@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -358,12 +359,19 @@ def gguf_to_hf(gguf_path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise ModelError(f"GGUF file {str(path)!r} does not exist; check the path (model: path/to/model.gguf)")
     digest = file_sha256(path)
-    out = cache_root() / "gguf" / digest
+    root = cache_root() / "gguf"
+    out = root / digest
     if (out / GGUF_MARKER).is_file():
         return out
-    with _file_lock(cache_root() / "gguf" / f"{digest}.lock"):
+    with contextlib.suppress(OSError):
+        root.mkdir(parents=True, exist_ok=True)
+    if not os.access(root, os.W_OK):
+        raise ModelError(f"cannot write the GGUF cache {str(root)!r}; set LEANTUNE_CACHE to a writable folder")
+    with _file_lock(root / f"{digest}.lock"):
         if (out / GGUF_MARKER).is_file():  # another process finished it while we waited
             return out
+        for stale in root.glob(f".{digest}.*.tmp"):  # a killed conversion's leftovers; the lock says none is live
+            shutil.rmtree(stale, ignore_errors=True)
         log.warning("converting %s (%.0f MB) to an HF folder once; dequantizing takes ~40 s per 100 MB on 2 CPU "
                     "cores -> %s", path.name, path.stat().st_size / 1e6, out)
         t0 = time.perf_counter()

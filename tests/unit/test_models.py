@@ -302,6 +302,21 @@ def test_failed_conversion_leaves_no_folder(tiny_gguf, cache, monkeypatch):
     assert not [p for p in (cache / "gguf").iterdir() if p.is_dir() and p.name != "stat"]
 
 
+def test_a_killed_conversion_is_cleaned_up_and_redone(tiny_gguf, cache):
+    path = tiny_gguf[0]
+    stale = cache / "gguf" / f".{L.file_sha256(path)}.k1ll3d.tmp"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    out = L.gguf_to_hf(path)
+    assert not stale.exists() and (out / L.GGUF_MARKER).is_file()
+
+
+def test_unwritable_cache_names_the_setting(tiny_gguf, monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path / "a-file" / "cache"))
+    assert "set LEANTUNE_CACHE to a writable folder" in _fast(lambda: L.gguf_to_hf(tiny_gguf[0]))
+
+
 def test_missing_or_broken_gguf(tmp_path, cache):
     assert "does not exist" in _fast(lambda: L.load_model(tmp_path / "x.gguf", dtype="fp32", device="cpu"))
     bad = tmp_path / "bad.gguf"
