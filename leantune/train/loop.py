@@ -98,8 +98,10 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     console(format_trainable(model))
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so a frozen base works as is.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
     def epoch_plan(epoch: int) -> list[dict]:
