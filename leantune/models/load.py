@@ -165,7 +165,10 @@ def _offline_error(repo_id: str) -> ModelError:
 def _in_hf_cache(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the hub library rejects (HFValidationError) is simply not cached
+        return False
 
 
 def _check_hub_id(source: str) -> None:
