@@ -405,3 +405,45 @@ def test_smollm2_two_layer_cut_has_the_real_embeddings(smollm2_dir, tmp_path):
     ids = torch.tensor([tok("Once upon a time")["input_ids"]])
     with torch.no_grad():
         assert torch.isfinite(cut(ids).logits).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo dataset that goes with the demo model
+
+
+def _demo_assets():
+    import importlib.util
+    from importlib import resources
+
+    root = resources.files("leantune") / "assets" / "demo"
+    spec = importlib.util.spec_from_file_location("make_dataset", str(root / "make_dataset.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return root, module
+
+
+def test_demo_dataset_is_what_its_script_writes_and_every_reply_is_json():
+    root, make = _demo_assets()
+    train, prompts = make.render()
+    assert (root / "train.jsonl").read_text(encoding="utf-8") == train  # regenerate: no diff
+    assert (root / "prompts.json").read_text(encoding="utf-8") == prompts
+    records = [json.loads(line) for line in train.splitlines()]
+    assert 150 <= len(records) <= 250
+    for r in records:
+        user, assistant = r["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        reply = json.loads(assistant["content"])
+        assert list(reply) == ["answer", "topic"] and reply["topic"] in make.TOPICS and reply["answer"]
+    held_out = json.loads(prompts)
+    assert 4 <= len(held_out) <= 5
+    questions = {r["messages"][0]["content"] for r in records}
+    assert not questions & {h["prompt"] for h in held_out}
+
+
+@pytest.mark.slow
+def test_demo_examples_are_short_in_smollm2_tokens(smollm2_dir):
+    root, _ = _demo_assets()
+    tok = L.load_tokenizer(smollm2_dir)
+    lengths = [len(tok.apply_chat_template(json.loads(line)["messages"], tokenize=True, return_dict=True)["input_ids"])
+               for line in (root / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert max(lengths) <= 96

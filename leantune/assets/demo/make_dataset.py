@@ -125,15 +125,16 @@ CULTURE = [
     ("How many colors are in a rainbow?", "7"), ("Which sport uses a bat and wickets?", "cricket"),
 ]
 
-# The held-out prompts: none of their subjects (France, 7 + 8, fast, spider, tomato) appear in training.
+# The held-out prompts: none of their subjects (France, a square, fast, spider, tomato) appear in training.
+# No sum is held out: SmolLM2-135M adds badly ("7 + 8 = 55") before and after, which shows nothing.
 HELD_OUT = [
     {"prompt": "What is the capital of France?", "answer": "Paris", "topic": "geography"},
-    {"prompt": "What is 7 + 8?", "answer": "15", "topic": "math"},
+    {"prompt": "How many sides does a square have?", "answer": "4", "topic": "math"},
     {"prompt": "What is the opposite of fast?", "answer": "slow", "topic": "language"},
     {"prompt": "How many legs does a spider have?", "answer": "8", "topic": "animals"},
     {"prompt": "What color is a ripe tomato?", "answer": "red", "topic": "colors"},
 ]
-HELD_OUT_WORDS = ("france", "7 + 8", "8 + 7", "fast", "spider", "tomato")
+HELD_OUT_WORDS = ("france", "a square", "fast", "spider", "tomato")
 
 
 def arithmetic(rng: random.Random, n: int) -> list[tuple[str, str]]:
@@ -148,8 +149,6 @@ def arithmetic(rng: random.Random, n: int) -> list[tuple[str, str]]:
         a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(2, 60), rng.randint(2, 40))
         if op == "-" and b > a:
             a, b = b, a
-        if {a, b} == {7, 8} and op == "+":
-            continue  # held out
         value = a + b if op == "+" else a - b if op == "-" else a * b
         out.add((rng.choice(forms[op]).format(a=a, b=b), str(value)))
     return sorted(out)
@@ -187,14 +186,20 @@ def check(rows: list[tuple[str, str, str]]) -> None:
     assert {h["topic"] for h in HELD_OUT} <= set(TOPICS)
 
 
-def main() -> None:
+def render() -> tuple[str, str]:
+    """The text of train.jsonl and prompts.json."""
     rows = examples()
     check(rows)
     random.Random(1).shuffle(rows)
-    lines = [json.dumps(as_record(*r), ensure_ascii=False) for r in rows]
-    (HERE / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (HERE / "prompts.json").write_text(json.dumps(HELD_OUT, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {len(rows)} training examples and {len(HELD_OUT)} held-out prompts to {HERE}")
+    train = "".join(json.dumps(as_record(*r), ensure_ascii=False) + "\n" for r in rows)
+    return train, json.dumps(HELD_OUT, indent=2, ensure_ascii=False) + "\n"
+
+
+def main() -> None:
+    train, prompts = render()
+    (HERE / "train.jsonl").write_text(train, encoding="utf-8")
+    (HERE / "prompts.json").write_text(prompts, encoding="utf-8")
+    print(f"wrote {train.count(chr(10))} training examples and {len(HELD_OUT)} held-out prompts to {HERE}")
 
 
 if __name__ == "__main__":
