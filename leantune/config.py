@@ -70,7 +70,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "warmup as a fraction of the total steps")
     max_grad_norm: float | None = _f(1.0, "clip the gradient norm to this (null disables)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, ~30% slower")
-    loss_chunk: int = _f(1024, "tokens per chunk of the cross-entropy; full-vocabulary fp32 logits never exist for the whole batch")
+    loss_chunk: int = _f(256, "tokens per chunk of the cross-entropy; full-vocabulary fp32 logits never exist for the whole batch")
     eval_every: int = _f(50, "evaluate held-out loss every N steps (0: only at the end)")
     eval_batches: int | None = _f(None, "cap on eval micro-batches per evaluation (null: the whole eval set)")
     save_every: int = _f(100, "write a resumable checkpoint every N steps (0: only at the end)")

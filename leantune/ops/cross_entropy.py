@@ -36,23 +36,36 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]                               # (c, H)
             y = labels[s:s + chunk]                               # (c,)
-            z = (h @ weight.t()).to(acc)                           # (c, V)
+            z = (h @ weight.t()).to(acc)                          # (c, V): the only tensor of size V
             if softcap is not None:
-                t = torch.tanh(z / softcap)
-                z = softcap * t
-            lse = torch.logsumexp(z, dim=-1)                      # (c,)
-            total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
-            if need_h or need_w:
-                dz = torch.exp_(z.sub_(lse[:, None]))             # softmax, in place: (c, V)
-                dz[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-                if softcap is not None:
-                    dz.mul_(1.0 - t * t)                          # d(cap*tanh(x/cap))/dx
-                dz.div_(normalizer)
-                dzw = dz.to(weight.dtype)
+                t = torch.tanh_(z.div_(softcap))
+                z = t * softcap
+            zy = z.gather(1, y[:, None])                          # (c, 1)
+            m = z.amax(dim=-1, keepdim=True)                      # (c, 1)
+            e = torch.exp_(z.sub_(m))                             # exp(z - m), in place: (c, V)
+            denom = e.sum(dim=-1, keepdim=True)                   # (c, 1)
+            total += (m + denom.log() - zy).sum()                 # logsumexp(z) - z_y
+            if not (need_h or need_w):
+                continue
+            if softcap is None:
+                # softmax - onehot without touching (c, V) again:
+                # dL/dh = (e @ W) / denom - W[y], scaled by 1/normalizer on the small (c, H) side.
                 if need_h:
-                    grad_h[s:s + chunk] = dzw @ weight                                # (c, H)
+                    gh = (e.to(weight.dtype) @ weight).to(acc).div_(denom)
+                    gh.sub_(weight[y].to(acc)).div_(normalizer)
+                    grad_h[s:s + chunk] = gh.to(hidden.dtype)
                 if need_w:
-                    grad_w += dz.t() @ h.to(acc)                                       # (V, H)
+                    hs = h.to(acc)
+                    grad_w += (e.div_(denom)).t() @ hs / normalizer
+                    grad_w.index_add_(0, y, hs, alpha=-1.0 / normalizer)
+            else:
+                dz = e.div_(denom)                                # softmax: (c, V)
+                dz[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                dz.mul_(1.0 - t * t).div_(normalizer)             # d(cap*tanh(x/cap))/dx
+                if need_h:
+                    grad_h[s:s + chunk] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += dz.t() @ h.to(acc)
         ctx.w_dtype = weight.dtype
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         return total / normalizer
