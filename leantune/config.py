@@ -177,29 +177,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
+            value = int(value)
+        return _number(value, int, name, "an integer")
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        return _number(value, float, name, "a number")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -207,6 +189,19 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return str(value)
         raise ConfigError(f"{name} must be a string, got {value!r}")
     raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def _number(value: Any, cast: type, name: str, what: str) -> Any:
+    """int/float from a number or a numeric string; never from a bool (yes: True is an int in Python)."""
+    if not isinstance(value, bool):
+        if isinstance(value, (int, float)) and (cast is float or isinstance(value, int)):
+            return cast(value)
+        if isinstance(value, str):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"{name} must be {what}, got {value!r}")
 
 
 # Names people bring from PEFT, transformers' TrainingArguments and Axolotl.
