@@ -42,8 +42,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         stop_after: int | None = None) -> RunResult:
     import torch
 
-    from ..adapters.base import format_trainable, mark_only_adapters_trainable
-    from ..adapters.lora import inject_lora
+    from ..adapters.base import format_trainable
     from ..checkpoint.atomic import atomic_dir, write_json, write_text
     from ..data.dataset import batches as plan_batches
     from ..data.dataset import build as build_data
@@ -52,19 +51,10 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     from .metrics import MetricsLog
     from .schedule import build_optimizer, lr_factor, set_lr, warmup_steps
     from .state import load_checkpoint, save_checkpoint
-    from .step import evaluate, micro_batch_loss
+    from .step import evaluate
 
     run_dir = Path(cfg.output_dir)
-    ckpts = checkpoint_dirs(run_dir)
-    if resume and not ckpts:
-        if (run_dir / "summary.json").exists():
-            raise ConfigError(f"{run_dir} already holds a finished run; nothing to resume")
-        raise ConfigError(f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
-    if not resume and (ckpts or (run_dir / "adapter").exists()):
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
-                          f"output_dir (e.g. --output_dir {run_dir}-2)")
-    if resume and (run_dir / "summary.json").exists():
-        raise ConfigError(f"{run_dir} already holds a finished run; nothing to resume")
+    ckpts = _check_run_dir(run_dir, resume)
 
     t = cfg.train
     if cfg.threads:
@@ -88,20 +78,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     if pad_note:
         console(pad_note)
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    inject_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                targets=cfg.lora.targets, rslora=cfg.lora.rslora, init=cfg.lora.init)
-    mark_only_adapters_trainable(model)
+    _attach_adapter(model, cfg)
     model.to(device)
     console(format_trainable(model))
-    if t.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad, so a frozen base works as is.
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
     def epoch_plan(epoch: int) -> list[dict]:
@@ -164,20 +143,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
             set_lr(optimizer, lr_factor(progress.step, total=total_steps, warmup=warmup, kind=t.schedule))
             micro = [next_micro_batch() for _ in range(t.grad_accum)]
             n_tokens = sum(b["num_label_tokens"] for b in micro)
-            step_loss = 0.0
-            for b in micro:
-                if b["num_label_tokens"] == 0:
-                    continue
-                loss, _ = micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=t.loss_chunk)
-                loss.backward()
-                step_loss += float(loss.detach())
+            step_loss = _accumulate_gradients(model, micro, n_tokens, chunk=t.loss_chunk)
             if not math.isfinite(step_loss):
-                last_good = checkpoint_dirs(run_dir)
-                kept = f"the last good checkpoint is {last_good[-1]}" if last_good else "no checkpoint was written yet"
-                raise TrainingError(
-                    f"the loss became {step_loss} at step {progress.step + 1}; {kept}. Likely causes: a learning "
-                    f"rate too high (train.lr={t.lr}; try {t.lr / 4:g}), no gradient clipping "
-                    f"(train.max_grad_norm), fp16 overflow (use bf16 or fp32), or a corrupt example")
+                raise _nan_error(step_loss, progress.step + 1, run_dir, t.lr)
             grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm
                          else _grad_norm(trainable))
             in_update = True
@@ -256,6 +224,64 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     console(f"done: {progress.step} steps, train loss {last_loss:.4f}"
             + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; adapter in {adapter_dir}")
     return RunResult(run_dir, adapter_dir, progress.step, last_loss, last_eval, stopped)
+
+
+def _accumulate_gradients(model, micro: list[dict], n_tokens: int, *, chunk: int) -> float:
+    """Forward and backward every micro-batch of a step; each loss is divided by the label tokens of
+    the whole step, so k micro-batches of b rows give the gradient of one batch of k*b rows."""
+    from . import step
+
+    total = 0.0
+    for b in micro:
+        if b["num_label_tokens"] == 0:
+            continue
+        loss, _ = step.micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=chunk)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _nan_error(loss: float, step_no: int, run_dir: Path, lr: float) -> TrainingError:
+    last_good = checkpoint_dirs(run_dir)
+    kept = f"the last good checkpoint is {last_good[-1]}" if last_good else "no checkpoint was written yet"
+    return TrainingError(
+        f"the loss became {loss} at step {step_no}; {kept}. Likely causes: a learning rate too high "
+        f"(train.lr={lr}; try {lr / 4:g}), no gradient clipping (train.max_grad_norm), fp16 overflow "
+        "(use bf16 or fp32), or a corrupt example")
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
+    """Refuse to overwrite a run, or to resume one that has nothing to resume from."""
+    ckpts = checkpoint_dirs(run_dir)
+    finished = (run_dir / "summary.json").exists()
+    if resume and (finished or not ckpts):
+        raise ConfigError(f"{run_dir} already holds a finished run; nothing to resume" if finished else
+                          f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
+    if not resume and (ckpts or (run_dir / "adapter").exists()):
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
+                          f"output_dir (e.g. --output_dir {run_dir}-2)")
+    return ckpts
+
+
+def _attach_adapter(model, cfg: RunConfig) -> None:
+    """Freeze the base, inject LoRA (seeded, so the init is reproducible), mark only it trainable."""
+    import torch
+
+    from ..adapters.base import mark_only_adapters_trainable
+    from ..adapters.lora import inject_lora
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    inject_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                targets=cfg.lora.targets, rslora=cfg.lora.rslora, init=cfg.lora.init)
+    mark_only_adapters_trainable(model)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so a frozen base works as is.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _snapshot(progress: Progress) -> tuple:
