@@ -6,6 +6,7 @@ No Trainer and no callbacks: every step is in `run()` or a plain helper beside i
     <output_dir>/data_report.json     what the data pipeline read, kept, skipped and why
     <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s, eval)
     <output_dir>/tensorboard/         the same, for TensorBoard
+    <output_dir>/loss.svg             the loss curves, train and eval (open in a browser)
     <output_dir>/checkpoints/step-N/  resumable checkpoints (each also a PEFT adapter)
     <output_dir>/adapter/             the final adapter in PEFT's format (appears only when complete)
     <output_dir>/summary.json         written last: the run finished
@@ -220,6 +221,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                "eval_loss": last_eval, "best_eval_loss": progress.best_eval_loss, "label_tokens": progress.tokens_seen,
                "adapter": str(adapter_dir), "progress": asdict(progress)}
     log.close()
+    from .plot import write_loss_svg
+
+    write_loss_svg(run_dir)
     write_json(run_dir / "summary.json", summary)
     console(f"done: {progress.step} steps, train loss {last_loss:.4f}"
             + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; adapter in {adapter_dir}")

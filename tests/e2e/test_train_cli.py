@@ -46,6 +46,7 @@ def test_cli_trains_tiny_llama_and_loss_falls(tiny_llama_dir, tmp_path):
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
     assert any("eval_loss" in m for m in read_metrics(out))
+    assert (out / "loss.svg").read_text().startswith("<svg")
     for name in ("config.yaml", "summary.json", "data_report.json", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors"):
         assert (out / name).exists(), name
