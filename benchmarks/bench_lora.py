@@ -5,7 +5,8 @@ fixture, LoRA r16 on all linear layers, batch 4, max 256 tokens, AdamW 2e-4 cosi
 (wall(N2) - wall(N1)) / (N2 - N1), so start-up and loading cancel; peak RSS comes from the kernel
 (wait4). Runs alternate peer, leantune, peer, leantune... so machine noise hits both alike.
 
-Tokens per second counts real (non-padding) tokens: the peer pads each batch of 4 texts to its
+Tokens per second counts real (non-padding) tokens, per wall second and per CPU second (user+sys
+from the kernel; steadier than wall time on a shared 2-core VM): the peer pads each batch of 4 texts to its
 longest; leantune packs whole examples into rows of up to 256 tokens, so one of its steps holds more
 text. Both are reported, with leantune unpacked (the same 4 texts per step) as the like-for-like row.
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_BENCH = Path(os.environ.get("LEANTUNE_PEER_BENCH", ROOT.parent / "shared" / "bench"))
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
+def run(cmd: list[str]) -> tuple[float, float, float]:
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
@@ -37,7 +38,7 @@ def run(cmd: list[str]) -> tuple[float, float]:
     err = p.stderr.read().decode(errors="replace")[-3000:]
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"command failed: {' '.join(cmd)}\n{err}")
-    return wall, ru.ru_maxrss / 1024  # MiB
+    return wall, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime  # s, MiB, CPU s
 
 
 def text_tokens(data: Path, tokenizer_dir: Path, seq: int) -> list[int]:
@@ -85,12 +86,13 @@ def main() -> None:
         return cmd
 
     sides = {"peer (Trainer+PEFT, fp32)": peer, "leantune (packed)": ours(True), "leantune (unpacked)": ours(False)}
-    res = {k: {"step": [], "rss": []} for k in sides}
+    res = {k: {"step": [], "rss": [], "cpu": []} for k in sides}
     for _ in range(a.repeats):
         for name, tmpl in sides.items():
-            w1, _ = run(tmpl(a.n1))
-            w2, rss = run(tmpl(a.n2))
+            w1, _, c1 = run(tmpl(a.n1))
+            w2, rss, c2 = run(tmpl(a.n2))
             res[name]["step"].append((w2 - w1) / (a.n2 - a.n1))
+            res[name]["cpu"].append((c2 - c1) / (a.n2 - a.n1))
             res[name]["rss"].append(rss)
 
     # Real tokens per step: the peer and unpacked leantune take 4 texts per step; packed leantune fills
@@ -103,17 +105,24 @@ def main() -> None:
     out = {}
     for name in sides:
         step = statistics.median(res[name]["step"])
-        out[name] = {"step_s": round(step, 4), "tokens_per_step": round(tokens[name], 1),
+        cpu = statistics.median(res[name]["cpu"])
+        out[name] = {"step_s": round(step, 4), "cpu_s_per_step": round(cpu, 3),
+                     "tokens_per_cpu_s": round(tokens[name] / cpu, 1), "tokens_per_step": round(tokens[name], 1),
                      "tokens_per_s": round(tokens[name] / step, 1), "peak_rss_mib": round(max(res[name]["rss"]), 1)}
     ref = out["peer (Trainer+PEFT, fp32)"]
     print(f"fixture {a.size}: LoRA r16 all-linear, batch {batch}, max {seq} tokens, {os.cpu_count()} cores; "
           f"steps {a.n1}->{a.n2}, {a.repeats} repeats\n")
-    print(f"{'':28s} {'s/step':>8s} {'tok/step':>9s} {'tok/s':>8s} {'peak RSS':>9s} {'speed x':>8s} {'RSS x':>6s}")
+    print(f"{'':28s} {'s/step':>8s} {'tok/step':>9s} {'tok/s':>8s} {'peak RSS':>9s} {'speed x':>8s} {'RSS x':>6s}"
+          f" {'CPU s/step':>11s} {'tok/CPU-s x':>12s}")
     for name, r in out.items():
         r["tokens_per_s_ratio"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 3)
         r["rss_ratio"] = round(r["peak_rss_mib"] / ref["peak_rss_mib"], 3)
+        r["tokens_per_cpu_s_ratio"] = round(r["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"], 3)
         print(f"{name:28s} {r['step_s']:8.3f} {r['tokens_per_step']:9.0f} {r['tokens_per_s']:8.0f} "
-              f"{r['peak_rss_mib']:7.0f}Mi {r['tokens_per_s_ratio']:8.2f} {r['rss_ratio']:6.2f}")
+              f"{r['peak_rss_mib']:7.0f}Mi {r['tokens_per_s_ratio']:8.2f} {r['rss_ratio']:6.2f}"
+              f" {r['cpu_s_per_step']:11.3f} {r['tokens_per_cpu_s_ratio']:12.2f}")
+    print("\nspeed x: real tokens per wall second against the peer; tok/CPU-s x: the same per CPU second "
+          "(less sensitive to a noisy machine). Ratios are medians over the repeats of one run.")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 

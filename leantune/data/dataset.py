@@ -209,9 +209,10 @@ class EpochPlan(Sequence):
 
 def batches(examples: Sequence[Example], batch_size: int, max_length: int, packing: bool, pad_id: int,
             seed: int, epoch: int) -> EpochPlan:
-    """The deterministic batch plan of `epoch`: shuffle with Random(seed + epoch), pack, shuffle rows, batch.
+    """The deterministic batch plan of `epoch`: shuffle with Random(seed + epoch), then either pack and
+    batch the rows, or (unpacked) batch examples of similar length together.
 
-    The last batch may be smaller. Unpacked rows are single examples.
+    A batch may be smaller than batch_size (the last of a window). Unpacked rows are single examples.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -222,10 +223,24 @@ def batches(examples: Sequence[Example], batch_size: int, max_length: int, packi
         bins = pack_indices([len(examples[i]) for i in order], max_length)
         rows = [[order[j] for j in members] for members in bins]
         rng.shuffle(rows)  # best-fit decreasing sorts by length; don't start every epoch with the longest rows
+        groups = [rows[s: s + batch_size] for s in range(0, len(rows), batch_size)]
     else:
-        rows = [[i] for i in order]
-    groups = [rows[s: s + batch_size] for s in range(0, len(rows), batch_size)]
+        groups = _length_grouped(order, [len(e) for e in examples], batch_size, rng)
     return EpochPlan(examples, groups, pad_id, packing)
+
+
+def _length_grouped(order: list[int], lengths: list[int], batch_size: int, rng: random.Random,
+                    window: int = 64) -> list[list[list[int]]]:
+    """Unpacked batches of similar lengths, so padding stays small: the shuffled order is cut into
+    windows of `window` batches, each window sorted by length and cut into batches, then the batches
+    are shuffled (the group_by_length idea of transformers' Trainer, deterministic per epoch)."""
+    span = window * batch_size
+    groups = []
+    for s in range(0, len(order), span):
+        chunk = sorted(order[s: s + span], key=lambda i: lengths[i])
+        groups += [[[i] for i in chunk[b: b + batch_size]] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(groups)
+    return groups
 
 
 def shift_count(labels: torch.Tensor) -> int:
