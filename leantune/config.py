@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -249,7 +250,19 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     obj = cls(**kwargs)
+    if cls is LoraConfig:
+        obj.targets = _normalise_targets(obj.targets)
     return obj
+
+
+def _normalise_targets(targets: str | list[str]) -> str | list[str]:
+    """"q_proj,v_proj" and a bare "q_proj" mean module names, as in a list; other strings are regexes."""
+    if isinstance(targets, str) and targets != "all-linear":
+        if "," in targets:
+            return [t.strip() for t in targets.split(",") if t.strip()]
+        if re.fullmatch(r"[A-Za-z0-9_]+", targets):
+            return [targets]
+    return targets
 
 
 def _check_ranges(cfg: RunConfig) -> None:
@@ -307,7 +320,9 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node = raw
     parts = dotted.split(".")
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # `lora:` left empty in the file
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"{p} must be a mapping in the config file")
     node[parts[-1]] = value

@@ -51,11 +51,12 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, layers: in
     print("leantune demo: LoRA on SmolLM2-135M-Instruct, offline, on this machine's CPU")
     model_dir = demo_model_dir()
     if layers:
-        model_dir = cut_layers(model_dir, layers, Path(output_dir).with_name(Path(output_dir).name + f"-base-{layers}l"))
+        out_abs = Path(output_dir).resolve()
+        model_dir = cut_layers(model_dir, layers, out_abs.with_name(out_abs.name + f"-base-{layers}l"))
     _, prompts = demo_assets()
     out = Path(output_dir)
     if out.exists():
-        shutil.rmtree(out)  # the demo always starts fresh; real runs refuse to overwrite
+        _remove_previous_demo(out)  # the demo starts fresh; real runs refuse to overwrite
 
     device = resolve_device("auto")
     tok = load_tokenizer(str(model_dir))
@@ -80,6 +81,25 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, layers: in
     print(f"try it:  leantune generate {res.run_dir} --prompt 'What is the capital of Italy?'")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _remove_previous_demo(out: Path) -> None:
+    """Delete `out` only when it is empty or an earlier demo run: never a folder of the user's."""
+    from .errors import ConfigError
+
+    entries = list(out.iterdir()) if out.is_dir() else None
+    was_demo = False
+    if out.is_dir() and (out / "config.yaml").exists():
+        import yaml
+
+        cfg = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        data_path = str((cfg.get("data") or {}).get("path", ""))
+        was_demo = Path(data_path).parent == demo_assets()[0].parent
+    if entries == [] or was_demo:
+        shutil.rmtree(out)
+        return
+    raise ConfigError(f"{out} exists and is not an earlier demo run; pass another --output-dir (the demo "
+                      "replaces only its own runs)")
 
 
 def _one_line(s: str, width: int = 110) -> str:

@@ -50,14 +50,23 @@ def _add_config_fields(p: argparse.ArgumentParser) -> None:
 def _overrides(ns: argparse.Namespace) -> dict:
     import yaml
 
+    from ..config import fields_of
+
+    types = {fi.name: fi.type for fi in fields_of()}
     out = {}
     for k, v in vars(ns).items():
-        if k.startswith("cfg:"):
-            # YAML-parse each value so lists ([q_proj, v_proj]), null and numbers read as in the file.
-            try:
-                out[k[4:]] = yaml.safe_load(v) if isinstance(v, str) else v
-            except yaml.YAMLError:
-                out[k[4:]] = v
+        if not k.startswith("cfg:"):
+            continue
+        name = k[4:]
+        if types.get(name) in (str, str | None) and isinstance(v, str):
+            # Text stays text: "You are #1" is no YAML comment and "no" no boolean.
+            out[name] = None if v in ("null", "~") else v
+            continue
+        # Everything else reads as in the file: lists ([q_proj, v_proj]), null, numbers, booleans.
+        try:
+            out[name] = yaml.safe_load(v) if isinstance(v, str) else v
+        except yaml.YAMLError:
+            out[name] = v
     return out
 
 
@@ -195,10 +204,6 @@ def _inspect(ns: argparse.Namespace) -> int:
     print(render_examples(prepared.train, tok, ns.num))
     print(textwrap.fill(prepared.report.summary(), width=100))
     return 0
-
-
-def entry() -> None:  # pragma: no cover - console script shim
-    sys.exit(main())
 
 
 if __name__ == "__main__":  # pragma: no cover

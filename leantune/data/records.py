@@ -10,6 +10,7 @@ pyarrow and datasets are imported only when a .parquet file or a hub id asks for
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -76,7 +77,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _parse_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
     records = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # split on \n only: U+2028/U+2029 are legal inside JSON strings, and str.splitlines breaks on them
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -112,7 +114,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     text = _read_text(path)
-    rows = csv.DictReader(text.splitlines())
+    rows = csv.DictReader(io.StringIO(text, newline=""))  # keeps newlines inside quoted fields
     if not rows.fieldnames:
         raise DataError(f"{path} has no header row; the first line must name the columns "
                         f"(e.g. instruction,input,output)")

@@ -90,7 +90,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
 
     plans: dict[int, list[dict]] = {0: epoch_plan(0)}
     micro_per_epoch = len(plans[0])
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / t.grad_accum))
+    steps_per_epoch = max(1, micro_per_epoch // t.grad_accum)  # whole steps; a remainder rolls into the next epoch
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
     eval_plan = (plan_batches(data.eval, batch_size=t.batch_size, max_length=cfg.data.max_length,
@@ -149,12 +149,15 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                 raise _nan_error(step_loss, progress.step + 1, run_dir, t.lr)
             grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm
                          else _grad_norm(trainable))
+            if not math.isfinite(float(grad_norm)):
+                raise _nan_error(float(grad_norm), progress.step + 1, run_dir, t.lr, what="gradient norm")
             in_update = True
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             progress.tokens_seen += n_tokens
             in_update = False
+            boundary = _snapshot(progress)  # weights and optimizer now hold this step: rewind no further
             tokens_window += sum(int(b["input_ids"].numel()) for b in micro)
             last_loss = step_loss
 
@@ -225,7 +228,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
 
     write_loss_svg(run_dir)
     write_json(run_dir / "summary.json", summary)
-    console(f"done: {progress.step} steps, train loss {last_loss:.4f}"
+    loss_text = f"train loss {last_loss:.4f}" if last_loss is not None else "nothing left to train"
+    console(f"done: {progress.step} steps, {loss_text}"
             + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; adapter in {adapter_dir}")
     return RunResult(run_dir, adapter_dir, progress.step, last_loss, last_eval, stopped)
 
@@ -245,11 +249,11 @@ def _accumulate_gradients(model, micro: list[dict], n_tokens: int, *, chunk: int
     return total
 
 
-def _nan_error(loss: float, step_no: int, run_dir: Path, lr: float) -> TrainingError:
+def _nan_error(loss: float, step_no: int, run_dir: Path, lr: float, what: str = "loss") -> TrainingError:
     last_good = checkpoint_dirs(run_dir)
     kept = f"the last good checkpoint is {last_good[-1]}" if last_good else "no checkpoint was written yet"
     return TrainingError(
-        f"the loss became {loss} at step {step_no}; {kept}. Likely causes: a learning rate too high "
+        f"the {what} became {loss} at step {step_no}; {kept}. Likely causes: a learning rate too high "
         f"(train.lr={lr}; try {lr / 4:g}), no gradient clipping (train.max_grad_norm), fp16 overflow "
         "(use bf16 or fp32), or a corrupt example")
 

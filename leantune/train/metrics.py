@@ -11,14 +11,30 @@ import time
 from pathlib import Path
 
 
+def _records(path: Path):
+    """(line, record) for every whole line; a line torn by a crash mid-write is skipped."""
+    for ln in Path(path).read_text(encoding="utf-8").split("\n"):
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            yield ln, rec
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [rec for _, rec in _records(path)]
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step and self.path.exists():
             # Drop lines past the checkpoint we resume from: they belong to the lost tail of the run.
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln, rec in _records(self.path) if rec.get("step", 0) <= resume_step]
+            from ..checkpoint.atomic import write_text
+
+            write_text(self.path, "".join(ln + "\n" for ln in kept))
         elif self.path.exists():
             self.path.unlink()
         self._f = open(self.path, "a", encoding="utf-8")

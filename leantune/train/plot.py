@@ -5,7 +5,6 @@ Train loss per step in blue, eval loss in orange; open it in any browser.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 W, H, PAD = 640, 360, 48
@@ -22,9 +21,10 @@ def _polyline(points: list[tuple[float, float]], sx, sy, color: str, dots: bool)
 
 
 def loss_svg(metrics_jsonl: Path) -> str:
+    from .metrics import read_metrics
+
     train, evals = [], []
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_metrics(metrics_jsonl):
         if "loss" in rec:
             train.append((rec["step"], rec["loss"]))
         if "eval_loss" in rec:

@@ -72,6 +72,9 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> Progress:
     except FileNotFoundError as e:
         raise TrainingError(f"checkpoint {ckpt} is incomplete ({Path(e.filename).name} missing); "
                             "delete it to resume from the one before") from None
+    except Exception as e:  # a damaged file: safetensors, JSON or the optimizer state
+        raise TrainingError(f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
+                            "delete it to resume from the one before") from None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(params):
         missing = sorted(set(params) - set(saved))[:3]
@@ -84,7 +87,11 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> Progress:
                 raise TrainingError(f"checkpoint tensor {n} has shape {tuple(saved[n].shape)}, the run has "
                                     f"{tuple(p.shape)}; resume with the run's saved config.yaml")
             p.copy_(saved[n])
-    optimizer.load_state_dict(opt_state)
+    try:
+        optimizer.load_state_dict(opt_state)
+    except ValueError:
+        raise TrainingError(f"checkpoint {ckpt}'s optimizer state does not match this run's parameter groups "
+                            "(was lora.lr_ratio changed?); resume with the run's saved config.yaml") from None
     torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["rng"]["cuda"]])

@@ -112,3 +112,29 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_llama_dir, data, tm
     a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "ckpt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_ctrl_c_during_evaluation_keeps_the_finished_step(tiny_llama_dir, data, tmp_path, monkeypatch):
+    """The step's update is done when evaluation starts: the checkpoint must be that step's, so a
+    resume neither repeats nor skips a batch."""
+    from leantune.train import step as step_mod
+
+    orig = step_mod.evaluate
+    calls = {"n": 0}
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    monkeypatch.setattr(step_mod, "evaluate", interrupt)
+    out = tmp_path / "int-eval"
+    res = run(make_cfg(tiny_llama_dir, data, out, save_every=0, eval_every=1), console=quiet)
+    assert res.stopped == "interrupted" and res.steps == 2
+    monkeypatch.setattr(step_mod, "evaluate", orig)
+    run(make_cfg(tiny_llama_dir, data, out, save_every=0, eval_every=1), resume=True, console=quiet)
+    run(make_cfg(tiny_llama_dir, data, tmp_path / "ref", save_every=0, eval_every=1), console=quiet)
+    a, b = adapter(out), adapter(tmp_path / "ref")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
