@@ -75,9 +75,9 @@ class TrainConfig:
     eval_every: int = _f(50, "evaluate held-out loss every N steps (0: only at the end)")
     eval_batches: int | None = _f(None, "cap on eval micro-batches per evaluation (null: the whole eval set)")
     save_every: int = _f(100, "write a resumable checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = _f(2, "how many step checkpoints to keep (the final adapter is always kept)")
+    keep_checkpoints: int = _f(2, "how many step checkpoints to keep (0 keeps all; the final adapter is always kept)")
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without a better eval loss")
-    log_every: int = _f(1, "write metrics every N steps")
+    log_every: int = _f(1, "write metrics every N steps (0 means every step)")
     tensorboard: bool = _f(True, "also write TensorBoard event files (needs the tensorboard package)")
     progress: bool = _f(True, "show a progress bar")
 

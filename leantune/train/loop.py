@@ -72,6 +72,12 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     model = load_model(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
                        trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
+    base_name = cfg.model
+    if cfg.model.lower().endswith(".gguf"):  # PEFT and vLLM can't load a .gguf base: record its HF folder
+        from ..models.load import resolve_source
+
+        base_name = resolve_source(cfg.model)
+        console(f"{cfg.model} is converted to {base_name}; the adapter records that folder as its base")
 
     data = build_data(cfg.data, tokenizer, seed=cfg.seed)
     console(data.report.summary())
@@ -106,7 +112,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     def save_adapter_to(m, folder: Path) -> None:
         from ..checkpoint.peft_format import save_adapter
 
-        save_adapter(m, folder, base_model_name_or_path=cfg.model, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+        save_adapter(m, folder, base_model_name_or_path=base_name, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                      dropout=cfg.lora.dropout, targets=cfg.lora.targets, rslora=cfg.lora.rslora)
 
     run_dir.mkdir(parents=True, exist_ok=True)
