@@ -351,12 +351,12 @@ def load_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None, validate: bool = True) -> RunConfig:
     raw = load_yaml(path) if path is not None else {}
     if path is not None:
         base = Path(path).resolve().parent
         _resolve_relative(raw, base)
-    return from_dict(raw, overrides)
+    return from_dict(raw, overrides, validate=validate)
 
 
 def _resolve_relative(raw: dict, base: Path) -> None:

@@ -191,15 +191,14 @@ def _inspect(ns: argparse.Namespace) -> int:
     from .. import config as config_mod
     from ..errors import ConfigError
 
-    raw = config_mod.load_yaml(ns.config) if ns.config else {}
-    cfg = config_mod.from_dict(raw, _overrides(ns), validate=False)
+    cfg = config_mod.load(ns.config, _overrides(ns), validate=False)  # paths relative to the file, as in train
     if not cfg.model or not cfg.data.path:
         raise ConfigError("inspect-data needs a model (for its tokenizer) and data: pass a config, or --model and --data")
     from ..data.dataset import build
     from ..data.inspect import render_examples
     from ..models.load import load_tokenizer
 
-    tok = load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prepared = build(cfg.data, tok, seed=cfg.seed)
     print(render_examples(prepared.train, tok, ns.num))
     print(textwrap.fill(prepared.report.summary(), width=100))

@@ -156,6 +156,15 @@ def read_hub(dataset_id: str, split: str) -> list[dict[str, Any]]:
         raise DataError(f"{dataset_id!r} is neither a local file nor a hub dataset; check data.path") from None
     except (ConnectionError, TimeoutError, OSError):
         raise DataError(unreachable) from None
-    except ValueError as e:  # datasets raises ValueError for an unknown split
-        raise DataError(f"hub dataset {dataset_id!r}: {str(e).splitlines()[0]}; check data.split") from None
+    except ValueError as e:  # an unknown split, or a dataset that needs a config name
+        raise DataError(f"hub dataset {dataset_id!r}: {_first_line(e)}; check data.split, or download the "
+                        "subset you want and give a local path") from None
+    except Exception as e:  # script datasets, authentication, ...: one line, no traceback
+        raise DataError(f"hub dataset {dataset_id!r} could not be read ({type(e).__name__}: {_first_line(e)}); "
+                        "download it and give a local path") from None
     return [dict(r) for r in ds]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -68,7 +68,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
 
     hf_logging.disable_progress_bar()  # our own bar is the only one; errors stay one line
     console(f"loading {cfg.model} ({str(dtype).removeprefix('torch.')} on {device})")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
                        trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False

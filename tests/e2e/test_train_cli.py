@@ -157,3 +157,13 @@ def test_trained_adapter_loads_in_peft_with_identical_logits_and_generates(tiny_
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "the quick", "--max-new-tokens", "5", "--dtype", "fp32"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_inspect_data_reads_paths_relative_to_the_config(tiny_llama_dir, tmp_path, capsys):
+    sub = tmp_path / "proj"
+    sub.mkdir()
+    write_chat_data(sub / "train.jsonl", n=4)
+    (sub / "c.yaml").write_text(f"model: {tiny_llama_dir}\ndata: {{path: train.jsonl}}\n")
+    assert main(["inspect-data", str(sub / "c.yaml"), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[[" in out and "trained" in out
