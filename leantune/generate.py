@@ -1,41 +1,37 @@
 """Generation with a base model plus an adapter: one-shot prompts or an interactive chat.
 
-`resolve_source` turns what the user points at into (base model, adapter folder):
+`find_model_and_adapter` turns what the user points at into (base model, adapter folder):
 a run folder (its `adapter/`, or its newest checkpoint while the run is unfinished), an adapter
 folder (its adapter_config.json names the base), or a plain model.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from .errors import ModelError
 
 
-def resolve_source(source: str, base: str | None = None) -> tuple[str, Path | None]:
+def find_model_and_adapter(source: str, base: str | None = None) -> tuple[str, Path | None]:
     p = Path(source)
+    if p.is_dir() and (p / "config.yaml").exists() and not (p / "config.json").exists():  # a run folder
+        from .train.state import checkpoint_dirs
+
+        if (p / "adapter").is_dir():
+            p = p / "adapter"
+        elif ckpts := checkpoint_dirs(p):
+            print(f"note: {p} has no final adapter yet; using its newest checkpoint {ckpts[-1].name}", file=sys.stderr)
+            p = ckpts[-1]
+        else:
+            raise ModelError(f"run folder {p} has no adapter and no checkpoint yet; train it first")
     if p.is_dir() and (p / "adapter_config.json").exists():
-        cfg = json.loads((p / "adapter_config.json").read_text())
-        model = base or cfg.get("base_model_name_or_path")
+        from .checkpoint.peft_format import read_config
+
+        model = base or read_config(p).get("base_model_name_or_path")
         if not model:
             raise ModelError(f"{p}/adapter_config.json names no base model; pass --base MODEL")
         return model, p
-    if p.is_dir() and (p / "config.yaml").exists() and not (p / "config.json").exists():
-        import yaml
-
-        run_cfg = yaml.safe_load((p / "config.yaml").read_text()) or {}
-        model = base or run_cfg.get("model")
-        if (p / "adapter").is_dir():
-            return model, p / "adapter"
-        from .train.state import checkpoint_dirs
-
-        ckpts = checkpoint_dirs(p)
-        if ckpts:
-            print(f"note: {p} has no final adapter yet; using its newest checkpoint {ckpts[-1].name}", file=sys.stderr)
-            return model, ckpts[-1]
-        raise ModelError(f"run folder {p} has no adapter and no checkpoint yet; train it first")
     return base or source, None
 
 
@@ -44,7 +40,7 @@ def load_for_inference(source: str, *, base: str | None = None, dtype: str = "au
     from .checkpoint.peft_format import load_adapter
     from .models.load import load_model, load_tokenizer, pick_dtype, resolve_device
 
-    model_src, adapter = resolve_source(source, base)
+    model_src, adapter = find_model_and_adapter(source, base)
     device = resolve_device("auto")
     tok = load_tokenizer(model_src)
     model = load_model(model_src, dtype=pick_dtype(dtype, device), device=device)
