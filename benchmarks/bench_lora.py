@@ -30,9 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_BENCH = Path(os.environ.get("LEANTUNE_PEER_BENCH", ROOT.parent / "shared" / "bench"))
 
 
+ENV = dict(os.environ)
+
+
 def run(cmd: list[str]) -> tuple[float, float, float]:
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
     err = p.stderr.read().decode(errors="replace")[-3000:]
@@ -57,7 +60,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where the fixture and runs go (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for both sides (OMP_NUM_THREADS); default: torch's own (all cores). "
+                         "1 gives steadier ratios while other jobs share the machine")
     a = ap.parse_args()
+    if a.threads:
+        ENV.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     if not (SHARED_BENCH / "peer_peft.py").exists():
         raise SystemExit(f"peer benchmark not found at {SHARED_BENCH}; set LEANTUNE_PEER_BENCH to the shared/bench folder")
 
@@ -110,7 +118,8 @@ def main() -> None:
                      "tokens_per_cpu_s": round(tokens[name] / cpu, 1), "tokens_per_step": round(tokens[name], 1),
                      "tokens_per_s": round(tokens[name] / step, 1), "peak_rss_mib": round(max(res[name]["rss"]), 1)}
     ref = out["peer (Trainer+PEFT, fp32)"]
-    print(f"fixture {a.size}: LoRA r16 all-linear, batch {batch}, max {seq} tokens, {os.cpu_count()} cores; "
+    print(f"fixture {a.size}: LoRA r16 all-linear, batch {batch}, max {seq} tokens, {os.cpu_count()} cores, "
+          f"{a.threads or 'default'} threads; "
           f"steps {a.n1}->{a.n2}, {a.repeats} repeats\n")
     print(f"{'':28s} {'s/step':>8s} {'tok/step':>9s} {'tok/s':>8s} {'peak RSS':>9s} {'speed x':>8s} {'RSS x':>6s}"
           f" {'CPU s/step':>11s} {'tok/CPU-s x':>12s}")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from ..ops.lora import lora_linear
 from .base import Adapter, adapter_modules, find_targets, set_module, trainable_parameters
 
 INITS = ("default", "gaussian")
@@ -81,6 +82,10 @@ class LoraLinear(Adapter, method="lora"):
         return [self.lora_A.weight, self.lora_B.weight]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable(x):
+            x_lora = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
+            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+                               self.lora_B.weight, self.scaling, x_lora)
         result = self.base_layer(x)
         if self.merged:
             return result
@@ -89,6 +94,15 @@ class LoraLinear(Adapter, method="lora"):
         # PEFT's order of operations: the sum is formed in fp32 (type promotion) and rounded once.
         result = result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         return result.to(out_dtype)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        # One autograd node (ops/lora.py) when the base is a plain frozen Linear and every tensor shares
+        # one dtype; anything else (a quantized or trainable base, mixed precision, autocast) takes the
+        # module-by-module path, PEFT's order of operations.
+        base = self.base_layer
+        return (not self.merged and type(base) is nn.Linear and not base.weight.requires_grad
+                and x.dtype == base.weight.dtype == self.lora_A.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type))
 
     def delta_weight(self) -> torch.Tensor:
         return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)

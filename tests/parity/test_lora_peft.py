@@ -203,9 +203,11 @@ def test_loraplus_groups_and_step_match_peft(tiny_llama):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
     params_theirs = dict(theirs.named_parameters())
+    # Adam divides by sqrt(v): where a gradient is ~0 its fp32 rounding (our fused LoRA node sums in
+    # another order) is scaled up to ~lr. 1e-5 (the fp32 bound) is still 1/1600 of B's step.
     for name, p in ours.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p, params_theirs[peft_name(name)], atol=1e-6, rtol=0)
+            torch.testing.assert_close(p, params_theirs[peft_name(name)], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
