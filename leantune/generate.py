@@ -37,7 +37,7 @@ def find_model_and_adapter(source: str, base: str | None = None) -> tuple[str, P
 
 def load_for_inference(source: str, *, base: str | None = None, dtype: str = "auto", use_adapter: bool = True):
     """Return (model, tokenizer) ready for generation, the adapter attached (not merged)."""
-    from .checkpoint.peft_format import load_adapter
+    from .checkpoint.adapter_io import load_adapter
     from .models.load import load_model, load_tokenizer, pick_dtype, resolve_device
 
     model_src, adapter = find_model_and_adapter(source, base)

@@ -110,10 +110,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
 
     def save_adapter_to(m, folder: Path) -> None:
-        from ..checkpoint.peft_format import save_adapter
+        from ..checkpoint.adapter_io import save_adapter
 
-        save_adapter(m, folder, base_model_name_or_path=base_name, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                     dropout=cfg.lora.dropout, targets=cfg.lora.targets, rslora=cfg.lora.rslora)
+        save_adapter(m, folder, base_model_name_or_path=base_name, config=cfg)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -278,17 +277,18 @@ def _check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
 
 
 def _attach_adapter(model, cfg: RunConfig) -> None:
-    """Freeze the base, inject LoRA (seeded, so the init is reproducible), mark only it trainable."""
+    """Freeze the base, inject the configured method (seeded, so the init is reproducible), train only it.
+
+    The method is found in the adapter registry by name and reads its own config section."""
     import torch
 
-    from ..adapters.base import mark_only_adapters_trainable
-    from ..adapters.lora import inject_lora
+    from ..adapters.base import ADAPTERS, mark_only_adapters_trainable
 
+    method = ADAPTERS[cfg.method]
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    inject_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                targets=cfg.lora.targets, rslora=cfg.lora.rslora, init=cfg.lora.init)
+    method.attach(model, getattr(cfg, method.config_section))
     mark_only_adapters_trainable(model)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so a frozen base works as is.
