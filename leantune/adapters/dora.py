@@ -61,12 +61,15 @@ class DoraLinear(LoraLinear, method="dora"):
             x = self.dropout(x)
             base_result = F.linear(x, self.base_layer.weight.to(x.dtype))
         weight = self.base_layer.weight.to(x.dtype)
+        # B @ A formed through the layers, as PEFT forms it (one arithmetic, bit-equal logits):
+        eye = torch.eye(self.lora_A.in_features, device=x.device, dtype=self.lora_A.weight.dtype)
+        lora_weight = self.lora_B(self.lora_A(eye)).T.to(x.dtype)  # (out, in)
         # Detached, as the paper's sec. 4.3 asks: the norm follows B @ A but passes it no gradient.
-        norm = column_norm(weight, self.delta_weight().detach().to(x.dtype)).detach()
+        norm = column_norm(weight, self.scaling * lora_weight.detach()).detach()
         scale = (self.magnitude / norm).view(1, -1)  # (1, out): broadcasts over (..., out)
         lora_result = self.lora_B(self.lora_A(x))
-        result = result + (scale - 1) * base_result + scale * lora_result * self.scaling
-        return result.to(out_dtype)
+        dora = (scale - 1) * base_result + scale * lora_result * self.scaling
+        return (result + dora).to(out_dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -85,5 +85,6 @@ def load_bottleneck(model, adapter_dir: str | Path) -> dict:
             for part in PARTS:
                 sub, name = part.split(".")
                 getattr(getattr(adapter, sub), name).copy_(weights[f"{path}.{part}"])
+            adapter.train(model.training)  # a new module trains by default; take the model's mode
             set_module(model, path, adapter)
     return config

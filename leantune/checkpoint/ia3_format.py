@@ -114,5 +114,6 @@ def load_ia3(model, adapter_dir: str | Path) -> dict:
                                  f"{tuple(vector.shape)}, this layer needs {want}")
             adapter = IA3Linear(base, feedforward=feedforward)
             adapter.scale.copy_(vector.flatten())
+            adapter.train(model.training)  # a new module trains by default; take the model's mode
             set_module(model, path, adapter)
     return config

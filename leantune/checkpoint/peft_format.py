@@ -277,5 +277,6 @@ def load_adapter(model, adapter_dir: str | Path) -> dict:
             lora.lora_B.weight.copy_(by_module[path]["lora_B"])
             if use_dora:
                 lora.magnitude.copy_(by_module[path][MAGNITUDE])
+            lora.train(model.training)  # a new module trains by default; take the model's mode
             set_module(model, path, lora)
     return config
