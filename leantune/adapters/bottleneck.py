@@ -82,6 +82,18 @@ def _hidden_size(model: nn.Module) -> int:
     return hidden
 
 
+def _sublayers(model: nn.Module, names: Sequence[str], key: str) -> list[str]:
+    """Paths of the sublayers called `names`; an error lists the sublayer names the blocks do have."""
+    try:
+        return find_targets(model, list(names), key=key)
+    except ModelError:
+        # The children of numbered blocks (model.layers.3.<name>) are the sublayers one can follow.
+        blocks = [m for p, m in model.named_modules() if p.rsplit(".", 1)[-1].isdigit()]
+        children = sorted({n for b in blocks for n, _ in b.named_children()})
+        raise ModelError(f"{key} {list(names)} match no sublayer of {type(model).__name__}; its blocks hold: "
+                         f"{', '.join(children) or '(no numbered blocks)'}. Name the attention/feed-forward ones") from None
+
+
 def inject_bottleneck(model: nn.Module, style: str = "houlsby", size: int = 64, activation: str = "relu",
                       attention: Sequence[str] = ("self_attn",), ffn: Sequence[str] = ("mlp",)) -> list[str]:
     """Wrap the attention (houlsby only) and feed-forward sublayers named by `attention` / `ffn`.
@@ -95,9 +107,9 @@ def inject_bottleneck(model: nn.Module, style: str = "houlsby", size: int = 64, 
     if not isinstance(size, int) or size <= 0:
         raise ConfigError(f"bottleneck.size must be a positive integer, got {size!r}; typical values are 16-256")
     hidden = _hidden_size(model)
-    after = dict.fromkeys(find_targets(model, list(ffn), key="bottleneck.ffn"), "ffn")
+    after = dict.fromkeys(_sublayers(model, ffn, "bottleneck.ffn"), "ffn")
     if style == "houlsby":
-        after.update(dict.fromkeys(find_targets(model, list(attention), key="bottleneck.attention"), "attention"))
+        after.update(dict.fromkeys(_sublayers(model, attention, "bottleneck.attention"), "attention"))
     paths = [p for p, _ in model.named_modules() if p in after]
     for path in paths:
         module = model.get_submodule(path)
