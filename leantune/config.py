@@ -78,6 +78,13 @@ class BottleneckConfig:
 
 
 @dataclass
+class PromptConfig:
+    virtual_tokens: int = _f(20, "virtual tokens prepended to every input (the paper uses 20-100)")
+    init: Literal["random", "text"] = _f("random", "start the virtual tokens at random, or at the embeddings of init_text")
+    init_text: str | None = _f(None, "text whose token embeddings start the prompt (repeated or cut to virtual_tokens)")
+
+
+@dataclass
 class TrainConfig:
     epochs: float = _f(1.0, "passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = _f(None, "optimizer steps to run; overrides epochs")
@@ -106,9 +113,10 @@ class TrainConfig:
 class RunConfig:
     model: str | None = _f(None, "base model: a local HF folder, a hub id, or a .gguf file")
     output_dir: str = _f("runs/leantune", "run folder: resolved config, metrics, checkpoints and the final adapter")
-    method: Literal["lora", "dora", "ia3", "bottleneck"] = _f(
+    method: Literal["lora", "dora", "ia3", "bottleneck", "prompt"] = _f(
         "lora", "fine-tuning method: lora, dora (LoRA on the weight's direction plus a magnitude; reads lora.*), "
-        "ia3 (learned rescaling vectors; ia3.*), bottleneck (residual adapter MLPs; bottleneck.*)")
+        "ia3 (learned rescaling vectors; ia3.*), bottleneck (residual adapter MLPs; bottleneck.*), "
+        "prompt (trainable virtual tokens in front of the input; prompt.*; turns data.packing off)")
     seed: int = _f(0, "random seed (data order, init, dropout)")
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", "dtype of the frozen base weights: auto picks bf16 where the hardware runs it fast, else fp32 (never fp16 on CPU)")
@@ -120,6 +128,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     ia3: IA3Config = field(default_factory=IA3Config)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -241,6 +250,8 @@ ALIASES = {
     "max_length": "data.max_length", "dataset": "data.path", "datasets": "data.path", "base_model": "model",
     "model_name_or_path": "model", "output": "output_dir", "use_dora": "method (method: dora)",
     "peft_type": "method", "feedforward_modules": "ia3.feedforward", "non_linearity": "bottleneck.activation",
+    "num_virtual_tokens": "prompt.virtual_tokens", "prompt_tuning_init": "prompt.init",
+    "prompt_tuning_init_text": "prompt.init_text",
 }
 
 
@@ -306,6 +317,9 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.lora.lr_ratio is None or cfg.lora.lr_ratio > 0, f"lora.lr_ratio must be > 0, got {cfg.lora.lr_ratio}")
     need(cfg.lora.lr_ratio is None or cfg.method in ("lora", "dora"),
          f"lora.lr_ratio (LoRA+) sets B's learning rate, which method {cfg.method} does not have; drop it or use lora/dora")
+    need(cfg.prompt.virtual_tokens > 0, f"prompt.virtual_tokens must be > 0, got {cfg.prompt.virtual_tokens}; the paper uses 20-100")
+    need(cfg.prompt.init != "text" or bool(cfg.prompt.init_text),
+         "prompt.init text needs prompt.init_text (e.g. 'Answer the question briefly.'), or use prompt.init random")
     need(cfg.bottleneck.size > 0, f"bottleneck.size must be > 0, got {cfg.bottleneck.size}; typical values are 16-256")
     need(bool(cfg.lora.targets), "lora.targets is empty: use all-linear or a list such as [q_proj, v_proj]")
     need(cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}")

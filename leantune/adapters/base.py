@@ -45,13 +45,19 @@ class Adapter(nn.Module):
     method: ClassVar[str]
     config_section: ClassVar[str]
     mergeable: ClassVar[bool] = True
+    packs: ClassVar[bool] = True  # False: needs one example per row (the prompt goes in front of each)
     base_layer: nn.Module
     merged: bool
 
     @classmethod
-    def attach(cls, model: nn.Module, section) -> list[str]:
-        """Inject this method into `model` from its config section (a dataclass); return the adapted paths."""
+    def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
+        """Inject this method into `model` from its config section (a dataclass); return the adapted paths.
+        `tokenizer` is there for methods initialised from text (prompt tuning)."""
         raise NotImplementedError
+
+    def extend_inputs(self, inputs: dict) -> dict:
+        """Change the model's inputs before the forward (prompt tuning prepends); most methods don't."""
+        return inputs
 
     def __init_subclass__(cls, method: str | None = None, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -222,6 +228,16 @@ def format_trainable(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     share = 100 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
+
+
+def prepare_inputs(model: nn.Module, inputs: dict) -> dict:
+    """The model's forward inputs (input_ids, attention_mask, labels, ...) as the adapters want them.
+
+    The one hook the train step and generation call: a method that changes the inputs (prompt tuning)
+    does it here, so neither has a branch per method."""
+    for adapter in adapter_modules(model).values():
+        inputs = adapter.extend_inputs(inputs)
+    return inputs
 
 
 def merge_adapters(model: nn.Module) -> None:

@@ -33,7 +33,7 @@ class BottleneckAdapter(Adapter, method="bottleneck"):
     mergeable = False
 
     @classmethod
-    def attach(cls, model: nn.Module, section) -> list[str]:
+    def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
         return inject_bottleneck(model, section.style, section.size, section.activation,
                                  attention=section.attention, ffn=section.ffn)
 

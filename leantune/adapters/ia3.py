@@ -51,7 +51,7 @@ class IA3Linear(Adapter, method="ia3"):
     config_section = "ia3"
 
     @classmethod
-    def attach(cls, model: nn.Module, section) -> list[str]:
+    def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
         return inject_ia3(model, section.targets, section.feedforward)
 
     def __init__(self, base_layer: nn.Linear, feedforward: bool = False) -> None:

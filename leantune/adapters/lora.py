@@ -63,7 +63,7 @@ class LoraLinear(Adapter, method="lora"):
     config_section = "lora"
 
     @classmethod
-    def attach(cls, model: nn.Module, section) -> list[str]:
+    def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
         return _inject(cls, model, section.rank, section.alpha, section.dropout, section.targets,
                        section.rslora, section.init)
 

@@ -22,6 +22,7 @@ from leantune.adapters.base import (
     format_trainable,
     mark_only_adapters_trainable,
     merge_adapters,
+    prepare_inputs,
     unmerge_adapters,
 )
 from leantune.checkpoint.adapter_io import load_adapter, save_adapter
@@ -60,6 +61,8 @@ ROWS: dict[str, Row] = {
     # Houlsby: two adapters per block, each 2*h*size + size + h.
     "bottleneck": Row({"style": "houlsby", "size": SIZE},
                       lambda h, i, L, kv: 2 * L * (2 * h * SIZE + SIZE + h), mergeable=False),
+    # Prompt tuning: n virtual-token embeddings of width h; random tokens change the output from the start.
+    "prompt": Row({"virtual_tokens": 5}, lambda h, i, L, kv: 5 * h, identity_at_init=False, mergeable=False),
 }
 PFEIFFER = Row({"style": "pfeiffer", "size": SIZE}, lambda h, i, L, kv: L * (2 * h * SIZE + SIZE + h), mergeable=False)
 
@@ -86,6 +89,14 @@ def attach(model, method: str, row: Row):
     return model
 
 
+def forward(model, ids, labels=None):
+    """The model's forward as the train step and generate call it: through the adapters' input hook."""
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if labels is not None:
+        inputs["labels"] = labels
+    return model(**prepare_inputs(model, inputs))
+
+
 def perturb(model, seed: int = 1) -> None:
     """Stand-in for training: move every trainable tensor off its init (a zero B would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
@@ -104,7 +115,7 @@ def ids():
 def test_forward_and_backward_reach_every_trainable_parameter(tiny_llama, ids, method, row):
     model = attach(tiny_llama, method, row).train()
     perturb(model)  # from the exact init, LoRA's A (B = 0) would rightly get no gradient
-    loss = model(input_ids=ids, labels=ids).loss
+    loss = forward(model, ids, labels=ids).loss
     loss.backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
@@ -114,11 +125,11 @@ def test_forward_and_backward_reach_every_trainable_parameter(tiny_llama, ids, m
 
 @pytest.mark.parametrize(("method", "row"), CASES)
 def test_untrained_adapter_leaves_the_output_unchanged(tiny_llama, ids, method, row):
-    reference = tiny_llama(ids).logits
+    reference = tiny_llama(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     model = attach(copy.deepcopy(tiny_llama), method, row)
     if not row.identity_at_init:
         pytest.skip(f"{method} does not promise an unchanged output at init")
-    torch.testing.assert_close(model(ids).logits, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(forward(model, ids).logits, reference, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(("method", "row"), CASES)
@@ -142,7 +153,7 @@ def test_save_and_load_round_trip_gives_equal_logits(tiny_llama, ids, tmp_path, 
     save_adapter(model, tmp_path / "adapter")
     load_adapter(fresh, tmp_path / "adapter")
     assert {type(a) for a in adapter_modules(fresh).values()} == {ADAPTERS[method]}
-    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    torch.testing.assert_close(forward(fresh, ids).logits, forward(model, ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("method", "row"), CASES)
@@ -150,14 +161,14 @@ def test_merged_equals_unmerged_where_the_method_merges(tiny_llama, ids, method,
     weights = {n: p.clone() for n, p in tiny_llama.state_dict().items()}
     model = attach(tiny_llama, method, row)
     perturb(model)
-    unmerged = model(ids).logits
+    unmerged = forward(model, ids).logits
     if not row.mergeable:
-        with pytest.raises(ModelError, match="cannot be merged"):
+        with pytest.raises(ModelError, match="cannot be merged"):  # said, not silently skipped
             merge_adapters(model)
         return
     merge_adapters(model)
     assert all(a.merged for a in adapter_modules(model).values())
-    torch.testing.assert_close(model(ids).logits, unmerged, rtol=0, atol=1e-5)
+    torch.testing.assert_close(forward(model, ids).logits, unmerged, rtol=0, atol=1e-5)
     unmerge_adapters(model)
     restored = {n.replace(".base_layer", ""): p for n, p in model.state_dict().items()}
     for name, w in weights.items():  # unmerging gives the base weights back (up to fp32 rounding)

@@ -46,6 +46,14 @@ def case_bottleneck_unknown_style(t, m):
     return _train(t, m, "--method", "bottleneck", "--bottleneck.style", "houlsbi"), ["houlsby", "pfeiffer"]
 
 
+def case_prompt_without_virtual_tokens(t, m):
+    return _train(t, m, "--method", "prompt", "--prompt.virtual_tokens", "0"), ["prompt.virtual_tokens", "20-100"]
+
+
+def case_prompt_text_init_without_text(t, m):
+    return _train(t, m, "--method", "prompt", "--prompt.init", "text"), ["prompt.init_text", "random"]
+
+
 def case_loraplus_ratio_on_ia3(t, m):
     return _train(t, m, "--method", "ia3", "--lora.lr_ratio", "16"), ["lr_ratio", "ia3", "lora/dora"]
 

@@ -13,12 +13,14 @@ from leantune.cli.main import main
 from .test_train_cli import base_args, read_metrics, write_chat_data
 
 METHODS = {"dora": [], "ia3": ["--train.lr", "5e-2"],
-           "bottleneck": ["--bottleneck.size", "8", "--bottleneck.style", "pfeiffer"]}
+           "bottleneck": ["--bottleneck.size", "8", "--bottleneck.style", "pfeiffer"],
+           "prompt": ["--prompt.virtual_tokens", "4", "--prompt.init", "text", "--prompt.init_text", "the fox",
+                      "--train.lr", "5e-2"]}
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_trains_saves_and_generate_attaches_it(tiny_llama_dir, tmp_path, capsys, method):
-    from leantune.adapters.base import ADAPTERS, adapter_modules
+    from leantune.adapters.base import ADAPTERS, adapter_modules, prepare_inputs
     from leantune.generate import load_for_inference
 
     data = write_chat_data(tmp_path / "d.jsonl", n=24)
@@ -26,14 +28,17 @@ def test_method_trains_saves_and_generate_attaches_it(tiny_llama_dir, tmp_path, 
     args = base_args(tiny_llama_dir, data, out, "--method", method, "--train.max_steps", "12", "--train.lr", "1e-2",
                      "--dtype", "fp32", "--train.eval_every", "0", *METHODS[method])
     assert main(args) == 0
-    assert f"trainable params: " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trainable params: " in printed
+    assert ("data.packing is off" in printed) == (method == "prompt")  # a notice, and the run goes on unpacked
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     assert sum(losses[-3:]) < sum(losses[:3])
     model, _ = load_for_inference(str(out), dtype="fp32")
     assert {type(a) for a in adapter_modules(model).values()} == {ADAPTERS[method]}
     base, _ = load_for_inference(str(out), dtype="fp32", use_adapter=False)
     ids = torch.tensor([[7, 8, 9, 10]])
-    assert not torch.equal(model(ids).logits, base(ids).logits)  # the trained adapter is really on
+    with_adapter = model(**prepare_inputs(model, {"input_ids": ids})).logits[:, -ids.shape[1]:]
+    assert not torch.equal(with_adapter, base(ids).logits)  # the trained adapter is really on
     assert main(["generate", str(out), "--prompt", "the quick", "--max-new-tokens", "4", "--dtype", "fp32"]) == 0
 
 
