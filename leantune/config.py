@@ -85,6 +85,13 @@ class PromptConfig:
 
 
 @dataclass
+class PrefixConfig:
+    virtual_tokens: int = _f(20, "key/value prefix length in every layer (the paper uses 10-200)")
+    projection: bool = _f(False, "produce the prefixes through an MLP (the paper's reparameterisation; PEFT's prefix_projection)")
+    projection_hidden: int | None = _f(None, "hidden width of that MLP (null: the key/value width)")
+
+
+@dataclass
 class TrainConfig:
     epochs: float = _f(1.0, "passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = _f(None, "optimizer steps to run; overrides epochs")
@@ -113,10 +120,11 @@ class TrainConfig:
 class RunConfig:
     model: str | None = _f(None, "base model: a local HF folder, a hub id, or a .gguf file")
     output_dir: str = _f("runs/leantune", "run folder: resolved config, metrics, checkpoints and the final adapter")
-    method: Literal["lora", "dora", "ia3", "bottleneck", "prompt"] = _f(
+    method: Literal["lora", "dora", "ia3", "bottleneck", "prompt", "prefix"] = _f(
         "lora", "fine-tuning method: lora, dora (LoRA on the weight's direction plus a magnitude; reads lora.*), "
         "ia3 (learned rescaling vectors; ia3.*), bottleneck (residual adapter MLPs; bottleneck.*), "
-        "prompt (trainable virtual tokens in front of the input; prompt.*; turns data.packing off)")
+        "prompt (trainable virtual tokens in front of the input; prompt.*), prefix (trainable key/value prefixes in "
+        "every layer; prefix.*); prompt and prefix turn data.packing off")
     seed: int = _f(0, "random seed (data order, init, dropout)")
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", "dtype of the frozen base weights: auto picks bf16 where the hardware runs it fast, else fp32 (never fp16 on CPU)")
@@ -129,6 +137,7 @@ class RunConfig:
     ia3: IA3Config = field(default_factory=IA3Config)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -251,7 +260,8 @@ ALIASES = {
     "model_name_or_path": "model", "output": "output_dir", "use_dora": "method (method: dora)",
     "peft_type": "method", "feedforward_modules": "ia3.feedforward", "non_linearity": "bottleneck.activation",
     "num_virtual_tokens": "prompt.virtual_tokens", "prompt_tuning_init": "prompt.init",
-    "prompt_tuning_init_text": "prompt.init_text",
+    "prompt_tuning_init_text": "prompt.init_text", "prefix_projection": "prefix.projection",
+    "encoder_hidden_size": "prefix.projection_hidden",
 }
 
 
@@ -320,6 +330,9 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.prompt.virtual_tokens > 0, f"prompt.virtual_tokens must be > 0, got {cfg.prompt.virtual_tokens}; the paper uses 20-100")
     need(cfg.prompt.init != "text" or bool(cfg.prompt.init_text),
          "prompt.init text needs prompt.init_text (e.g. 'Answer the question briefly.'), or use prompt.init random")
+    need(cfg.prefix.virtual_tokens > 0, f"prefix.virtual_tokens must be > 0, got {cfg.prefix.virtual_tokens}; the paper uses 10-200")
+    need(cfg.prefix.projection_hidden is None or cfg.prefix.projection_hidden > 0,
+         f"prefix.projection_hidden must be > 0 or null, got {cfg.prefix.projection_hidden}")
     need(cfg.bottleneck.size > 0, f"bottleneck.size must be > 0, got {cfg.bottleneck.size}; typical values are 16-256")
     need(bool(cfg.lora.targets), "lora.targets is empty: use all-linear or a list such as [q_proj, v_proj]")
     need(cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}")

@@ -66,9 +66,9 @@ def generate_text(model, tok, messages: list[dict], *, raw: bool = False, max_ne
     from .adapters.base import prepare_inputs
 
     ids = torch.tensor([build_prompt(tok, messages, raw)], device=next(model.parameters()).device)
-    # Prompt tuning turns input_ids into inputs_embeds with its virtual tokens in front; generate then
-    # returns the new tokens only.
-    inputs = prepare_inputs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    # Prompt tuning turns input_ids into inputs_embeds with its virtual tokens in front (generate then
+    # returns the new tokens only); prefix tuning adds its cache and n placeholder ids.
+    inputs = prepare_inputs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, generation=True)
     sample = temperature > 0
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens,
@@ -76,7 +76,7 @@ def generate_text(model, tok, messages: list[dict], *, raw: bool = False, max_ne
                              top_p=top_p if sample else None, top_k=None,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                              streamer=streamer, use_cache=True)
-    new = out[0, ids.shape[1]:] if "input_ids" in inputs else out[0]
+    new = out[0, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out[0]
     return tok.decode(new, skip_special_tokens=True).strip()
 
 

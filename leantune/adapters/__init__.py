@@ -3,4 +3,4 @@
 Importing the package registers every method (each file's Adapter subclass registers itself by name).
 """
 
-from . import base, bottleneck, dora, ia3, lora, prompt  # noqa: F401  (registration happens on import)
+from . import base, bottleneck, dora, ia3, lora, prefix, prompt  # noqa: F401  (registration happens on import)

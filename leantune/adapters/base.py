@@ -55,8 +55,9 @@ class Adapter(nn.Module):
         `tokenizer` is there for methods initialised from text (prompt tuning)."""
         raise NotImplementedError
 
-    def extend_inputs(self, inputs: dict) -> dict:
-        """Change the model's inputs before the forward (prompt tuning prepends); most methods don't."""
+    def extend_inputs(self, inputs: dict, generation: bool = False) -> dict:
+        """Change the model's inputs before the forward (prompt and prefix tuning add theirs); most
+        methods don't. `generation`: the inputs go to `generate()` rather than to a forward."""
         return inputs
 
     def __init_subclass__(cls, method: str | None = None, **kwargs) -> None:
@@ -230,13 +231,13 @@ def format_trainable(model: nn.Module) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
 
 
-def prepare_inputs(model: nn.Module, inputs: dict) -> dict:
+def prepare_inputs(model: nn.Module, inputs: dict, generation: bool = False) -> dict:
     """The model's forward inputs (input_ids, attention_mask, labels, ...) as the adapters want them.
 
     The one hook the train step and generation call: a method that changes the inputs (prompt tuning)
     does it here, so neither has a branch per method."""
     for adapter in adapter_modules(model).values():
-        inputs = adapter.extend_inputs(inputs)
+        inputs = adapter.extend_inputs(inputs, generation=generation)
     return inputs
 
 

@@ -79,7 +79,7 @@ class PromptTuning(Adapter, method="prompt"):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base_layer(input_ids)
 
-    def extend_inputs(self, inputs: dict) -> dict:
+    def extend_inputs(self, inputs: dict, generation: bool = False) -> dict:
         """input_ids -> inputs_embeds with the prompt in front; mask and labels grow to match."""
         if "input_ids" not in inputs:
             return inputs

@@ -1,4 +1,4 @@
-"""Prompt-tuning adapters on disk in PEFT's format: PEFT loads ours and we load PEFT's.
+"""Prompt- and prefix-tuning adapters on disk in PEFT's format: PEFT loads ours and we load PEFT's.
 
   adapter_config.json         the PromptTuningConfig fields (peft_type "PROMPT_TUNING", num_virtual_tokens,
                               token_dim, num_layers, num_attention_heads, prompt_tuning_init, ...)
@@ -81,5 +81,73 @@ def load_prompt(model, adapter_dir: str | Path) -> dict:
         (path,) = inject_prompt(model, int(embeddings.shape[0]))
         adapter = model.get_submodule(path)
         adapter.prompt_embeddings.copy_(embeddings)
+        adapter.train(model.training)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix tuning: the same single tensor, holding every layer's keys and values.
+#   prompt_embeddings   (num_virtual_tokens, num_layers * 2 * token_dim), token_dim = kv heads * head_dim
+
+PEFT_PREFIX_DEFAULTS: dict[str, Any] = {
+    "auto_mapping": None, "base_model_name_or_path": None, "encoder_hidden_size": None, "inference_mode": True,
+    "init_weights": None, "modules_to_save": None, "num_attention_heads": None, "num_layers": None,
+    "num_transformer_submodules": 1, "num_virtual_tokens": None, "peft_type": "PREFIX_TUNING",
+    "peft_version": PEFT_FORMAT_VERSION, "prefix_projection": False, "revision": None, "task_type": "CAUSAL_LM",
+    "token_dim": None,
+}
+
+
+def save_prefix(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+    """Save the final prefix P (after the projection MLP, if any): PEFT loads it without the MLP, as it
+    loads its own in inference mode, so the folder records prefix_projection false."""
+    from ..adapters.base import adapter_modules
+
+    adapters = list(adapter_modules(model).values())
+    if len(adapters) != 1 or adapters[0].method != "prefix":
+        raise ModelError("save_prefix writes one prefix-tuning adapter; this model holds "
+                         f"{', '.join(sorted(a.method for a in adapters)) or 'none'}")
+    prefix = adapters[0]
+    fields = dict(PEFT_PREFIX_DEFAULTS)
+    fields.update(
+        base_model_name_or_path=None if base_model_name_or_path is None else str(base_model_name_or_path),
+        num_virtual_tokens=prefix.virtual_tokens, token_dim=prefix.kv_heads * prefix.head_dim,
+        encoder_hidden_size=prefix.kv_heads * prefix.head_dim, num_attention_heads=prefix.kv_heads,
+        num_layers=prefix.layers,
+    )
+    import torch
+
+    with torch.no_grad():
+        flat = prefix.prefix().detach().float().cpu()
+    out = Path(out_dir)
+    save_safetensors({KEY: flat}, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    write_json(out / CONFIG_NAME, fields)
+    return out
+
+
+def load_prefix(model, adapter_dir: str | Path) -> dict:
+    """Attach a PEFT prefix-tuning adapter (ours or PEFT's) to `model`; return its config."""
+    import torch
+
+    from ..adapters.prefix import inject_prefix, kv_shape
+
+    d = Path(adapter_dir)
+    config = read_config(d)
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise ModelError(f"{d / CONFIG_NAME} is for an encoder-decoder (num_transformer_submodules=2); leantune "
+                         "trains decoder-only models")
+    weights = read_weights(d)
+    if set(weights) != {KEY}:
+        raise ModelError(f"{d / WEIGHTS_NAME} holds {sorted(weights)}, a prefix-tuning adapter holds only {KEY}")
+    flat = weights[KEY]
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    width = layers * 2 * kv_heads * head_dim
+    if flat.ndim != 2 or flat.shape[1] != width:
+        raise ModelError(f"adapter was trained for a different base: its prefix is {tuple(flat.shape)}, this model "
+                         f"needs (n, {width}) = (n, layers * 2 * kv heads * head_dim)")
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        (path,) = inject_prefix(model, int(flat.shape[0]))
+        adapter = model.get_submodule(path)
+        adapter.embedding.weight.copy_(flat)
         adapter.train(model.training)
     return config

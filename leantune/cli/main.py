@@ -36,7 +36,7 @@ def _add_config_fields(p: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
     titles = {"": "run", "data": "data (data.*)", "lora": "LoRA and DoRA (lora.*)",
               "ia3": "IA3 (ia3.*)", "bottleneck": "bottleneck adapters (bottleneck.*)",
-              "prompt": "prompt tuning (prompt.*)", "train": "training loop (train.*)"}
+              "prompt": "prompt tuning (prompt.*)", "prefix": "prefix tuning (prefix.*)", "train": "training loop (train.*)"}
     for fi in fields_of():
         section = fi.name.split(".")[0] if "." in fi.name else ""
         g = groups.get(section) or groups.setdefault(section, p.add_argument_group(titles.get(section, section)))

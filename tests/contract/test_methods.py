@@ -63,7 +63,13 @@ ROWS: dict[str, Row] = {
                       lambda h, i, L, kv: 2 * L * (2 * h * SIZE + SIZE + h), mergeable=False),
     # Prompt tuning: n virtual-token embeddings of width h; random tokens change the output from the start.
     "prompt": Row({"virtual_tokens": 5}, lambda h, i, L, kv: 5 * h, identity_at_init=False, mergeable=False),
+    # Prefix tuning: n key and value vectors of width kv in each of L layers.
+    "prefix": Row({"virtual_tokens": 5}, lambda h, i, L, kv: 5 * L * 2 * kv, identity_at_init=False, mergeable=False),
 }
+# With the reparameterisation MLP: E (n, kv), then kv -> hidden -> L*2*kv, both Linears with a bias.
+PREFIX_MLP = Row({"virtual_tokens": 5, "projection": True, "projection_hidden": 16},
+                 lambda h, i, L, kv: 5 * kv + (kv * 16 + 16) + (16 * L * 2 * kv + L * 2 * kv),
+                 identity_at_init=False, mergeable=False)
 PFEIFFER = Row({"style": "pfeiffer", "size": SIZE}, lambda h, i, L, kv: L * (2 * h * SIZE + SIZE + h), mergeable=False)
 
 
@@ -76,7 +82,8 @@ def test_every_method_has_a_row():
     assert set(ADAPTERS) <= config_methods(), "a registered adapter that the config cannot choose"
 
 
-CASES = [pytest.param(m, ROWS[m], id=m) for m in ROWS] + [pytest.param("bottleneck", PFEIFFER, id="bottleneck-pfeiffer")]
+CASES = [pytest.param(m, ROWS[m], id=m) for m in ROWS] + [pytest.param("bottleneck", PFEIFFER, id="bottleneck-pfeiffer"),
+                                                          pytest.param("prefix", PREFIX_MLP, id="prefix-projection")]
 
 
 def attach(model, method: str, row: Row):
