@@ -4,6 +4,8 @@ one line that names what would work, exit code 2, no traceback, and no run folde
 from __future__ import annotations
 
 import pytest
+from torch import nn
+from transformers import PretrainedConfig
 
 from leantune.cli.main import main
 
@@ -54,6 +56,10 @@ def case_prompt_text_init_without_text(t, m):
     return _train(t, m, "--method", "prompt", "--prompt.init", "text"), ["prompt.init_text", "random"]
 
 
+def case_prefix_without_virtual_tokens(t, m):
+    return _train(t, m, "--method", "prefix", "--prefix.virtual_tokens", "0"), ["prefix.virtual_tokens", "10-200"]
+
+
 def case_loraplus_ratio_on_ia3(t, m):
     return _train(t, m, "--method", "ia3", "--lora.lr_ratio", "16"), ["lr_ratio", "ia3", "lora/dora"]
 
@@ -83,3 +89,33 @@ def test_method_misuse_is_one_line_before_training(case, tmp_path, tiny_llama_di
     for w in words:
         assert w.lower() in lines[0].lower(), (w, lines[0])
     assert not (tmp_path / "run").exists()  # refused before the run folder (and any training) exists
+
+
+class _LM(nn.Module):
+    """A tiny causal LM whose attention is a stand-in: it ignores past_key_values (or has no such input)."""
+
+    def __init__(self, takes_cache: bool) -> None:
+        super().__init__()
+        self.config = PretrainedConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8)
+        self.embed = nn.Embedding(10, 8)
+        self.takes_cache = takes_cache
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, **kwargs):
+        if not self.takes_cache and "past_key_values" in kwargs:
+            raise TypeError("forward() got an unexpected keyword argument 'past_key_values'")
+        return self.embed(input_ids)  # the cache, if given, is never read
+
+
+@pytest.mark.parametrize("takes_cache", [True, False], ids=["ignores-cache", "no-cache-argument"])
+def test_prefix_on_attention_that_reads_no_cache_is_refused(takes_cache):
+    from leantune.adapters.base import adapter_modules
+    from leantune.adapters.prefix import inject_prefix
+    from leantune.errors import ModelError
+
+    model = _LM(takes_cache)
+    with pytest.raises(ModelError, match="prefix tuning needs .*use method prompt or lora"):
+        inject_prefix(model, 4)
+    assert not adapter_modules(model)  # refused before the model was touched

@@ -15,7 +15,8 @@ from .test_train_cli import base_args, read_metrics, write_chat_data
 METHODS = {"dora": [], "ia3": ["--train.lr", "5e-2"],
            "bottleneck": ["--bottleneck.size", "8", "--bottleneck.style", "pfeiffer"],
            "prompt": ["--prompt.virtual_tokens", "4", "--prompt.init", "text", "--prompt.init_text", "the fox",
-                      "--train.lr", "5e-2"]}
+                      "--train.lr", "5e-2"],
+           "prefix": ["--prefix.virtual_tokens", "4", "--prefix.projection", "true", "--train.lr", "5e-3"]}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -30,7 +31,7 @@ def test_method_trains_saves_and_generate_attaches_it(tiny_llama_dir, tmp_path, 
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "trainable params: " in printed
-    assert ("data.packing is off" in printed) == (method == "prompt")  # a notice, and the run goes on unpacked
+    assert ("data.packing is off" in printed) == (method in ("prompt", "prefix"))  # a notice, and the run goes on unpacked
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     assert sum(losses[-3:]) < sum(losses[:3])
     model, _ = load_for_inference(str(out), dtype="fp32")
