@@ -58,6 +58,40 @@ class LoraConfig:
 
 
 @dataclass
+class IA3Config:
+    targets: str | list[str] = _f(
+        "auto", "modules whose output (or input, see feedforward) is rescaled: auto (PEFT's per-architecture "
+        "defaults; Llama: k_proj, v_proj, down_proj), a list of names, or a regex over module paths")
+    feedforward: str | list[str] = _f(
+        "auto", "targets that are scaled on their input, as the paper's feed-forward layer: auto (Llama: down_proj) "
+        "or a list of names among the targets")
+
+
+@dataclass
+class BottleneckConfig:
+    style: Literal["houlsby", "pfeiffer"] = _f(
+        "houlsby", "houlsby: adapters after attention and after the feed-forward; pfeiffer: after the feed-forward only")
+    size: int = _f(64, "bottleneck width: the down-projection's output size (AdapterHub: hidden / reduction_factor)")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = _f("relu", "nonlinearity between the down- and up-projection")
+    attention: list[str] = _f(["self_attn"], "names of the attention sublayers an adapter follows (houlsby)")
+    ffn: list[str] = _f(["mlp"], "names of the feed-forward sublayers an adapter follows")
+
+
+@dataclass
+class PromptConfig:
+    virtual_tokens: int = _f(20, "virtual tokens prepended to every input (the paper uses 20-100)")
+    init: Literal["random", "text"] = _f("random", "start the virtual tokens at random, or at the embeddings of init_text")
+    init_text: str | None = _f(None, "text whose token embeddings start the prompt (repeated or cut to virtual_tokens)")
+
+
+@dataclass
+class PrefixConfig:
+    virtual_tokens: int = _f(20, "key/value prefix length in every layer (the paper uses 10-200)")
+    projection: bool = _f(False, "produce the prefixes through an MLP (the paper's reparameterisation; PEFT's prefix_projection)")
+    projection_hidden: int | None = _f(None, "hidden width of that MLP (null: the key/value width)")
+
+
+@dataclass
 class TrainConfig:
     epochs: float = _f(1.0, "passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = _f(None, "optimizer steps to run; overrides epochs")
@@ -101,7 +135,11 @@ QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbyte
 class RunConfig:
     model: str | None = _f(None, "base model: a local HF folder, a hub id, or a .gguf file")
     output_dir: str = _f("runs/leantune", "run folder: resolved config, metrics, checkpoints and the final adapter")
-    method: Literal["lora"] = _f("lora", "fine-tuning method")
+    method: Literal["lora", "dora", "ia3", "bottleneck", "prompt", "prefix"] = _f(
+        "lora", "fine-tuning method: lora, dora (LoRA on the weight's direction plus a magnitude; reads lora.*), "
+        "ia3 (learned rescaling vectors; ia3.*), bottleneck (residual adapter MLPs; bottleneck.*), "
+        "prompt (trainable virtual tokens in front of the input; prompt.*), prefix (trainable key/value prefixes in "
+        "every layer; prefix.*); prompt and prefix turn data.packing off")
     seed: int = _f(0, "random seed (data order, init, dropout)")
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", "dtype of the frozen base weights: auto picks bf16 where the hardware runs it fast, else fp32 (never fp16 on CPU)")
@@ -111,6 +149,10 @@ class RunConfig:
     trust_remote_code: bool = _f(False, "allow model code from the model folder (only for models you trust)")
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    ia3: IA3Config = field(default_factory=IA3Config)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
 
@@ -234,6 +276,11 @@ ALIASES = {
     "model_name_or_path": "model", "output": "output_dir",
     "load_in_4bit": "quant.bits: 4", "load_in_8bit": "quant.bits: 8", "bnb_4bit_quant_type": "quant.type",
     "bnb_4bit_use_double_quant": "quant.double_quant", "bnb_4bit_compute_dtype": "quant.compute_dtype",
+    "use_dora": "method (method: dora)",
+    "peft_type": "method", "feedforward_modules": "ia3.feedforward", "non_linearity": "bottleneck.activation",
+    "num_virtual_tokens": "prompt.virtual_tokens", "prompt_tuning_init": "prompt.init",
+    "prompt_tuning_init_text": "prompt.init_text", "prefix_projection": "prefix.projection",
+    "encoder_hidden_size": "prefix.projection_hidden",
 }
 
 
@@ -270,12 +317,15 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     obj = cls(**kwargs)
     if cls is LoraConfig:
         obj.targets = _normalise_targets(obj.targets)
+    if cls is IA3Config:
+        obj.targets, obj.feedforward = _normalise_targets(obj.targets), _normalise_targets(obj.feedforward)
     return obj
 
 
 def _normalise_targets(targets: str | list[str]) -> str | list[str]:
-    """"q_proj,v_proj" and a bare "q_proj" mean module names, as in a list; other strings are regexes."""
-    if isinstance(targets, str) and targets != "all-linear":
+    """"q_proj,v_proj" and a bare "q_proj" mean module names, as in a list; other strings are regexes
+    (all-linear and auto are keywords)."""
+    if isinstance(targets, str) and targets not in ("all-linear", "auto"):
         if "," in targets:
             return [t.strip() for t in targets.split(",") if t.strip()]
         if re.fullmatch(r"[A-Za-z0-9_]+", targets):
@@ -294,6 +344,15 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}; a common choice is 2 * rank")
     need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     need(cfg.lora.lr_ratio is None or cfg.lora.lr_ratio > 0, f"lora.lr_ratio must be > 0, got {cfg.lora.lr_ratio}")
+    need(cfg.lora.lr_ratio is None or cfg.method in ("lora", "dora"),
+         f"lora.lr_ratio (LoRA+) sets B's learning rate, which method {cfg.method} does not have; drop it or use lora/dora")
+    need(cfg.prompt.virtual_tokens > 0, f"prompt.virtual_tokens must be > 0, got {cfg.prompt.virtual_tokens}; the paper uses 20-100")
+    need(cfg.prompt.init != "text" or bool(cfg.prompt.init_text),
+         "prompt.init text needs prompt.init_text (e.g. 'Answer the question briefly.'), or use prompt.init random")
+    need(cfg.prefix.virtual_tokens > 0, f"prefix.virtual_tokens must be > 0, got {cfg.prefix.virtual_tokens}; the paper uses 10-200")
+    need(cfg.prefix.projection_hidden is None or cfg.prefix.projection_hidden > 0,
+         f"prefix.projection_hidden must be > 0 or null, got {cfg.prefix.projection_hidden}")
+    need(cfg.bottleneck.size > 0, f"bottleneck.size must be > 0, got {cfg.bottleneck.size}; typical values are 16-256")
     need(bool(cfg.lora.targets), "lora.targets is empty: use all-linear or a list such as [q_proj, v_proj]")
     need(cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}")
     need(0.0 <= cfg.data.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")

@@ -56,7 +56,7 @@ def load_for_inference(source: str, *, base: str | None = None, dtype: str = "au
     The base is quantized as the run that trained the adapter had it (its config.yaml `quant`), or to
     `quant_bits` when given.
     """
-    from .checkpoint.peft_format import load_adapter
+    from .checkpoint.adapter_io import load_adapter
     from .models.load import load_model, load_tokenizer, pick_dtype, resolve_device
 
     model_src, adapter = find_model_and_adapter(source, base)
@@ -85,15 +85,21 @@ def generate_text(model, tok, messages: list[dict], *, raw: bool = False, max_ne
                   temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> str:
     import torch
 
+    from .adapters.base import prepare_inputs
+
     ids = torch.tensor([build_prompt(tok, messages, raw)], device=next(model.parameters()).device)
+    # Prompt tuning turns input_ids into inputs_embeds with its virtual tokens in front (generate then
+    # returns the new tokens only); prefix tuning adds its cache and n placeholder ids.
+    inputs = prepare_inputs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, generation=True)
     sample = temperature > 0
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens,
                              do_sample=sample, temperature=temperature if sample else None,
                              top_p=top_p if sample else None, top_k=None,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                              streamer=streamer, use_cache=True)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    new = out[0, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out[0]
+    return tok.decode(new, skip_special_tokens=True).strip()
 
 
 def main(ns) -> int:

@@ -12,6 +12,10 @@ The protocol is four members: `base_layer`, `adapter_parameters()` (what trains)
 in this file works through that protocol: the trainable set is the union of `adapter_parameters()`, never
 a test on parameter names.
 
+A method is reached from the config through its class: `ADAPTERS[cfg.method].attach(model, section)`,
+where `config_section` names the config section it reads (DoRA reads `lora`: it is LoRA plus a magnitude)
+and `mergeable` says whether `merge()` can fold it into the base (a bottleneck's nonlinearity can't).
+
 Targets follow PEFT's `target_modules` (peft/tuners/tuners_utils.py, `check_target_module_exists` and
 `_maybe_include_all_linear_layers`):
   "all-linear"        every nn.Linear except the output embedding (lm_head)
@@ -39,8 +43,22 @@ class Adapter(nn.Module):
     """A trainable add-on around one frozen layer. Subclasses register with `method="name"`."""
 
     method: ClassVar[str]
+    config_section: ClassVar[str]
+    mergeable: ClassVar[bool] = True
+    packs: ClassVar[bool] = True  # False: needs one example per row (the prompt goes in front of each)
     base_layer: nn.Module
     merged: bool
+
+    @classmethod
+    def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
+        """Inject this method into `model` from its config section (a dataclass); return the adapted paths.
+        `tokenizer` is there for methods initialised from text (prompt tuning)."""
+        raise NotImplementedError
+
+    def extend_inputs(self, inputs: dict, generation: bool = False) -> dict:
+        """Change the model's inputs before the forward (prompt and prefix tuning add theirs); most
+        methods don't. `generation`: the inputs go to `generate()` rather than to a forward."""
+        return inputs
 
     def __init_subclass__(cls, method: str | None = None, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -115,11 +133,12 @@ def _output_embedding(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def find_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ("lm_head",)) -> list[str]:
+def find_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ("lm_head",),
+                 key: str = "lora.targets") -> list[str]:
     """Module paths to adapt, in `model.named_modules()` order (the order PEFT injects in).
 
     `exclude` (leaf names) and the model's output embedding are left out of "all-linear" only: a list or
-    regex that names lm_head explicitly gets it, as in PEFT.
+    regex that names lm_head explicitly gets it, as in PEFT. `key` is the config key named in errors.
     """
     inside = _inside_adapters(model)
     modules = [(p, m) for p, m in model.named_modules() if p and p not in inside]  # "" is the model itself
@@ -131,24 +150,43 @@ def find_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequen
         try:
             pattern = re.compile(targets)
         except re.error as e:
-            raise ConfigError(f"lora.targets {targets!r} is not a valid regex ({e}); use all-linear, a list of "
+            raise ConfigError(f"{key} {targets!r} is not a valid regex ({e}); use all-linear, a list of "
                               "names such as [q_proj, v_proj], or a regex over full module paths") from None
         found = [p for p, _ in modules if pattern.fullmatch(p)]
         wanted = f"regex {targets!r}"
     else:
         names = list(targets)
         if not names or not all(isinstance(n, str) and n for n in names):
-            raise ConfigError(f"lora.targets must be all-linear, a regex, or a non-empty list of module names; got {targets!r}")
+            raise ConfigError(f"{key} must be all-linear, a regex, or a non-empty list of module names; got {targets!r}")
         found = [p for p, _ in modules if p in names or any(p.endswith("." + n) for n in names)]
         missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in found)]
         if missing and found:  # a typo in one name would otherwise silently adapt less than asked
-            raise ModelError(f"lora.targets {missing} match no module of {type(model).__name__}; its Linear layers "
+            raise ModelError(f"{key} {missing} match no module of {type(model).__name__}; its Linear layers "
                              f"are named: {', '.join(_linear_leaf_names(model))}. Fix or drop those names")
         wanted = str(names)
     if not found:
-        raise ModelError(f"lora.targets {wanted} match no module of {type(model).__name__}; its Linear layers are "
+        raise ModelError(f"{key} {wanted} match no module of {type(model).__name__}; its Linear layers are "
                          f"named: {', '.join(_linear_leaf_names(model)) or '(none)'}. Use all-linear or a list of these")
     return found
+
+
+def require_linear(model: nn.Module, paths: Sequence[str], method: str) -> None:
+    """Check that every path is a plain nn.Linear not yet adapted, before anything is changed."""
+    for path in paths:
+        module = model.get_submodule(path)
+        if isinstance(module, Adapter):
+            raise ModelError(f"{path} already has a {module.method} adapter; unload(model) first, or start from a "
+                             "fresh copy of the base model")
+        if not isinstance(module, nn.Linear):
+            inner = sorted({_leaf(p) for p, m in module.named_modules() if p and isinstance(m, nn.Linear)})
+            hint = f" such as {', '.join(inner)}" if inner else ""
+            raise ModelError(f"{method} target {path} is a {type(module).__name__}, not an nn.Linear; {method} adapts "
+                             f"Linear layers: target them by name instead{hint}")
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """fp32 master weights over low-precision bases (PEFT's autocast_adapter_dtype); an fp64 base keeps fp64."""
+    return torch.float64 if base_dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +246,16 @@ def format_trainable(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     share = 100 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
+
+
+def prepare_inputs(model: nn.Module, inputs: dict, generation: bool = False) -> dict:
+    """The model's forward inputs (input_ids, attention_mask, labels, ...) as the adapters want them.
+
+    The one hook the train step and generation call: a method that changes the inputs (prompt tuning)
+    does it here, so neither has a branch per method."""
+    for adapter in adapter_modules(model).values():
+        inputs = adapter.extend_inputs(inputs, generation=generation)
+    return inputs
 
 
 def merge_adapters(model: nn.Module) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from ..ops.lora import lora_linear
-from .base import Adapter, adapter_modules, find_targets, float_dtype, layer_features, set_module, trainable_parameters
+from .base import Adapter, adapter_dtype, adapter_modules, find_targets, float_dtype, layer_features, require_linear, set_module, trainable_parameters
 
 INITS = ("default", "gaussian")
 
@@ -36,15 +36,10 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor
     return (b.float() @ a.float()) * scaling
 
 
-def _adapter_dtype(base_dtype: torch.dtype | None) -> torch.dtype:
-    # fp32 master weights over low-precision and quantized bases (PEFT's autocast_adapter_dtype); fp64 keeps fp64.
-    return torch.float64 if base_dtype == torch.float64 else torch.float32
-
-
 def _new_factors(in_features: int, out_features: int, rank: int, init: str,
                  base_dtype: torch.dtype | None) -> tuple[nn.Linear, nn.Linear]:
     """A and B, drawn from the global CPU generator exactly as PEFT's update_layer draws them."""
-    dtype = _adapter_dtype(base_dtype)
+    dtype = adapter_dtype(base_dtype)
     # Both constructors draw nn.Linear's own init, which is then overwritten: wasted draws, but PEFT makes
     # them, and skipping them would shift every later draw (A of the next layer, dropout masks, data order).
     # Built on the CPU and moved afterwards, like PEFT, so a seed means the same A on every device.
@@ -65,6 +60,13 @@ def _new_factors(in_features: int, out_features: int, rank: int, init: str,
 
 class LoraLinear(Adapter, method="lora"):
     """LoRA around one nn.Linear; A and B are `nn.Linear(bias=False)` in fp32 (fp64 over an fp64 base)."""
+
+    config_section = "lora"
+
+    @classmethod
+    def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
+        return _inject(cls, model, section.rank, section.alpha, section.dropout, section.targets,
+                       section.rslora, section.init)
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, init: str = "default") -> None:
@@ -154,20 +156,16 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     Works on any torch model. Nothing is changed unless every target can be adapted. Trainability is
     left alone: call `mark_only_adapters_trainable(model)` to train the adapters only.
     """
+    return _inject(LoraLinear, model, rank, alpha, dropout, targets, rslora, init)
+
+
+def _inject(cls: type[LoraLinear], model: nn.Module, rank: int, alpha: float, dropout: float,
+            targets: str | Sequence[str], rslora: bool, init: str) -> list[str]:
     check_hparams(rank, alpha, dropout, init)
     paths = find_targets(model, targets)
-    for path in paths:
-        module = model.get_submodule(path)
-        if isinstance(module, Adapter):
-            raise ModelError(f"{path} already has a {module.method} adapter; unload(model) first, or start from a "
-                             "fresh copy of the base model")
-        if not isinstance(module, nn.Linear):
-            inner = sorted({p.rsplit(".", 1)[-1] for p, m in module.named_modules() if p and isinstance(m, nn.Linear)})
-            hint = f" such as {', '.join(inner)}" if inner else ""
-            raise ModelError(f"lora target {path} is a {type(module).__name__}, not an nn.Linear; LoRA adapts "
-                             f"Linear layers: target them by name instead{hint}")
+    require_linear(model, paths, cls.method)
     for path in paths:  # module order, as PEFT: the random draws line up with get_peft_model's
-        set_module(model, path, LoraLinear(model.get_submodule(path), rank, alpha, dropout, rslora, init))
+        set_module(model, path, cls(model.get_submodule(path), rank, alpha, dropout, rslora, init))
     return paths
 
 

@@ -1,9 +1,11 @@
-"""LoRA adapters on disk in PEFT's format, so PEFT, vLLM and TGI load ours and we load theirs.
+"""LoRA and DoRA adapters on disk in PEFT's format, so PEFT, vLLM and TGI load ours and we load theirs.
 
 A PEFT LoRA adapter is a folder of two files:
   adapter_config.json         the LoraConfig fields (peft_type "LORA", r, lora_alpha, target_modules, ...)
   adapter_model.safetensors   base_model.model.<module path>.lora_A.weight   (r, in)
                               base_model.model.<module path>.lora_B.weight   (out, r)
+A DoRA adapter is the same with `use_dora: true` and one more tensor per module:
+                              base_model.model.<module path>.lora_magnitude_vector   (out,)
 The update is s * B @ A with s = lora_alpha / r, or lora_alpha / sqrt(r) when use_rslora is set
 (see leantune/adapters/lora.py). We write the field set of PEFT 0.21 with its defaults; older PEFT
 versions drop the fields they don't know, with a warning. PEFT is never imported here: the tests
@@ -47,7 +49,7 @@ PEFT_LORA_DEFAULTS: dict[str, Any] = {
 # Fields that change what the adapter computes or which weights it needs: loading such an adapter as
 # plain LoRA would give wrong outputs without a word, so each is refused by name.
 UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)", "lora_bias": "a LoRA bias (lora_bias)", "alpha_pattern": "per-module alphas (alpha_pattern)",
+    "lora_bias": "a LoRA bias (lora_bias)", "alpha_pattern": "per-module alphas (alpha_pattern)",
     "rank_pattern": "per-module ranks (rank_pattern)", "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
     "modules_to_save": "fully trained modules (modules_to_save)", "trainable_token_indices": "trainable tokens",
     "layer_replication": "layer replication", "target_parameters": "LoRA on parameters (target_parameters)",
@@ -58,7 +60,9 @@ UNSUPPORTED = {
 # These inits rewrite the base weights (W_res = W - BA), so the adapter only fits the rewritten base.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
-KEY_RE = re.compile(r"^(?P<path>.+)\.(?P<factor>lora_A|lora_B)(?:\.default)?\.weight$")
+KEY_RE = re.compile(r"^(?P<path>.+)\.(?:(?P<factor>lora_A|lora_B)(?:\.default)?\.weight"
+                    r"|(?P<magnitude>lora_magnitude_vector)(?:\.default\.weight)?)$")
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def _one_value(values: set, given: Any, field: str) -> Any:
@@ -72,7 +76,7 @@ def _one_value(values: set, given: Any, field: str) -> Any:
     return value
 
 
-def _target_modules(model, adapted: list[str], targets: str | Sequence[str] | None) -> str | list[str]:
+def target_modules(model, adapted: list[str], targets: str | Sequence[str] | None) -> str | list[str]:
     """What to write as target_modules: the regex, or the sorted leaf names, so long as PEFT's matching
     of it over a fresh base finds exactly the adapted modules; otherwise the full paths."""
     from ..adapters.base import ALL_LINEAR, _inside_adapters
@@ -92,20 +96,21 @@ def _target_modules(model, adapted: list[str], targets: str | Sequence[str] | No
 def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
                  rank: int | None = None, alpha: float | None = None, dropout: float | None = None,
                  targets: str | Sequence[str] | None = None, rslora: bool | None = None) -> Path:
-    """Write the model's LoRA adapters as a PEFT adapter folder; return it.
+    """Write the model's LoRA (or DoRA) adapters as a PEFT adapter folder; return it.
 
     rank/alpha/dropout/rslora default to the adapters' own values; when given they must agree with them.
     `targets` (what the run asked for) decides between writing a regex and a list of module names.
     """
     from ..adapters.base import adapter_modules
-    from ..adapters.lora import LoraLinear
 
     adapters = adapter_modules(model)
     if not adapters:
         raise ModelError(f"{type(model).__name__} has no adapters to save; inject_lora (or load_adapter) first")
-    other = sorted({a.method for a in adapters.values() if not isinstance(a, LoraLinear)})
-    if other:
-        raise ModelError(f"save_adapter writes LoRA adapters; this model also holds {', '.join(other)}")
+    methods = sorted({a.method for a in adapters.values()})
+    if methods not in (["lora"], ["dora"]):
+        raise ModelError(f"this PEFT LoRA writer saves lora or dora adapters, one kind per folder; this model holds "
+                         f"{', '.join(methods)} (leantune.checkpoint.adapter_io.save_adapter picks the writer)")
+    use_dora = methods == ["dora"]
     found = list(adapters.values())
     r = _one_value({a.rank for a in found}, rank, "rank")
     lora_alpha = _one_value({a.alpha for a in found}, alpha, "alpha")
@@ -117,14 +122,16 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
     config.update(
         base_model_name_or_path=None if base_model_name_or_path is None else str(base_model_name_or_path),
         r=r, lora_alpha=int(lora_alpha) if float(lora_alpha).is_integer() else float(lora_alpha),
-        lora_dropout=float(lora_dropout), use_rslora=use_rslora,
+        lora_dropout=float(lora_dropout), use_rslora=use_rslora, use_dora=use_dora,
         init_lora_weights="gaussian" if init == {"gaussian"} else True,
-        target_modules=_target_modules(model, list(adapters), targets),
+        target_modules=target_modules(model, list(adapters), targets),
     )
     tensors = {}
     for path, a in adapters.items():
         tensors[f"{PREFIX}{path}.lora_A.weight"] = a.lora_A.weight.detach().cpu()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = a.lora_B.weight.detach().cpu()
+        if use_dora:
+            tensors[f"{PREFIX}{path}.{MAGNITUDE}"] = a.magnitude.detach().cpu()
     out = Path(out_dir)
     # Weights first, config last: readers (PEFT included) open the config first, so a folder that has
     # one has both.
@@ -173,29 +180,38 @@ def check_config(config: dict, where: Path) -> None:
         raise ModelError(f"{where}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
 
 
-def _read_weights(path: Path) -> dict:
+def read_weights(adapter_dir: Path) -> dict:
+    """The adapter folder's tensors, from safetensors only (a pickled adapter_model.bin is named, not read)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        bin_hint = " (adapter_model.bin is a pickle, which leantune never loads: re-save it with safetensors)" \
+            if (path.parent / "adapter_model.bin").exists() else ""
+        raise ModelError(f"{str(path.parent)!r} has no {WEIGHTS_NAME}{bin_hint}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{path} cannot be read as safetensors ({e}); re-save the adapter") from None
 
 
-def _factors_by_module(weights: dict, where: Path) -> dict[str, dict]:
-    """{module path: {"lora_A": tensor, "lora_B": tensor}} from PEFT's (or our) key names."""
+def _factors_by_module(weights: dict, where: Path, use_dora: bool = False) -> dict[str, dict]:
+    """{module path: {"lora_A": tensor, "lora_B": tensor[, MAGNITUDE: tensor]}} from PEFT's (or our) key names."""
     by_module: dict[str, dict] = {}
     for key, tensor in weights.items():
         m = KEY_RE.match(key)
-        if m is None:
-            raise ModelError(f"{where} holds {key!r}, which is not a LoRA A/B weight; leantune loads plain LoRA "
-                             "on Linear layers (no DoRA, embedding LoRA or saved modules)")
+        if m is None or (m["magnitude"] and not use_dora):
+            raise ModelError(f"{where} holds {key!r}, which is not a LoRA A/B weight (or a DoRA magnitude with "
+                             "use_dora); leantune loads LoRA and DoRA on Linear layers (no embedding LoRA or saved modules)")
         path = m["path"].removeprefix(PREFIX)
-        by_module.setdefault(path, {})[m["factor"]] = tensor
-    for path, pair in by_module.items():
-        if len(pair) != 2:
-            raise ModelError(f"{where} has {next(iter(pair))} but not its partner for {path}; the file is incomplete")
+        by_module.setdefault(path, {})[m["factor"] or MAGNITUDE] = tensor
+    for path, parts in by_module.items():
+        if "lora_A" not in parts or "lora_B" not in parts:
+            raise ModelError(f"{where} has {next(iter(parts))} but not its partner for {path}; the file is incomplete")
+        if use_dora and MAGNITUDE not in parts:
+            raise ModelError(f"{where} has no {MAGNITUDE} for {path}, which a DoRA adapter (use_dora) needs; "
+                             "the file is incomplete")
     if not by_module:
         raise ModelError(f"{where} holds no LoRA weights; re-save the adapter")
     return by_module
@@ -226,11 +242,15 @@ def _fitting_paths(model, by_module: dict[str, dict], r: int, config: dict) -> l
         if tuple(a.shape) != (r, module.in_features) or tuple(b.shape) != (module.out_features, r):
             raise ModelError(f"{different}: {path} has A {tuple(a.shape)} and B {tuple(b.shape)}, but with r={r} "
                              f"this layer needs A {(r, module.in_features)} and B {(module.out_features, r)}")
+        m = by_module[path].get(MAGNITUDE)
+        if m is not None and tuple(m.shape) != (module.out_features,):
+            raise ModelError(f"{different}: {path} has a DoRA magnitude of shape {tuple(m.shape)}, this layer needs "
+                             f"({module.out_features},)")
     return order
 
 
 def load_adapter(model, adapter_dir: str | Path) -> dict:
-    """Inject a PEFT LoRA adapter (ours or PEFT's) into `model` and load its weights; return its config.
+    """Inject a PEFT LoRA or DoRA adapter (ours or PEFT's) into `model` and load its weights; return its config.
 
     Every check runs before the model is touched, and the global RNG is left as it was (injection
     draws an init that the loaded weights replace).
@@ -238,23 +258,25 @@ def load_adapter(model, adapter_dir: str | Path) -> dict:
     import torch
 
     from ..adapters.base import set_module
+    from ..adapters.dora import DoraLinear
     from ..adapters.lora import LoraLinear
 
     d = Path(adapter_dir)
     config = read_config(d)
     check_config(config, d / CONFIG_NAME)
-    if not (d / WEIGHTS_NAME).is_file():
-        bin_hint = " (adapter_model.bin is a pickle, which leantune never loads: re-save it with safetensors)" \
-            if (d / "adapter_model.bin").exists() else ""
-        raise ModelError(f"{str(d)!r} has no {WEIGHTS_NAME}{bin_hint}")
-    by_module = _factors_by_module(_read_weights(d / WEIGHTS_NAME), d / WEIGHTS_NAME)
+    use_dora = bool(config.get("use_dora"))
+    by_module = _factors_by_module(read_weights(d), d / WEIGHTS_NAME, use_dora)
     r = config["r"]
     order = _fitting_paths(model, by_module, r, config)
+    cls = DoraLinear if use_dora else LoraLinear
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for path in order:
-            lora = LoraLinear(model.get_submodule(path), r, config["lora_alpha"],
-                              float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora", False)))
+            lora = cls(model.get_submodule(path), r, config["lora_alpha"],
+                       float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora", False)))
             lora.lora_A.weight.copy_(by_module[path]["lora_A"])
             lora.lora_B.weight.copy_(by_module[path]["lora_B"])
+            if use_dora:
+                lora.magnitude.copy_(by_module[path][MAGNITUDE])
+            lora.train(model.training)  # a new module trains by default; take the model's mode
             set_module(model, path, lora)
     return config

@@ -34,7 +34,9 @@ def _add_config_fields(p: argparse.ArgumentParser) -> None:
     from ..config import fields_of, type_name
 
     groups: dict[str, argparse._ArgumentGroup] = {}
-    titles = {"": "run", "data": "data (data.*)", "lora": "LoRA (lora.*)", "train": "training loop (train.*)",
+    titles = {"": "run", "data": "data (data.*)", "lora": "LoRA and DoRA (lora.*)",
+              "ia3": "IA3 (ia3.*)", "bottleneck": "bottleneck adapters (bottleneck.*)",
+              "prompt": "prompt tuning (prompt.*)", "prefix": "prefix tuning (prefix.*)", "train": "training loop (train.*)",
               "quant": "quantized base, QLoRA (quant.*)"}
     for fi in fields_of():
         section = fi.name.split(".")[0] if "." in fi.name else ""

@@ -83,13 +83,14 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         base_name = resolve_source(cfg.model)
         console(f"{cfg.model} is converted to {base_name}; the adapter records that folder as its base")
 
+    _unpack_if_needed(cfg, console)
     data = build_data(cfg.data, tokenizer, seed=cfg.seed)
     console(data.report.summary())
     pad_id, pad_note = pad_id_for(tokenizer)
     if pad_note:
         console(pad_note)
 
-    _attach_adapter(model, cfg)
+    _attach_adapter(model, cfg, tokenizer)
     model.to(device)
     console(format_trainable(model))
     model.train()
@@ -114,10 +115,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
 
     def save_adapter_to(m, folder: Path) -> None:
-        from ..checkpoint.peft_format import save_adapter
+        from ..checkpoint.adapter_io import save_adapter
 
-        save_adapter(m, folder, base_model_name_or_path=base_name, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                     dropout=cfg.lora.dropout, targets=cfg.lora.targets, rslora=cfg.lora.rslora)
+        save_adapter(m, folder, base_model_name_or_path=base_name, config=cfg)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -281,18 +281,32 @@ def _check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
     return ckpts
 
 
-def _attach_adapter(model, cfg: RunConfig) -> None:
-    """Freeze the base, inject LoRA (seeded, so the init is reproducible), mark only it trainable."""
+def _unpack_if_needed(cfg: RunConfig, console: Callable[[str], None]) -> None:
+    """A method that needs one example per row (prompt tuning) turns packing off, with a notice.
+
+    A notice rather than an error: packing is on by default, and for such a method off is the only
+    setting that works, so refusing would only make every user type the same override."""
+    from ..adapters.base import ADAPTERS
+
+    if cfg.data.packing and not ADAPTERS[cfg.method].packs:
+        cfg.data.packing = False
+        console(f"note: data.packing is off for method {cfg.method}: its virtual tokens go in front of each "
+                "example, so every example gets a row of its own")
+
+
+def _attach_adapter(model, cfg: RunConfig, tokenizer=None) -> None:
+    """Freeze the base, inject the configured method (seeded, so the init is reproducible), train only it.
+
+    The method is found in the adapter registry by name and reads its own config section."""
     import torch
 
-    from ..adapters.base import mark_only_adapters_trainable
-    from ..adapters.lora import inject_lora
+    from ..adapters.base import ADAPTERS, mark_only_adapters_trainable
 
+    method = ADAPTERS[cfg.method]
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    inject_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                targets=cfg.lora.targets, rslora=cfg.lora.rslora, init=cfg.lora.init)
+    method.attach(model, getattr(cfg, method.config_section), tokenizer=tokenizer)
     mark_only_adapters_trainable(model)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so a frozen base works as is.

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..adapters.base import prepare_inputs
 from ..ops.cross_entropy import causal_lm_loss
 
 
@@ -37,11 +38,14 @@ def micro_batch_loss(model, batch: dict, *, normalizer: float, chunk: int) -> tu
         inputs["position_ids"] = batch["position_ids"].to(device)
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"].to(device)
+    inputs["labels"] = batch["labels"].to(device)
+    inputs = prepare_inputs(model, inputs)  # prompt tuning puts its virtual tokens in front here
+    labels = inputs.pop("labels")
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     scale = getattr(model.config, "logit_scale", None)
     if scale:  # Cohere-style models multiply logits by a constant: fold it into the hidden state
         hidden = hidden * scale
-    return causal_lm_loss(hidden, _head(model), batch["labels"].to(device), normalizer=normalizer,
+    return causal_lm_loss(hidden, _head(model), labels, normalizer=normalizer,
                           chunk=chunk, softcap=_softcap(model))
 
 

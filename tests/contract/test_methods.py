@@ -1,0 +1,187 @@
+"""The contract every fine-tuning method keeps, as one table run over every method the config offers.
+
+A method that `method:` accepts but that has no row here fails `test_every_method_has_a_row`. Each row
+states the method's trainable-parameter formula on the tiny Llama (hidden h, intermediate i, key/value
+width kv, L layers) and what it promises: the untrained adapter leaves the output unchanged, and merging
+folds it into the base weights. Rows build the method from its config section exactly as `leantune
+train` does (config.from_dict, then ADAPTERS[method].attach).
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from leantune.adapters.base import (
+    ADAPTERS,
+    adapter_modules,
+    format_trainable,
+    mark_only_adapters_trainable,
+    merge_adapters,
+    prepare_inputs,
+    unmerge_adapters,
+)
+from leantune.checkpoint.adapter_io import load_adapter, save_adapter
+from leantune.config import RunConfig, from_dict
+from leantune.errors import ModelError
+
+RANK, SIZE = 4, 8
+
+
+def dims(model) -> dict:
+    c = model.config
+    return dict(h=c.hidden_size, i=c.intermediate_size, L=c.num_hidden_layers,
+                kv=c.num_key_value_heads * (c.hidden_size // c.num_attention_heads))
+
+
+def lora_count(h, i, L, kv, r=RANK) -> int:  # r * (in + out) over q, k, v, o, gate, up, down
+    return L * r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
+
+
+@dataclass
+class Row:
+    section: dict                 # the method's config section, as YAML would give it
+    formula: typing.Callable      # trainable parameters from dims(model)
+    identity_at_init: bool = True
+    mergeable: bool = True
+    extra: dict = field(default_factory=dict)  # other top-level config keys
+
+
+ROWS: dict[str, Row] = {
+    "lora": Row({"rank": RANK, "alpha": 8}, lambda h, i, L, kv: lora_count(h, i, L, kv)),
+    # DoRA: LoRA plus one magnitude per output feature of each adapted layer.
+    "dora": Row({"rank": RANK, "alpha": 8},
+                lambda h, i, L, kv: lora_count(h, i, L, kv) + L * (h + kv + kv + h + i + i + h)),
+    # IA3 (Llama defaults): k_proj and v_proj outputs (kv each), down_proj input (i).
+    "ia3": Row({}, lambda h, i, L, kv: L * (kv + kv + i)),
+    # Houlsby: two adapters per block, each 2*h*size + size + h.
+    "bottleneck": Row({"style": "houlsby", "size": SIZE},
+                      lambda h, i, L, kv: 2 * L * (2 * h * SIZE + SIZE + h), mergeable=False),
+    # Prompt tuning: n virtual-token embeddings of width h; random tokens change the output from the start.
+    "prompt": Row({"virtual_tokens": 5}, lambda h, i, L, kv: 5 * h, identity_at_init=False, mergeable=False),
+    # Prefix tuning: n key and value vectors of width kv in each of L layers.
+    "prefix": Row({"virtual_tokens": 5}, lambda h, i, L, kv: 5 * L * 2 * kv, identity_at_init=False, mergeable=False),
+}
+# With the reparameterisation MLP: E (n, kv), then kv -> hidden -> L*2*kv, both Linears with a bias.
+PREFIX_MLP = Row({"virtual_tokens": 5, "projection": True, "projection_hidden": 16},
+                 lambda h, i, L, kv: 5 * kv + (kv * 16 + 16) + (16 * L * 2 * kv + L * 2 * kv),
+                 identity_at_init=False, mergeable=False)
+PFEIFFER = Row({"style": "pfeiffer", "size": SIZE}, lambda h, i, L, kv: L * (2 * h * SIZE + SIZE + h), mergeable=False)
+
+
+def config_methods() -> set[str]:
+    return set(typing.get_args(typing.get_type_hints(RunConfig)["method"]))
+
+
+def test_every_method_has_a_row():
+    assert config_methods() == set(ROWS), "each method in config.method needs exactly one row in ROWS"
+    assert set(ADAPTERS) <= config_methods(), "a registered adapter that the config cannot choose"
+
+
+CASES = [pytest.param(m, ROWS[m], id=m) for m in ROWS] + [pytest.param("bottleneck", PFEIFFER, id="bottleneck-pfeiffer"),
+                                                          pytest.param("prefix", PREFIX_MLP, id="prefix-projection")]
+
+
+def attach(model, method: str, row: Row):
+    """Build the method from its config section, as the train loop does."""
+    cls = ADAPTERS[method]
+    cfg = from_dict({"method": method, cls.config_section: row.section, **row.extra}, validate=False)
+    torch.manual_seed(0)
+    cls.attach(model, getattr(cfg, cls.config_section))
+    mark_only_adapters_trainable(model)
+    return model
+
+
+def forward(model, ids, labels=None):
+    """The model's forward as the train step and generate call it: through the adapters' input hook."""
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if labels is not None:
+        inputs["labels"] = labels
+    return model(**prepare_inputs(model, inputs))
+
+
+def perturb(model, seed: int = 1) -> None:
+    """Stand-in for training: move every trainable tensor off its init (a zero B would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(6, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("method", "row"), CASES)
+def test_forward_and_backward_reach_every_trainable_parameter(tiny_llama, ids, method, row):
+    model = attach(tiny_llama, method, row).train()
+    perturb(model)  # from the exact init, LoRA's A (B = 0) would rightly get no gradient
+    loss = forward(model, ids, labels=ids).loss
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
+    assert all(float(p.grad.abs().sum()) > 0 for _, p in trainable), [n for n, p in trainable if not p.grad.any()]
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize(("method", "row"), CASES)
+def test_untrained_adapter_leaves_the_output_unchanged(tiny_llama, ids, method, row):
+    reference = tiny_llama(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    model = attach(copy.deepcopy(tiny_llama), method, row)
+    if not row.identity_at_init:
+        pytest.skip(f"{method} does not promise an unchanged output at init")
+    torch.testing.assert_close(forward(model, ids).logits, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "row"), CASES)
+def test_trainable_count_is_the_formula_and_is_printed(tiny_llama, method, row, capsys):
+    expected = row.formula(**dims(tiny_llama))
+    total_before = sum(p.numel() for p in tiny_llama.parameters())
+    model = attach(tiny_llama, method, row)
+    line = format_trainable(model)
+    print(line)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    total = total_before + expected  # the base is untouched: every new parameter is an adapter's
+    assert capsys.readouterr().out.strip() == (
+        f"trainable params: {expected:,d} || all params: {total:,d} || trainable%: {100 * expected / total:.4f}")
+
+
+@pytest.mark.parametrize(("method", "row"), CASES)
+def test_save_and_load_round_trip_gives_equal_logits(tiny_llama, ids, tmp_path, method, row):
+    fresh = copy.deepcopy(tiny_llama)
+    model = attach(tiny_llama, method, row)
+    perturb(model)
+    save_adapter(model, tmp_path / "adapter")
+    load_adapter(fresh, tmp_path / "adapter")
+    assert {type(a) for a in adapter_modules(fresh).values()} == {ADAPTERS[method]}
+    torch.testing.assert_close(forward(fresh, ids).logits, forward(model, ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("method", "row"), CASES)
+def test_merged_equals_unmerged_where_the_method_merges(tiny_llama, ids, method, row):
+    weights = {n: p.clone() for n, p in tiny_llama.state_dict().items()}
+    model = attach(tiny_llama, method, row)
+    perturb(model)
+    unmerged = forward(model, ids).logits
+    if not row.mergeable:
+        with pytest.raises(ModelError, match="cannot be merged"):  # said, not silently skipped
+            merge_adapters(model)
+        return
+    merge_adapters(model)
+    assert all(a.merged for a in adapter_modules(model).values())
+    torch.testing.assert_close(forward(model, ids).logits, unmerged, rtol=0, atol=1e-5)
+    unmerge_adapters(model)
+    restored = {n.replace(".base_layer", ""): p for n, p in model.state_dict().items()}
+    for name, w in weights.items():  # unmerging gives the base weights back (up to fp32 rounding)
+        torch.testing.assert_close(restored[name], w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("method", "row"), CASES)
+def test_runs_on_a_quantized_base(method, row):
+    pytest.skip("quantized bases arrive with the quant branch")
