@@ -102,6 +102,16 @@ def float_dtype(layer: nn.Module) -> torch.dtype | None:
     return dtype if dtype.is_floating_point else None
 
 
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) float weight the layer multiplies by: its own, or a quantized one dequantized (a fresh
+    tensor each call, for methods such as DoRA whose math needs W itself)."""
+    if float_dtype(layer) is not None:
+        return layer.weight
+    from ..quant.layers import dequantize  # only reached with a quantized base, so bitsandbytes is there
+
+    return dequantize(layer)
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding targets
 

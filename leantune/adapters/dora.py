@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import adapter_dtype
+from .base import adapter_dtype, dense_weight
 from .lora import LoraLinear
 
 
@@ -39,7 +39,7 @@ class DoraLinear(LoraLinear, method="dora"):
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, init: str = "default") -> None:
         super().__init__(base_layer, rank, alpha, dropout, rslora, init)
-        weight = base_layer.weight
+        weight = dense_weight(base_layer)  # dequantized over a 4/8-bit base, as PEFT's DoRA does
         with torch.no_grad():  # PEFT: the norm in the base dtype, then kept as an fp32 parameter
             norm = column_norm(weight, self.delta_weight().to(weight.device))
         self.magnitude = nn.Parameter(norm.to(adapter_dtype(weight.dtype)))
@@ -54,13 +54,13 @@ class DoraLinear(LoraLinear, method="dora"):
             return result
         out_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
+        weight = dense_weight(self.base_layer).to(x.dtype)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             bias = self.base_layer.bias
             base_result = result - bias if bias is not None else result  # x @ W^T without the bias
         else:
             x = self.dropout(x)
-            base_result = F.linear(x, self.base_layer.weight.to(x.dtype))
-        weight = self.base_layer.weight.to(x.dtype)
+            base_result = F.linear(x, weight)
         # B @ A formed through the layers, as PEFT forms it (one arithmetic, bit-equal logits):
         eye = torch.eye(self.lora_A.in_features, device=x.device, dtype=self.lora_A.weight.dtype)
         lora_weight = self.lora_B(self.lora_A(eye)).T.to(x.dtype)  # (out, in)

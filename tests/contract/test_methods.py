@@ -182,6 +182,23 @@ def test_merged_equals_unmerged_where_the_method_merges(tiny_llama, ids, method,
         torch.testing.assert_close(restored[name], w, rtol=0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def nf4_llama(tiny_llama_dir):
+    pytest.importorskip("bitsandbytes")
+    from leantune.config import QuantConfig
+    from leantune.models.load import load_model
+
+    return load_model(str(tiny_llama_dir), dtype=torch.float32, device="cpu", quant=QuantConfig(bits=4))
+
+
 @pytest.mark.parametrize(("method", "row"), CASES)
-def test_runs_on_a_quantized_base(method, row):
-    pytest.skip("quantized bases arrive with the quant branch")
+def test_trains_on_a_4bit_base_or_says_why_not(nf4_llama, ids, method, row):
+    """QLoRA-style: every method trains over an NF4 base; merging into packed 4-bit weights is refused."""
+    model = attach(copy.deepcopy(nf4_llama), method, row).train()
+    perturb(model)
+    forward(model, ids, labels=ids).loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and float(p.grad.abs().sum()) > 0 for _, p in trainable)
+    if row.mergeable:
+        with pytest.raises(ModelError, match="quantized"):
+            merge_adapters(model)
