@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's leantune, not whichever one the venv installed
 
 
 def measure(mode: str, tokens: int, steps: int) -> dict:
