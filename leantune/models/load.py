@@ -14,6 +14,9 @@ CPUs with avx512_bf16 or amx_bf16), else fp32. On a CPU without those flags torc
 is slower still (a 576x1536 Linear: 5x fp32's time) and overflows where bf16 does not, so it is
 refused.
 
+With a `quant` section (bits 4 or 8), or from a folder saved quantized by bitsandbytes, `load_model`
+hands over to `models.quantized`, which quantizes the Linear layers while streaming the weights.
+
 Nothing here sets requires_grad, eval() or use_cache: that is the caller's business.
 """
 

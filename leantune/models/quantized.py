@@ -82,7 +82,7 @@ def _local_files(src: str) -> Path:
 
 def load_quantized(src: str, quant: QuantConfig | QuantSpec | None, *, dtype: torch.dtype, device: torch.device,
                    attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> Any:
-    """The model of `src` with quantized Linear layers (see the module docstring) in eval-free train state."""
+    """The model of `src` with quantized Linear layers (see the module docstring), left in train mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..quant import fill_from_safetensors, params_on_meta, quantizable_linears, swap_in_quant_linears
