@@ -229,6 +229,18 @@ def _fitting_paths(model, by_module: dict[str, dict], r: int, config: dict) -> l
     return order
 
 
+def read_lora(adapter_dir: str | Path) -> tuple[dict, dict[str, dict]]:
+    """(checked config, {module path: {"lora_A": (r, in), "lora_B": (out, r)}}) of a LoRA adapter folder."""
+    d = Path(adapter_dir)
+    config = read_config(d)
+    check_config(config, d / CONFIG_NAME)
+    if not (d / WEIGHTS_NAME).is_file():
+        bin_hint = " (adapter_model.bin is a pickle, which leantune never loads: re-save it with safetensors)" \
+            if (d / "adapter_model.bin").exists() else ""
+        raise ModelError(f"{str(d)!r} has no {WEIGHTS_NAME}{bin_hint}")
+    return config, _factors_by_module(_read_weights(d / WEIGHTS_NAME), d / WEIGHTS_NAME)
+
+
 def load_adapter(model, adapter_dir: str | Path) -> dict:
     """Inject a PEFT LoRA adapter (ours or PEFT's) into `model` and load its weights; return its config.
 
@@ -240,14 +252,7 @@ def load_adapter(model, adapter_dir: str | Path) -> dict:
     from ..adapters.base import set_module
     from ..adapters.lora import LoraLinear
 
-    d = Path(adapter_dir)
-    config = read_config(d)
-    check_config(config, d / CONFIG_NAME)
-    if not (d / WEIGHTS_NAME).is_file():
-        bin_hint = " (adapter_model.bin is a pickle, which leantune never loads: re-save it with safetensors)" \
-            if (d / "adapter_model.bin").exists() else ""
-        raise ModelError(f"{str(d)!r} has no {WEIGHTS_NAME}{bin_hint}")
-    by_module = _factors_by_module(_read_weights(d / WEIGHTS_NAME), d / WEIGHTS_NAME)
+    config, by_module = read_lora(adapter_dir)
     r = config["r"]
     order = _fitting_paths(model, by_module, r, config)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
