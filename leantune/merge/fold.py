@@ -1,0 +1,146 @@
+"""Fold a LoRA update into its base and write a plain Hugging Face model folder, tensor by tensor.
+
+    W' = W_base + s * B @ A        for every adapted Linear; every other tensor is copied as stored
+
+The base's safetensors files are read one at a time and written back under the same names (the shard
+index is copied), so peak memory is one shard plus the adapter, never the whole model twice; the output
+folder appears complete or not at all (`atomic_dir`), so a failed merge leaves nothing behind.
+
+Over a 4-bit/8-bit base (a QLoRA run), the adapter was trained against dequant(quant(W)), not W:
+  base="dequantized"  W_base = dequant(quant(W)) for every quantized Linear -- the model the adapter was
+                      trained and evaluated as (the default);
+  base="original"     W_base = W, the 16-bit weights, which the adapter never saw.
+Either way the weights are written in the base checkpoint's own dtype. `report.py` measures what the
+choice cost (held-out loss and logit KL against the unmerged adapter on the quantized base).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from ..checkpoint.atomic import atomic_dir, save_safetensors
+from ..errors import ModelError
+
+if TYPE_CHECKING:
+    from ..quant import QuantSpec
+
+BaseChoice = Literal["dequantized", "original"]
+# Files of the base folder that describe weights we rewrite, or that are leantune's own bookkeeping.
+_SKIP = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SKIP_NAMES = ("leantune-gguf.json",)
+
+
+def model_folder(source: str) -> Path:
+    """The local folder of a base model (a folder, a converted .gguf, or a hub id in the local cache)."""
+    from ..models.load import resolve_source
+
+    src = resolve_source(source)
+    if Path(src).is_dir():
+        return Path(src)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(src))
+
+
+def module_layout(folder: Path, trust_remote_code: bool = False) -> tuple[list[str], set[str]]:
+    """(every module path in model order, the Linear paths a 4/8-bit load quantizes), from config.json
+    alone: the model is built on the meta device, so this costs no weight memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..quant.loader import quantizable_linears
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ModelError(f"{folder} is saved quantized; merging needs the 16-bit base it was quantized from: pass "
+                         "that with --base-model")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    order = [p for p, _ in model.named_modules()]
+    return order, set(quantizable_linears(model, keep=[model.get_output_embeddings()]))
+
+
+def dequantized(weight: Tensor, spec: QuantSpec, dtype: torch.dtype) -> Tensor:
+    """dequant(quant(W)) as the training run's loader made it: cast to its dtype, then quantized."""
+    from ..quant.layers import dequantize, new_quant_linear, quantize_weight
+
+    out_features, in_features = weight.shape
+    layer = new_quant_linear(in_features, out_features, False, spec)
+    quantize_weight(layer, weight.to(dtype))
+    return dequantize(layer).float()
+
+
+def fold_into_base(base_folder: Path, factors: dict[str, tuple[Tensor, Tensor]], scaling: float, out_dir: str | os.PathLike,
+                   *, quant: QuantSpec | None = None, quant_dtype: torch.dtype = torch.float32,
+                   base: BaseChoice = "dequantized", tokenizer=None) -> Path:
+    """Write base + s * B @ A as an HF folder at `out_dir` (see the module docstring)."""
+    files = sorted(base_folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{base_folder} has no .safetensors weights; merging streams safetensors only (re-save the "
+                         "base with transformers' save_pretrained)")
+    _, quantizable = module_layout(base_folder)
+    requantize = quantizable if quant is not None and base == "dequantized" else set()
+    with atomic_dir(out_dir) as tmp:
+        done = set()
+        for f in files:
+            done |= _fold_file(f, tmp / f.name, factors, scaling, requantize, quant, quant_dtype)
+        missing = sorted(set(factors) - done)
+        if missing:
+            raise ModelError(f"the adapter was trained for a different base: {base_folder} has no weight for "
+                             f"{missing[0]} (and {len(missing) - 1} more); pass the base it was trained on")
+        _copy_side_files(base_folder, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def _fold_file(src: Path, dst: Path, factors: dict[str, tuple[Tensor, Tensor]], scaling: float,
+               requantize: set[str], quant: QuantSpec | None, quant_dtype: torch.dtype) -> set[str]:
+    """Rewrite one shard; return the adapted module paths it held."""
+    from safetensors import safe_open
+
+    out: dict[str, Tensor] = {}
+    folded = set()
+    with safe_open(str(src), framework="pt") as handle:
+        metadata = handle.metadata() or {"format": "pt"}
+        for key in handle.keys():
+            tensor = handle.get_tensor(key)
+            path, _, leaf = key.rpartition(".")
+            if leaf == "weight" and (path in factors or path in requantize):
+                tensor = _merged_weight(tensor, path, factors.get(path), scaling,
+                                        quant if path in requantize else None, quant_dtype)
+                if path in factors:
+                    folded.add(path)
+            out[key] = tensor
+    save_safetensors(out, dst, metadata=metadata)
+    return folded
+
+
+def _merged_weight(weight: Tensor, path: str, pair: tuple[Tensor, Tensor] | None, scaling: float,
+                   quant: QuantSpec | None, quant_dtype: torch.dtype) -> Tensor:
+    w = dequantized(weight, quant, quant_dtype) if quant is not None else weight.float()
+    if pair is not None:
+        a, b = pair
+        if (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ModelError(f"the adapter was trained for a different base: {path} is {tuple(w.shape)} here but "
+                             f"the adapter's update is {(b.shape[0], a.shape[1])}; pass the base it was trained on")
+        w = w.addmm_(b.float(), a.float(), alpha=scaling)   # W + s * (out, r) @ (r, in), in fp32
+    return w.to(weight.dtype)
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """config.json, generation config, tokenizer files, the shard index: everything but weights."""
+    for f in _side_files(src):
+        shutil.copy2(f, dst / f.name)
+
+
+def _side_files(folder: Path) -> Iterable[Path]:
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_SKIP) and f.name not in _SKIP_NAMES:
+            yield f
