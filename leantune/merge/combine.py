@@ -103,10 +103,10 @@ def _same_shapes(adapters: Sequence[LoraWeights]) -> None:
 
 def check_request(adapters: Sequence[LoraWeights], weights: Sequence[float], method: str,
                   density: float | None, rank: int | None) -> None:
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         import difflib
 
-        close = difflib.get_close_matches(method, METHODS, n=1)
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"unknown merge method {method!r}{hint}; use one of {', '.join(METHODS)}")
     if not adapters:
@@ -117,7 +117,7 @@ def check_request(adapters: Sequence[LoraWeights], weights: Sequence[float], met
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
         raise ConfigError(f"weights must be numbers, got {list(weights)!r}")
     needs_density = method.removesuffix("_svd") in M.DENSITY_METHODS
-    if needs_density and (density is None or not 0 < density <= 1):
+    if needs_density and (not isinstance(density, (int, float)) or isinstance(density, bool) or not 0 < density <= 1):
         raise ConfigError(f"method {method} needs a density in (0, 1] (the fraction of entries kept), got {density!r}")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ConfigError(f"rank must be a positive integer (the rank of the merged adapter), got {rank!r}")

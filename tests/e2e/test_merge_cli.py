@@ -82,3 +82,97 @@ def test_merge_of_a_plain_model_or_missing_out_is_a_one_line_error(tiny_llama_di
     err = capsys.readouterr().err
     assert "neither a run folder nor an adapter folder" in err and "--out DIR" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def _recipe(tmp_path, **fields):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(fields))
+    return str(path)
+
+
+def test_recipe_cat_adapter_of_different_ranks_is_the_exact_weighted_sum(runs, tiny_llama_dir, tmp_path):
+    from leantune.adapters.base import adapter_modules
+    from leantune.merge.combine import read_adapter
+
+    a, b = runs["plain"] / "adapter", runs["other"] / "adapter"   # rank 4 on all-linear, rank 6 on q/v
+    recipe = _recipe(tmp_path, adapters=[str(a), str(b)], weights=[1.0, -0.5], method="cat", output="adapter",
+                     out=str(tmp_path / "cat"))
+    assert main(["merge", recipe]) == 0
+    merged = read_adapter(tmp_path / "cat")
+    assert merged.rank == 10 and merged.scaling == 1.0
+    la, lb = read_adapter(a), read_adapter(b)
+    for path in merged.factors:
+        expected = la.delta(path) - 0.5 * (lb.delta(path) if path in lb.factors else 0)
+        torch.testing.assert_close(merged.delta(path), expected, rtol=1e-5, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    load_adapter(model, tmp_path / "cat")   # our own loader (and PEFT's format) read it back
+    assert len(adapter_modules(model)) == len(la.factors)
+
+
+def test_recipe_model_output_equals_base_plus_combined_adapter(runs, tiny_llama_dir, tmp_path):
+    adapters = [str(runs["plain"] / "adapter"), str(runs["other"] / "adapter")]
+    common = dict(adapters=adapters, weights=[0.5, 0.5], method="ties", density=0.5, rank=4)
+    assert main(["merge", _recipe(tmp_path, **common, output="adapter"), "--out", str(tmp_path / "ad")]) == 0
+    assert main(["merge", _recipe(tmp_path, **common, output="model"), "--out", str(tmp_path / "model")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged), _adapter_logits(tiny_llama_dir, tmp_path / "ad"), rtol=0, atol=1e-5)
+
+
+BAD_RECIPES = [
+    (dict(method="avg"), "unknown merge method 'avg'"),
+    (dict(method="tie", density=0.5), "did you mean ties?"),
+    (dict(weights=[1.0]), "1 weights for 2 adapters"),
+    (dict(method="ties"), "needs a density in (0, 1]"),
+    (dict(method="svd", rank=0), "rank must be a positive integer"),
+    (dict(output="gguf"), "output must be adapter or model"),
+    (dict(wieghts=[1, 1]), "did you mean weights?"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_RECIPES, ids=[m for _, m in BAD_RECIPES])
+def test_bad_recipes_are_one_line_errors_and_write_nothing(runs, tmp_path, capsys, change, message):
+    fields = {"adapters": [str(runs["plain"] / "adapter"), str(runs["other"] / "adapter")], "weights": [1.0, 1.0],
+              "method": "cat", "out": str(tmp_path / "out"), **change}
+    assert main(["merge", _recipe(tmp_path, **fields)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _altered_adapter(src, dst, edit):
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    config = json.loads((src / "adapter_config.json").read_text())
+    tensors = load_file(src / "adapter_model.safetensors")
+    config, tensors = edit(config, tensors)
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, dst / "adapter_model.safetensors")
+    return dst
+
+
+def _other_base(config, tensors):
+    return {**config, "base_model_name_or_path": "someone/else-7b"}, tensors
+
+
+def _other_shape(config, tensors):
+    key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
+    return config, {**tensors, key: torch.zeros(tensors[key].shape[0], 32)}
+
+
+def _missing_partner(config, tensors):
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    return config, {k: v for k, v in tensors.items() if k != key}
+
+
+@pytest.mark.parametrize("edit,message", [(_other_base, "merge only adapters of one base"),
+                                          (_other_shape, "trained for different bases"),
+                                          (_missing_partner, "but not its partner")])
+def test_mismatched_adapters_are_one_line_errors_and_write_nothing(runs, tmp_path, capsys, edit, message):
+    a = runs["plain"] / "adapter"
+    bad = _altered_adapter(a, tmp_path / "bad", edit)
+    recipe = _recipe(tmp_path, adapters=[str(a), str(bad)], weights=[1, 1], method="svd", out=str(tmp_path / "out"))
+    assert main(["merge", recipe]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
