@@ -99,3 +99,15 @@ def test_unknown_or_duplicate_names_are_one_line_errors(tiny_llama, folders):
     with pytest.raises(ConfigError, match="already loaded"):
         adapters.add("a", folders["b"])
     assert adapters.active == {"a": 1.0}
+
+
+def test_adapter_of_another_base_is_refused_before_any_layer_changes(folders):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from leantune.adapters.base import adapter_modules
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ModelError, match="trained for a different base"):
+        load_adapters(other, folders)
+    assert adapter_modules(other) == {}
