@@ -2,9 +2,10 @@
 
     W' = W_base + s * B @ A        for every adapted Linear; every other tensor is copied as stored
 
-The base's safetensors files are read one at a time and written back under the same names (the shard
-index is copied), so peak memory is one shard plus the adapter, never the whole model twice; the output
-folder appears complete or not at all (`atomic_dir`), so a failed merge leaves nothing behind.
+Each of the base's safetensors files is copied under its own name (the shard index with it) and the
+bytes of each changed weight are overwritten in place: a merged weight keeps its dtype and shape, so it
+keeps its byte range. Only one weight is in memory at a time (plus the adapter), whatever the model's
+size. The output folder appears complete or not at all (`atomic_dir`): a failed merge leaves nothing.
 
 Over a 4-bit/8-bit base (a QLoRA run), the adapter was trained against dequant(quant(W)), not W:
   base="dequantized"  W_base = dequant(quant(W)) for every quantized Linear -- the model the adapter was
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from ..checkpoint.atomic import atomic_dir, save_safetensors
+from ..checkpoint.atomic import atomic_dir
 from ..errors import ModelError
 
 if TYPE_CHECKING:
@@ -102,24 +103,43 @@ def fold_into_base(base_folder: Path, factors: dict[str, tuple[Tensor, Tensor]],
 
 def _fold_file(src: Path, dst: Path, factors: dict[str, tuple[Tensor, Tensor]], scaling: float,
                requantize: set[str], quant: QuantSpec | None, quant_dtype: torch.dtype) -> set[str]:
-    """Rewrite one shard; return the adapted module paths it held."""
+    """Copy one shard, then overwrite the bytes of each weight that changes; return the adapted paths it held.
+
+    A merged weight keeps its dtype and shape, so it keeps its byte range: the header (and every other
+    tensor) is copied as is and only one tensor at a time is ever in memory.
+    """
     from safetensors import safe_open
 
-    out: dict[str, Tensor] = {}
+    header, data_start = _header(src)
+    shutil.copyfile(src, dst)
     folded = set()
-    with safe_open(str(src), framework="pt") as handle:
-        metadata = handle.metadata() or {"format": "pt"}
-        for key in handle.keys():
-            tensor = handle.get_tensor(key)
+    with safe_open(str(src), framework="pt") as handle, open(dst, "r+b") as out:
+        for key, info in header.items():
             path, _, leaf = key.rpartition(".")
-            if leaf == "weight" and (path in factors or path in requantize):
-                tensor = _merged_weight(tensor, path, factors.get(path), scaling,
-                                        quant if path in requantize else None, quant_dtype)
-                if path in factors:
-                    folded.add(path)
-            out[key] = tensor
-    save_safetensors(out, dst, metadata=metadata)
+            if key == "__metadata__" or leaf != "weight" or (path not in factors and path not in requantize):
+                continue
+            tensor = handle.get_tensor(key)
+            merged = _merged_weight(tensor, path, factors.get(path), scaling,
+                                    quant if path in requantize else None, quant_dtype)
+            begin, end = info["data_offsets"]
+            data = merged.contiguous().view(-1).view(torch.uint8).numpy().tobytes()  # little-endian, as the format
+            assert len(data) == end - begin, key
+            out.seek(data_start + begin)
+            out.write(data)
+            if path in factors:
+                folded.add(path)
+        out.flush()
+        os.fsync(out.fileno())
     return folded
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """(the safetensors JSON header, where the data starts): 8 bytes of little-endian length, then JSON."""
+    import json
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
 
 
 def _merged_weight(weight: Tensor, path: str, pair: tuple[Tensor, Tensor] | None, scaling: float,
