@@ -52,7 +52,8 @@ def compare(reference, candidate, batches: list[dict]) -> dict:
         target = batch["labels"][:, 1:][mask]                    # (N,)
         logp = reference(**_inputs(batch), use_cache=False).logits[:, :-1][mask].float().log_softmax(-1)  # (N, V)
         logq = candidate(**_inputs(batch), use_cache=False).logits[:, :-1][mask].float().log_softmax(-1)
-        kl = (logp.exp() * (logp - logq)).sum(-1)                # (N,)
+        # (N,); KL >= 0, but between near-identical models fp32 rounding can make the sum a hair negative
+        kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
         sums["loss_ref"] -= float(logp.gather(1, target[:, None]).sum())
         sums["loss_cand"] -= float(logq.gather(1, target[:, None]).sum())
         sums["kl"] += float(kl.sum())
