@@ -106,31 +106,40 @@ def _fold_file(src: Path, dst: Path, factors: dict[str, tuple[Tensor, Tensor]], 
     """Copy one shard, then overwrite the bytes of each weight that changes; return the adapted paths it held.
 
     A merged weight keeps its dtype and shape, so it keeps its byte range: the header (and every other
-    tensor) is copied as is and only one tensor at a time is ever in memory.
+    tensor) is copied as is and only one tensor at a time is ever in memory. Tensors are read with plain
+    reads, not through a memory map, whose touched pages would stay resident until the file is closed.
     """
-    from safetensors import safe_open
-
     header, data_start = _header(src)
     shutil.copyfile(src, dst)
     folded = set()
-    with safe_open(str(src), framework="pt") as handle, open(dst, "r+b") as out:
+    with open(src, "rb") as inp, open(dst, "r+b") as out:
         for key, info in header.items():
             path, _, leaf = key.rpartition(".")
             if key == "__metadata__" or leaf != "weight" or (path not in factors and path not in requantize):
                 continue
-            tensor = handle.get_tensor(key)
+            begin, end = info["data_offsets"]
+            inp.seek(data_start + begin)
+            tensor = _from_bytes(bytearray(inp.read(end - begin)), info, key)
             merged = _merged_weight(tensor, path, factors.get(path), scaling,
                                     quant if path in requantize else None, quant_dtype)
-            begin, end = info["data_offsets"]
-            data = merged.contiguous().view(-1).view(torch.uint8).numpy().tobytes()  # little-endian, as the format
-            assert len(data) == end - begin, key
             out.seek(data_start + begin)
-            out.write(data)
+            out.write(merged.contiguous().view(-1).view(torch.uint8).numpy().tobytes())  # little-endian, as stored
             if path in factors:
                 folded.add(path)
         out.flush()
         os.fsync(out.fileno())
     return folded
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _from_bytes(data: bytearray, info: dict, key: str) -> Tensor:
+    dtype = _DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise ModelError(f"{key} is stored as {info['dtype']}, not as floats: the base is saved quantized; merging "
+                         "needs the 16-bit base it was quantized from (pass it with --base-model)")
+    return torch.frombuffer(data, dtype=dtype).view(info["shape"])
 
 
 def _header(path: Path) -> tuple[dict, int]:
