@@ -249,6 +249,15 @@ def _fitting_paths(model, by_module: dict[str, dict], r: int, config: dict) -> l
     return order
 
 
+def read_lora(adapter_dir: str | Path) -> tuple[dict, dict[str, dict]]:
+    """(checked config, {module path: {"lora_A": (r, in), "lora_B": (out, r)[, magnitude: (out,)]}}) of a
+    LoRA or DoRA adapter folder."""
+    d = Path(adapter_dir)
+    config = read_config(d)
+    check_config(config, d / CONFIG_NAME)
+    return config, _factors_by_module(read_weights(d), d / WEIGHTS_NAME, bool(config.get("use_dora")))
+
+
 def load_adapter(model, adapter_dir: str | Path) -> dict:
     """Inject a PEFT LoRA or DoRA adapter (ours or PEFT's) into `model` and load its weights; return its config.
 
@@ -261,11 +270,8 @@ def load_adapter(model, adapter_dir: str | Path) -> dict:
     from ..adapters.dora import DoraLinear
     from ..adapters.lora import LoraLinear
 
-    d = Path(adapter_dir)
-    config = read_config(d)
-    check_config(config, d / CONFIG_NAME)
+    config, by_module = read_lora(adapter_dir)
     use_dora = bool(config.get("use_dora"))
-    by_module = _factors_by_module(read_weights(d), d / WEIGHTS_NAME, use_dora)
     r = config["r"]
     order = _fitting_paths(model, by_module, r, config)
     cls = DoraLinear if use_dora else LoraLinear

@@ -131,6 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the base to 4 or 8 bits (default: as the run that trained the adapter)")
 
+    p = sub.add_parser("merge", help="fold an adapter into its base (an HF model folder), or merge adapters by a recipe",
+                       description="Fold a run's adapter into its base and write a plain Hugging Face model folder, "
+                       "or combine several adapters as a YAML recipe says (linear, cat, svd, ties, dare_linear, "
+                       "dare_ties, magnitude_prune).",
+                       epilog="examples:\n  leantune merge runs/first --out merged/first\n"
+                       "  leantune merge runs/qlora --out merged/q --base original   # the 16-bit weights\n"
+                       "  leantune merge recipe.yaml                                # see docs/merging.md",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a run folder, an adapter folder, or a recipe .yaml")
+    p.add_argument("--out", help="output folder (replaced if it exists); a recipe may name it instead")
+    p.add_argument("--base", choices=["dequantized", "original"], default="dequantized",
+                   help="QLoRA runs: merge into dequant(4-bit weights), what the adapter trained against, or into "
+                   "the original 16-bit weights (default: dequantized)")
+    p.add_argument("--base-model", help="base model, when it differs from the one recorded in the adapter")
+    p.add_argument("--eval-batches", type=int, default=4, help="QLoRA runs: held-out batches for merge_report.json "
+                   "(default: 4)")
+    p.add_argument("--no-report", action="store_true", help="QLoRA runs: skip measuring the merge's cost")
+
     p = sub.add_parser("demo", help="fine-tune the built-in small real model on this machine (offline, CPU)",
                        description="Fine-tunes a LoRA on SmolLM2-135M-Instruct with the built-in dataset and "
                        "prints the same prompts before and after. Needs no network.")
@@ -167,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             from ..generate import main as generate_main
 
             return generate_main(ns)
+        if ns.command == "merge":
+            return _merge(ns)
         if ns.command == "demo":
             from ..demo import run_demo
 
@@ -190,6 +210,20 @@ def _train(ns: argparse.Namespace) -> int:
 
     res = run(cfg, resume=ns.resume)
     return 130 if res.stopped == "interrupted" else 0
+
+
+def _merge(ns: argparse.Namespace) -> int:
+    if ns.source.endswith((".yaml", ".yml")):
+        from ..merge.recipe import run_recipe
+
+        run_recipe(ns.source, out=ns.out)
+        return 0
+    from ..errors import ConfigError
+    from ..merge.run import main as merge_main
+
+    if not ns.out:
+        raise ConfigError("leantune merge needs --out DIR, the folder to write the merged model to")
+    return merge_main(ns)
 
 
 def _inspect(ns: argparse.Namespace) -> int:

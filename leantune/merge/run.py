@@ -1,0 +1,96 @@
+"""`leantune merge RUN_OR_ADAPTER --out DIR`: one adapter folded into its base, as a plain HF folder.
+
+The source is what `generate` accepts (a run folder, its adapter/ or a checkpoint, an adapter folder).
+When the source belongs to a run (a config.yaml beside or above it), the run says how the base was
+loaded: its dtype, its `quant` section (a QLoRA run), its chat template and its data. For a QLoRA run
+the merge also measures its own cost (`report.py`) into merge_report.json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError, ModelError
+from .fold import BaseChoice, fold_into_base, model_folder
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+REPORT_NAME = "merge_report.json"
+BASE_CHOICES = ("dequantized", "original")
+
+
+def run_config(source: str | os.PathLike) -> RunConfig | None:
+    """The config of the run `source` belongs to (its folder, or one of three parents), if any."""
+    from ..config import load
+
+    p = Path(source).resolve()
+    for folder in (p, *p.parents[:3]):
+        if (folder / "config.yaml").is_file() and not (folder / "config.json").exists():
+            return load(folder / "config.yaml", validate=False)
+    return None
+
+
+def tokenizer_for(model: str, cfg: RunConfig | None):
+    """The base tokenizer, carrying the chat template the run trained with (data.chat_template, if set)."""
+    from ..data.tokenize import resolve_chat_template
+    from ..models.load import load_tokenizer
+
+    tok = load_tokenizer(model, trust_remote_code=bool(cfg and cfg.trust_remote_code))
+    if cfg is not None and cfg.data.chat_template:
+        tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
+    return tok
+
+
+def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "dequantized", base_model: str | None = None,
+                 report: bool = True, eval_batches: int = 4, console: Callable[[str], None] = print) -> Path:
+    """Fold the adapter of `source` into its base at `out`; for a QLoRA run, also write merge_report.json."""
+    from ..checkpoint.atomic import write_json
+    from ..generate import find_model_and_adapter
+    from ..models.load import pick_dtype
+    from ..models.quantized import resolve_spec
+    from .combine import read_adapter
+
+    if base not in BASE_CHOICES:
+        raise ConfigError(f"--base must be dequantized or original, got {base!r}")
+    model, adapter_dir = find_model_and_adapter(source, base_model)
+    if adapter_dir is None:
+        raise ModelError(f"{source} is neither a run folder nor an adapter folder (no adapter_config.json); pass "
+                         "runs/NAME or its adapter/ folder")
+    cfg = run_config(source)
+    lora = read_adapter(adapter_dir)
+    quant = resolve_spec(cfg.quant, _cpu()) if cfg is not None and cfg.quant.bits else None
+    quant_dtype = pick_dtype(cfg.dtype, "cpu") if cfg is not None else None
+    if quant is not None:
+        console(f"the adapter was trained on a {quant.bits}-bit base; merging into the "
+                + ("dequantized base it was trained against" if base == "dequantized"
+                   else "original 16-bit weights (not what it was trained against)"))
+    folder = model_folder(model)
+    written = fold_into_base(folder, lora.factors, lora.scaling, out, quant=quant, quant_dtype=quant_dtype,
+                             base=base, tokenizer=tokenizer_for(model, cfg))
+    console(f"merged {adapter_dir} into {model}: {written}")
+    if quant is not None and report:
+        from .report import merge_cost, summary
+
+        if cfg.model != model:  # --base-model overrides the run's base for the report too
+            cfg.model = model
+        result = merge_cost(cfg, adapter_dir, written, base=base, limit=eval_batches)
+        write_json(written / REPORT_NAME, result)
+        console(summary(result))
+    return written
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def main(ns) -> int:
+    merge_source(ns.source, ns.out, base=ns.base, base_model=ns.base_model, report=not ns.no_report,
+                 eval_batches=ns.eval_batches, console=lambda s: print(s, file=sys.stderr))
+    return 0
