@@ -66,6 +66,10 @@ class TrainConfig:
     lr: float = _f(2e-4, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "adafactor", "sgd", "galore_adamw"] = _f(
+        "adamw", "adamw (torch), adamw_8bit / paged_adamw_8bit / paged_adamw (bitsandbytes; paging needs CUDA), "
+        "adafactor (torch), sgd, or galore_adamw (low-rank gradient projection; for method full/freeze)")
+    momentum: float = _f(0.0, "SGD momentum (optimizer sgd only)")
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
     warmup_steps: int | None = _f(None, "linear warmup steps; when unset, warmup_ratio of the run")
     warmup_ratio: float = _f(0.03, "warmup as a fraction of the total steps")
@@ -83,10 +87,25 @@ class TrainConfig:
 
 
 @dataclass
+class GaloreConfig:
+    rank: int = _f(128, "GaLore: rank r of the projected gradient of each 2-D weight")
+    update_proj_gap: int = _f(200, "GaLore: recompute the projection by SVD every T optimizer steps")
+    scale: float = _f(0.25, "GaLore: scale alpha of the projected-back update")
+
+
+@dataclass
+class FreezeConfig:
+    train_last_layers: int = _f(0, "method freeze: train the last N decoder layers (0: none)")
+    train_modules: list[str] = _f([], "method freeze: also train modules whose path ends with one of these names "
+                                  "(e.g. [norm, embed_tokens, lm_head]) or matches them as a regex")
+
+
+@dataclass
 class RunConfig:
     model: str | None = _f(None, "base model: a local HF folder, a hub id, or a .gguf file")
     output_dir: str = _f("runs/leantune", "run folder: resolved config, metrics, checkpoints and the final adapter")
-    method: Literal["lora"] = _f("lora", "fine-tuning method")
+    method: Literal["lora", "full", "freeze"] = _f(
+        "lora", "fine-tuning method: lora (adapter), full (every weight trains), freeze (only the parts named in freeze.*)")
     seed: int = _f(0, "random seed (data order, init, dropout)")
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", "dtype of the frozen base weights: auto picks bf16 where the hardware runs it fast, else fp32 (never fp16 on CPU)")
@@ -97,6 +116,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +313,17 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm must be > 0 or null, got {t.max_grad_norm}")
     for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    need(0.0 <= t.momentum < 1.0, f"train.momentum must be in [0, 1), got {t.momentum}")
+    need(t.optimizer != "galore_adamw" or cfg.method in ("full", "freeze"),
+         "train.optimizer galore_adamw projects full weight gradients; use it with method full or freeze "
+         "(LoRA is already low-rank: use adamw)")
+    need(cfg.galore.rank > 0, f"galore.rank must be > 0, got {cfg.galore.rank}; the paper uses 128-512")
+    need(cfg.galore.update_proj_gap >= 1, f"galore.update_proj_gap must be >= 1, got {cfg.galore.update_proj_gap}")
+    need(cfg.galore.scale > 0, f"galore.scale must be > 0, got {cfg.galore.scale}; the paper uses 0.25")
+    need(cfg.freeze.train_last_layers >= 0, f"freeze.train_last_layers must be >= 0, got {cfg.freeze.train_last_layers}")
+    need(cfg.method != "freeze" or cfg.freeze.train_last_layers > 0 or bool(cfg.freeze.train_modules),
+         "method freeze trains nothing as configured: set freeze.train_last_layers (e.g. 2) and/or "
+         "freeze.train_modules (e.g. [norm])")
 
 
 def from_dict(raw: dict, overrides: dict[str, Any] | None = None, validate: bool = True) -> RunConfig:

@@ -34,7 +34,8 @@ def _add_config_fields(p: argparse.ArgumentParser) -> None:
     from ..config import fields_of, type_name
 
     groups: dict[str, argparse._ArgumentGroup] = {}
-    titles = {"": "run", "data": "data (data.*)", "lora": "LoRA (lora.*)", "train": "training loop (train.*)"}
+    titles = {"": "run", "data": "data (data.*)", "lora": "LoRA (lora.*)", "train": "training loop (train.*)",
+              "freeze": "freeze tuning (freeze.*)", "galore": "GaLore optimizer (galore.*)"}
     for fi in fields_of():
         section = fi.name.split(".")[0] if "." in fi.name else ""
         g = groups.get(section) or groups.setdefault(section, p.add_argument_group(titles.get(section, section)))

@@ -50,7 +50,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     from ..data.tokenize import pad_id_for
     from ..models.load import load_model, load_tokenizer, pick_dtype, resolve_device
     from .metrics import MetricsLog
-    from .schedule import build_optimizer, lr_factor, set_lr, warmup_steps
+    from .optim import build_optimizer
+    from .schedule import lr_factor, set_lr, warmup_steps
     from .state import load_checkpoint, save_checkpoint
     from .step import evaluate
 
@@ -103,7 +104,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                               packing=cfg.data.packing, pad_id=pad_id, seed=cfg.seed, epoch=0)
                  if data.eval else [])
 
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, device, console)
     progress = Progress()
     if resume:
         progress = load_checkpoint(ckpts[-1], model, optimizer)

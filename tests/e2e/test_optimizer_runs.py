@@ -1,0 +1,36 @@
+"""Optimizers through the loop: an 8-bit AdamW run killed after a checkpoint resumes to the adapter of
+an uninterrupted run (its quantized state comes back from a weights_only checkpoint)."""
+
+from __future__ import annotations
+
+import torch
+
+from leantune.config import from_dict
+from leantune.train.loop import run
+
+from .test_loop_behaviour import adapter, quiet
+from .test_train_cli import write_chat_data
+
+
+def cfg_8bit(model_dir, data, out):
+    # rank 64 on hidden 64: lora_A holds 4096 values, so bitsandbytes keeps its moments in 8 bits
+    return from_dict({"model": str(model_dir), "output_dir": str(out), "dtype": "fp32",
+                      "data": {"path": str(data), "max_length": 64}, "lora": {"rank": 64, "alpha": 64},
+                      "train": {"max_steps": 5, "batch_size": 2, "lr": 3e-3, "progress": False, "tensorboard": False,
+                                "save_every": 2, "eval_every": 0, "optimizer": "adamw_8bit"}})
+
+
+def test_adamw_8bit_resume_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=24)
+    out = tmp_path / "killed"
+    res = run(cfg_8bit(tiny_llama_dir, data, out), console=quiet, stop_after=3)  # dies after step 3
+    assert res.stopped == "interrupted"
+    opt_state = torch.load(out / "checkpoints" / "step-000002" / "optimizer.pt", weights_only=True)
+    # bitsandbytes nests the quantized tensors of each parameter under one key
+    quant = [s["__bnb_optimizer_quant_state__"] for s in opt_state["state"].values()]
+    assert any(q["state1"].dtype == torch.uint8 for q in quant)
+    run(cfg_8bit(tiny_llama_dir, data, out), resume=True, console=quiet)
+    run(cfg_8bit(tiny_llama_dir, data, tmp_path / "ref"), console=quiet)
+    a, b = adapter(out), adapter(tmp_path / "ref")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
