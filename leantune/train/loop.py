@@ -4,7 +4,8 @@ No Trainer and no callbacks: every step is in `run()` or a plain helper beside i
 
     <output_dir>/config.yaml          the fully resolved config (train it again with `leantune train config.yaml`)
     <output_dir>/data_report.json     what the data pipeline read, kept, skipped and why
-    <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s, eval)
+    <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s, peak memory, eval),
+                                      and after the first step the memory breakdown (train/memory.py)
     <output_dir>/tensorboard/         the same, for TensorBoard
     <output_dir>/loss.svg             the loss curves, train and eval (open in a browser)
     <output_dir>/checkpoints/step-N/  resumable checkpoints (each also a PEFT adapter)
@@ -49,6 +50,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     from ..data.dataset import build as build_data
     from ..data.tokenize import pad_id_for
     from ..models.load import load_model, load_tokenizer, pick_dtype, resolve_device
+    from .memory import SavedTensorMeter, breakdown, describe, gradient_bytes, peak_memory_bytes
     from .metrics import MetricsLog
     from .optim import build_optimizer
     from .schedule import lr_factor, set_lr, warmup_steps
@@ -146,18 +148,22 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     # checkpoint it writes is exactly the one an uninterrupted run would have had after that step.
     boundary = _snapshot(progress)
     in_update = False
+    # Measured on this process's first step: saved activations of one micro-batch and the gradients.
+    meter, grad_bytes, memory = SavedTensorMeter(model), 0, None
     try:
         while progress.step < total_steps:
             set_lr(optimizer, lr_factor(progress.step, total=total_steps, warmup=warmup, kind=t.schedule))
             micro = [next_micro_batch() for _ in range(t.grad_accum)]
             n_tokens = sum(b["num_label_tokens"] for b in micro)
-            step_loss = _accumulate_gradients(model, micro, n_tokens, chunk=t.loss_chunk)
+            step_loss = _accumulate_gradients(model, micro, n_tokens, chunk=t.loss_chunk,
+                                              meter=meter if memory is None else None)
             if not math.isfinite(step_loss):
                 raise _nan_error(step_loss, progress.step + 1, run_dir, t.lr)
             grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm
                          else _grad_norm(trainable))
             if not math.isfinite(float(grad_norm)):
                 raise _nan_error(float(grad_norm), progress.step + 1, run_dir, t.lr, what="gradient norm")
+            grad_bytes = gradient_bytes(model) if memory is None else grad_bytes
             in_update = True
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -167,6 +173,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
             boundary = _snapshot(progress)  # weights and optimizer now hold this step: rewind no further
             tokens_window += sum(int(b["input_ids"].numel()) for b in micro)
             last_loss = step_loss
+            if memory is None:  # optimizer state exists only after the first step
+                memory = breakdown(model, optimizer, grad_bytes=grad_bytes, activation_bytes=meter.bytes, device=device)
+                log.log(progress.step, **memory)
 
             if progress.step % max(t.log_every, 1) == 0 or progress.step == total_steps:
                 now = time.perf_counter()
@@ -174,7 +183,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                 t_last, tokens_window = now, 0
                 log.log(progress.step, loss=step_loss, lr=optimizer.param_groups[0]["lr"],
                         grad_norm=float(grad_norm), tokens_per_s=round(tps, 1), epoch=progress.epoch,
-                        label_tokens=n_tokens)
+                        label_tokens=n_tokens, peak_memory_mib=round(peak_memory_bytes(device)[0] / 2**20, 1))
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:.0f}")
             bar.update(1)
 
@@ -230,6 +239,10 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     summary = {"status": stopped, "steps": progress.step, "total_steps": total_steps, "train_loss": last_loss,
                "eval_loss": last_eval, "best_eval_loss": progress.best_eval_loss, "label_tokens": progress.tokens_seen,
                "adapter": str(adapter_dir), "progress": asdict(progress)}
+    if memory is not None:  # the peak again at the end: evaluation and saving can raise it
+        memory = breakdown(model, optimizer, grad_bytes=grad_bytes, activation_bytes=meter.bytes, device=device)
+        summary["memory"] = memory
+        console(describe(memory))
     log.close()
     from .plot import write_loss_svg
 
@@ -241,16 +254,21 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     return RunResult(run_dir, adapter_dir, progress.step, last_loss, last_eval, stopped)
 
 
-def _accumulate_gradients(model, micro: list[dict], n_tokens: int, *, chunk: int) -> float:
+def _accumulate_gradients(model, micro: list[dict], n_tokens: int, *, chunk: int, meter=None) -> float:
     """Forward and backward every micro-batch of a step; each loss is divided by the label tokens of
-    the whole step, so k micro-batches of b rows give the gradient of one batch of k*b rows."""
+    the whole step, so k micro-batches of b rows give the gradient of one batch of k*b rows.
+    `meter` (a SavedTensorMeter) counts the activations of the first micro-batch."""
+    import contextlib
+
     from . import step
 
     total = 0.0
     for b in micro:
         if b["num_label_tokens"] == 0:
             continue
-        loss, _ = step.micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=chunk)
+        with meter if meter is not None else contextlib.nullcontext():
+            loss, _ = step.micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=chunk)
+        meter = None
         loss.backward()
         total += float(loss.detach())
     return total

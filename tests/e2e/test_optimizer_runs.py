@@ -1,7 +1,10 @@
 """Optimizers through the loop: an 8-bit AdamW run killed after a checkpoint resumes to the adapter of
-an uninterrupted run (its quantized state comes back from a weights_only checkpoint)."""
+an uninterrupted run (its quantized state comes back from a weights_only checkpoint); every run records
+its memory breakdown."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -34,3 +37,23 @@ def test_adamw_8bit_resume_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path)
     a, b = adapter(out), adapter(tmp_path / "ref")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_run_records_the_breakdown_in_metrics_and_summary(tiny_llama_dir, tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    cfg = from_dict({"model": str(tiny_llama_dir), "output_dir": str(tmp_path / "r"), "dtype": "fp32",
+                     "data": {"path": str(data), "max_length": 64}, "lora": {"rank": 4, "alpha": 8},
+                     "train": {"max_steps": 2, "batch_size": 2, "progress": False, "tensorboard": False,
+                               "eval_every": 0}})
+    lines = []
+    run(cfg, console=lines.append)
+    mem = json.loads((tmp_path / "r" / "summary.json").read_text())["memory"]
+    records = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "mem_optimizer_state_bytes" in r)
+    assert first["step"] == 1 and all("peak_memory_mib" in r for r in records if "loss" in r)
+    assert mem["mem_gradients_bytes"] == mem["mem_trainable_bytes"] > 0  # fp32 grads of fp32 LoRA params
+    assert mem["mem_optimizer_state_bytes"] >= 2 * mem["mem_trainable_bytes"]
+    assert mem["mem_activations_bytes"] > 0
+    parts = sum(mem[f"mem_{k}_bytes"] for k in ("base_weights", "trainable", "gradients", "optimizer_state"))
+    assert mem["mem_peak_bytes"] > parts
+    assert any(ln.startswith("memory: peak") for ln in lines)
