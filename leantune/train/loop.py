@@ -10,6 +10,7 @@ No Trainer and no callbacks: every step is in `run()` or a plain helper beside i
     <output_dir>/loss.svg             the loss curves, train and eval (open in a browser)
     <output_dir>/checkpoints/step-N/  resumable checkpoints (each also a PEFT adapter)
     <output_dir>/adapter/             the final adapter in PEFT's format (appears only when complete)
+    <output_dir>/model/               method full/freeze: the whole model as an HF folder, with the tokenizer
     <output_dir>/summary.json         written last: the run finished
 """
 
@@ -29,7 +30,7 @@ from .state import Progress, checkpoint_dirs
 @dataclass
 class RunResult:
     run_dir: Path
-    adapter_dir: Path | None
+    adapter_dir: Path | None  # the final adapter, or for method full/freeze the saved model folder
     steps: int
     train_loss: float | None
     eval_loss: float | None
@@ -113,6 +114,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
 
     def save_adapter_to(m, folder: Path) -> None:
+        if cfg.method in WHOLE_MODEL:  # a checkpoint's trainable.safetensors already holds every trained weight
+            return
         from ..checkpoint.peft_format import save_adapter
 
         save_adapter(m, folder, base_model_name_or_path=base_name, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
@@ -233,12 +236,17 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     bar.close()
 
     checkpoint()
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run_dir / ("model" if cfg.method in WHOLE_MODEL else "adapter")
     with atomic_dir(adapter_dir) as tmp:
-        save_adapter_to(model, tmp)
+        if cfg.method in WHOLE_MODEL:
+            from .full import save_model
+
+            save_model(model, tokenizer, tmp)
+        else:
+            save_adapter_to(model, tmp)
     summary = {"status": stopped, "steps": progress.step, "total_steps": total_steps, "train_loss": last_loss,
                "eval_loss": last_eval, "best_eval_loss": progress.best_eval_loss, "label_tokens": progress.tokens_seen,
-               "adapter": str(adapter_dir), "progress": asdict(progress)}
+               adapter_dir.name: str(adapter_dir), "progress": asdict(progress)}
     if memory is not None:  # the peak again at the end: evaluation and saving can raise it
         memory = breakdown(model, optimizer, grad_bytes=grad_bytes, activation_bytes=meter.bytes, device=device)
         summary["memory"] = memory
@@ -250,7 +258,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     write_json(run_dir / "summary.json", summary)
     loss_text = f"train loss {last_loss:.4f}" if last_loss is not None else "nothing left to train"
     console(f"done: {progress.step} steps, {loss_text}"
-            + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; adapter in {adapter_dir}")
+            + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; {adapter_dir.name} in {adapter_dir}")
     return RunResult(run_dir, adapter_dir, progress.step, last_loss, last_eval, stopped)
 
 
@@ -296,19 +304,28 @@ def _check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
     return ckpts
 
 
+WHOLE_MODEL = ("full", "freeze")  # methods that train the model's own weights and save the whole model
+
+
 def _attach_adapter(model, cfg: RunConfig) -> None:
-    """Freeze the base, inject LoRA (seeded, so the init is reproducible), mark only it trainable."""
+    """Freeze the base, inject LoRA (seeded, so the init is reproducible), mark only it trainable;
+    or, for method full/freeze, mark the model's own weights that train (train/full.py)."""
     import torch
 
-    from ..adapters.base import mark_only_adapters_trainable
-    from ..adapters.lora import inject_lora
+    if cfg.method in WHOLE_MODEL:
+        from .full import mark_trainable
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    inject_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                targets=cfg.lora.targets, rslora=cfg.lora.rslora, init=cfg.lora.init)
-    mark_only_adapters_trainable(model)
+        mark_trainable(model, cfg.method, cfg.freeze.train_last_layers, cfg.freeze.train_modules)
+    else:
+        from ..adapters.base import mark_only_adapters_trainable
+        from ..adapters.lora import inject_lora
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        inject_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                    targets=cfg.lora.targets, rslora=cfg.lora.rslora, init=cfg.lora.init)
+        mark_only_adapters_trainable(model)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so a frozen base works as is.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
