@@ -57,3 +57,18 @@ def test_run_records_the_breakdown_in_metrics_and_summary(tiny_llama_dir, tmp_pa
     parts = sum(mem[f"mem_{k}_bytes"] for k in ("base_weights", "trainable", "gradients", "optimizer_state"))
     assert mem["mem_peak_bytes"] > parts
     assert any(ln.startswith("memory: peak") for ln in lines)
+
+
+def test_full_fine_tuning_with_galore_lowers_the_loss(tiny_llama_dir, tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=24)
+    cfg = from_dict({"model": str(tiny_llama_dir), "output_dir": str(tmp_path / "g"), "dtype": "fp32",
+                     "method": "full", "data": {"path": str(data), "max_length": 64},
+                     "galore": {"rank": 8, "update_proj_gap": 4, "scale": 0.25},
+                     "train": {"max_steps": 10, "batch_size": 2, "lr": 1e-2, "progress": False, "tensorboard": False,
+                               "eval_every": 0, "optimizer": "galore_adamw", "schedule": "constant"}})
+    run(cfg, console=quiet)
+    records = [json.loads(ln) for ln in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3])
+    mem = json.loads((tmp_path / "g" / "summary.json").read_text())["memory"]
+    assert mem["mem_optimizer_state_bytes"] < 2 * mem["mem_trainable_bytes"]  # AdamW would hold 2x
