@@ -101,6 +101,21 @@ class FreezeConfig:
 
 
 @dataclass
+class QuantConfig:
+    bits: int | None = _f(None, "quantize the frozen base through bitsandbytes: 4 (QLoRA, NF4/FP4) or 8 (LLM.int8); "
+                                "null keeps it in `dtype`. Embeddings, lm_head and norms stay high precision")
+    type: Literal["nf4", "fp4"] = _f("nf4", "4-bit code: nf4 (normal-float, QLoRA's choice) or fp4")
+    double_quant: bool = _f(True, "4-bit: quantize the block scales too (about 4.13 instead of 4.5 bits per weight)")
+    compute_dtype: Literal["auto", "bf16", "fp32", "fp16"] = _f(
+        "auto", "dtype of the 4-bit matmuls: auto follows the `dtype` rule (bf16 where the hardware runs it fast, "
+        "else fp32); fp16 only on CUDA")
+    blocksize: int = _f(64, "4-bit: weights per block scale (64, as QLoRA and transformers)")
+
+
+QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' blockwise kernels take
+
+
+@dataclass
 class RunConfig:
     model: str | None = _f(None, "base model: a local HF folder, a hub id, or a .gguf file")
     output_dir: str = _f("runs/leantune", "run folder: resolved config, metrics, checkpoints and the final adapter")
@@ -118,6 +133,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     galore: GaloreConfig = field(default_factory=GaloreConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +253,8 @@ ALIASES = {
     "loraplus_lr_ratio": "lora.lr_ratio", "sequence_len": "data.max_length", "max_seq_length": "data.max_length",
     "max_length": "data.max_length", "dataset": "data.path", "datasets": "data.path", "base_model": "model",
     "model_name_or_path": "model", "output": "output_dir",
+    "load_in_4bit": "quant.bits: 4", "load_in_8bit": "quant.bits: 8", "bnb_4bit_quant_type": "quant.type",
+    "bnb_4bit_use_double_quant": "quant.double_quant", "bnb_4bit_compute_dtype": "quant.compute_dtype",
 }
 
 
@@ -324,6 +342,18 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.method != "freeze" or cfg.freeze.train_last_layers > 0 or bool(cfg.freeze.train_modules),
          "method freeze trains nothing as configured: set freeze.train_last_layers (e.g. 2) and/or "
          "freeze.train_modules (e.g. [norm])")
+    need(cfg.quant.bits is None or cfg.method not in ("full", "freeze"),
+         f"method {cfg.method} trains the base weights, which a {cfg.quant.bits}-bit base cannot hold; "
+         "drop quant.bits, or use method lora (QLoRA)")
+    check_quant(cfg.quant)
+
+
+def check_quant(q: QuantConfig) -> None:
+    if q.bits is not None and q.bits not in (4, 8):
+        raise ConfigError(f"quant.bits must be 4 or 8 (or null for an unquantized base), got {q.bits}")
+    if q.blocksize not in QUANT_BLOCKSIZES:
+        raise ConfigError(f"quant.blocksize must be one of {', '.join(map(str, QUANT_BLOCKSIZES))}, got {q.blocksize}; "
+                          "64 is QLoRA's")
 
 
 def from_dict(raw: dict, overrides: dict[str, Any] | None = None, validate: bool = True) -> RunConfig:

@@ -41,15 +41,37 @@ def find_model_and_adapter(source: str, base: str | None = None) -> tuple[str, P
     return base or source, None
 
 
-def load_for_inference(source: str, *, base: str | None = None, dtype: str = "auto", use_adapter: bool = True):
-    """Return (model, tokenizer) ready for generation, the adapter attached (not merged)."""
+def run_quant(source: str, bits: int | None = None):
+    """The `quant` section to load the base with: `bits` when given, else that of the run the source
+    belongs to (a run folder, or its adapter/ or checkpoint folder), else none."""
+    from .config import QuantConfig, load
+
+    if bits is not None:
+        return QuantConfig(bits=bits)
+    p = Path(source).resolve()
+    for folder in (p, *p.parents[:3]):
+        if (folder / "config.yaml").is_file() and not (folder / "config.json").exists():
+            return load(folder / "config.yaml", validate=False).quant
+    return None
+
+
+def load_for_inference(source: str, *, base: str | None = None, dtype: str = "auto", use_adapter: bool = True,
+                       quant_bits: int | None = None):
+    """Return (model, tokenizer) ready for generation, the adapter attached (not merged).
+
+    The base is quantized as the run that trained the adapter had it (its config.yaml `quant`), or to
+    `quant_bits` when given.
+    """
     from .checkpoint.peft_format import load_adapter
     from .models.load import load_model, load_tokenizer, pick_dtype, resolve_device
 
     model_src, adapter = find_model_and_adapter(source, base)
     device = resolve_device("auto")
     tok = load_tokenizer(model_src)
-    model = load_model(model_src, dtype=pick_dtype(dtype, device), device=device)
+    quant = run_quant(source, quant_bits) if Path(source).exists() or quant_bits else None
+    model = load_model(model_src, dtype=pick_dtype(dtype, device), device=device, quant=quant)
+    if getattr(model, "leantune_quant", None) is not None:
+        print(f"note: generating with a {model.leantune_quant.bits}-bit base", file=sys.stderr)
     if adapter is not None and use_adapter:
         load_adapter(model, adapter)
         model.to(device)
@@ -84,7 +106,8 @@ def main(ns) -> int:
     import torch
 
     torch.manual_seed(ns.seed)
-    model, tok = load_for_inference(ns.source, base=ns.base, dtype=ns.dtype, use_adapter=not ns.no_adapter)
+    model, tok = load_for_inference(ns.source, base=ns.base, dtype=ns.dtype, use_adapter=not ns.no_adapter,
+                                    quant_bits=getattr(ns, "quant_bits", None))
     system = [{"role": "system", "content": ns.system}] if ns.system else []
     opts = dict(raw=ns.raw, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p)
     if not ns.chat:

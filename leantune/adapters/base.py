@@ -68,6 +68,23 @@ class Adapter(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# What an adapter may ask of the layer it wraps: sizes and, when there is one, the float dtype of its
+# weight. A quantized base (bitsandbytes Linear4bit/Linear8bitLt) answers the same questions, so an
+# adapter wraps it without knowing it is quantized.
+
+
+def layer_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear-like layer; a packed 4-bit weight's shape says neither."""
+    return int(layer.in_features), int(layer.out_features)
+
+
+def float_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The dtype of the layer's weight when it holds floats; None when it holds packed integers (quantized)."""
+    dtype = layer.weight.dtype
+    return dtype if dtype.is_floating_point else None
+
+
+# ---------------------------------------------------------------------------------------------
 # Finding targets
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from .base import Adapter, adapter_modules, find_targets, set_module, trainable_parameters
+from .base import Adapter, adapter_modules, find_targets, float_dtype, layer_features, set_module, trainable_parameters
 
 INITS = ("default", "gaussian")
 
@@ -35,13 +35,13 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor
     return (b.float() @ a.float()) * scaling
 
 
-def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    # fp32 master weights over low-precision bases (PEFT's autocast_adapter_dtype); an fp64 base keeps fp64.
+def _adapter_dtype(base_dtype: torch.dtype | None) -> torch.dtype:
+    # fp32 master weights over low-precision and quantized bases (PEFT's autocast_adapter_dtype); fp64 keeps fp64.
     return torch.float64 if base_dtype == torch.float64 else torch.float32
 
 
 def _new_factors(in_features: int, out_features: int, rank: int, init: str,
-                 base_dtype: torch.dtype) -> tuple[nn.Linear, nn.Linear]:
+                 base_dtype: torch.dtype | None) -> tuple[nn.Linear, nn.Linear]:
     """A and B, drawn from the global CPU generator exactly as PEFT's update_layer draws them."""
     dtype = _adapter_dtype(base_dtype)
     # Both constructors draw nn.Linear's own init, which is then overwritten: wasted draws, but PEFT makes
@@ -71,11 +71,12 @@ class LoraLinear(Adapter, method="lora"):
         self.rank, self.alpha, self.rslora, self.init = rank, alpha, rslora, init
         self.scaling = lora_scaling(rank, alpha, rslora)
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
-        weight = base_layer.weight
-        self.lora_A, self.lora_B = _new_factors(base_layer.in_features, base_layer.out_features, rank, init, weight.dtype)
-        if weight.device.type != "meta":
-            self.lora_A.to(weight.device)
-            self.lora_B.to(weight.device)
+        in_features, out_features = layer_features(base_layer)
+        self.lora_A, self.lora_B = _new_factors(in_features, out_features, rank, init, float_dtype(base_layer))
+        device = base_layer.weight.device
+        if device.type != "meta":
+            self.lora_A.to(device)
+            self.lora_B.to(device)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.lora_A.weight, self.lora_B.weight]
@@ -94,11 +95,11 @@ class LoraLinear(Adapter, method="lora"):
         return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def _base_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        if not weight.dtype.is_floating_point:
-            raise ModelError(f"cannot merge LoRA into a {weight.dtype} (quantized) base weight; load the base in "
-                             "bf16/fp32 to merge, or keep the adapter unmerged")
-        return weight
+        if float_dtype(self.base_layer) is None:
+            raise ModelError(f"cannot merge LoRA into a quantized base layer ({type(self.base_layer).__name__}: its "
+                             "weight is packed integers, and adding to it would corrupt it); load the base without "
+                             "quant.bits (bf16/fp32) to merge, or keep the adapter unmerged")
+        return self.base_layer.weight
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -35,7 +35,8 @@ def _add_config_fields(p: argparse.ArgumentParser) -> None:
 
     groups: dict[str, argparse._ArgumentGroup] = {}
     titles = {"": "run", "data": "data (data.*)", "lora": "LoRA (lora.*)", "train": "training loop (train.*)",
-              "freeze": "freeze tuning (freeze.*)", "galore": "GaLore optimizer (galore.*)"}
+              "freeze": "freeze tuning (freeze.*)", "galore": "GaLore optimizer (galore.*)",
+              "quant": "quantized base, QLoRA (quant.*)"}
     for fi in fields_of():
         section = fi.name.split(".")[0] if "." in fi.name else ""
         g = groups.get(section) or groups.setdefault(section, p.add_argument_group(titles.get(section, section)))
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="base weights dtype (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--quant-bits", type=int, choices=[4, 8], default=None,
+                   help="quantize the base to 4 or 8 bits (default: as the run that trained the adapter)")
 
     p = sub.add_parser("demo", help="fine-tune the built-in small real model on this machine (offline, CPU)",
                        description="Fine-tunes a LoRA on SmolLM2-135M-Instruct with the built-in dataset and "

@@ -251,13 +251,22 @@ def load_tokenizer(source: str | os.PathLike, *, trust_remote_code: bool = False
 
 
 def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype, device: str | torch.device,
-               attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM in `dtype` on `device`, exactly as stored (no eval(), no requires_grad changes)."""
+               attn_implementation: str = "sdpa", trust_remote_code: bool = False, quant: Any = None) -> PreTrainedModel:
+    """A causal LM in `dtype` on `device`, exactly as stored (no eval(), no requires_grad changes).
+
+    With `quant` (a QuantConfig or QuantSpec whose bits is 4 or 8), or from a folder saved quantized by
+    bitsandbytes, the Linear layers are quantized while loading (`models.quantized`).
+    """
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
     dtype = pick_dtype(dtype, device)
     src = resolve_source(source)
+    if (quant is not None and quant.bits is not None) or _saved_bnb(src):
+        from .quantized import load_quantized
+
+        return load_quantized(src, quant, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                              trust_remote_code=trust_remote_code)
     t0 = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation,
@@ -271,6 +280,12 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype, device: s
         model.to(device)
     log.info("loaded %s in %.1f s: %s", source, time.perf_counter() - t0, model_info(model))
     return model
+
+
+def _saved_bnb(src: str) -> bool:
+    from .quantized import saved_quantization
+
+    return (saved_quantization(src) or {}).get("quant_method") == "bitsandbytes"
 
 
 def model_info(model: Any) -> dict:

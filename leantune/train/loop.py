@@ -73,8 +73,12 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     hf_logging.disable_progress_bar()  # our own bar is the only one; errors stay one line
     console(f"loading {cfg.model} ({str(dtype).removeprefix('torch.')} on {device})")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.quant.bits:
+        console(f"quantizing the base to {cfg.quant.bits} bits while loading"
+                + (f" ({cfg.quant.type}, double quant {'on' if cfg.quant.double_quant else 'off'})"
+                   if cfg.quant.bits == 4 else ""))
     model = load_model(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
-                       trust_remote_code=cfg.trust_remote_code)
+                       trust_remote_code=cfg.trust_remote_code, quant=cfg.quant)
     model.config.use_cache = False
     base_name = cfg.model
     if cfg.model.lower().endswith(".gguf"):  # PEFT and vLLM can't load a .gguf base: record its HF folder
@@ -332,6 +336,11 @@ def _attach_adapter(model, cfg: RunConfig) -> None:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "leantune_quant", None) is not None and hasattr(model, "enable_input_require_grads"):
+            # As prepare_model_for_kbit_training: embeddings output a grad-requiring tensor, so every
+            # checkpointed segment of a quantized base has a differentiable input (needed by reentrant
+            # checkpointing and by any wrapper that checks requires_grad on the inputs).
+            model.enable_input_require_grads()
 
 
 def _snapshot(progress: Progress) -> tuple:

@@ -3,7 +3,8 @@
     peak          the process's high-water mark: torch.cuda.max_memory_allocated on CUDA; on CPU the kernel's
                   peak resident set (VmHWM in /proc/self/status, else getrusage's ru_maxrss). It covers the
                   whole process (Python, torch, the tokenizer, data), so it is larger than the sum below.
-    base weights  frozen parameters and buffers (quantized weights count at their packed size)
+    base weights  frozen parameters and buffers; a quantized weight counts at its packed size plus its
+                  block statistics (quant/layers.py storage_bits)
     trainable     parameters that train; their gradients are measured at the optimizer step
     optimizer     every tensor in optimizer.state (moments, 8-bit codes and their absmax, projections)
     activations   tensors autograd saved for the backward pass of one micro-batch, counted with
@@ -57,8 +58,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def parameter_bytes(model: nn.Module) -> dict[str, int]:
-    """{"base_weights": frozen params + buffers, "trainable": trainable params}."""
-    frozen = sum(_nbytes(p) for p in model.parameters() if not p.requires_grad)
+    """{"base_weights": frozen params + buffers, "trainable": trainable params}. A quantized layer's weight
+    counts with its statistics (absmax, nested absmax, code tables), which live outside the parameter."""
+    from ..quant.layers import is_quantized, storage_bits
+
+    quantized = [m for m in model.modules() if is_quantized(m)]
+    packed = {id(m.weight) for m in quantized}
+    frozen = sum(_nbytes(p) for p in model.parameters() if not p.requires_grad and id(p) not in packed)
+    frozen += sum(storage_bits(m)[0] // 8 for m in quantized)
     buffers = sum(_nbytes(b) for b in model.buffers())
     trainable = sum(_nbytes(p) for p in model.parameters() if p.requires_grad)
     return {"base_weights": frozen + buffers, "trainable": trainable}

@@ -1,0 +1,198 @@
+"""A causal LM with a quantized base (QLoRA), loaded layer by layer; and saved in transformers' bnb format.
+
+`load_quantized` builds the transformers model from its config.json with every parameter on the meta
+device, swaps each Linear but the output embedding for an empty bitsandbytes layer (the set
+transformers' own bnb loader converts), and streams the safetensors files into it
+(`leantune.quant.loader`): the float model never exists whole. A folder saved quantized, by leantune
+or by transformers + bitsandbytes (config.json carries `quantization_config`), loads as stored.
+
+`save_quantized` writes what `AutoModelForCausalLM.from_pretrained(folder)` reads back as the same
+bnb model: the bnb state dict (packed weights plus their statistics) in model.safetensors, and
+config.json with `quantization_config` as `BitsAndBytesConfig.to_dict()` writes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import QuantConfig
+    from ..quant import QuantSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPE_TEXT = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def resolve_spec(quant: QuantConfig | QuantSpec | None, device: torch.device) -> QuantSpec | None:
+    """The QuantSpec a `quant` config section asks for on `device` (None: no quantization)."""
+    import torch
+
+    from ..quant import QuantSpec, require_bitsandbytes
+    from .load import pick_dtype
+
+    if quant is None or quant.bits is None:
+        return None
+    if isinstance(quant, QuantSpec):
+        spec = quant
+    else:
+        if quant.compute_dtype == "fp16" and device.type == "cpu":
+            raise ConfigError("quant.compute_dtype fp16 is not supported on CPU (no fast fp16 kernels: ~100x slower "
+                              "than bf16 here); use quant.compute_dtype bf16 or fp32 (auto picks bf16 where the CPU "
+                              "has avx512_bf16/amx_bf16)")
+        compute = (torch.float16 if quant.compute_dtype == "fp16" else pick_dtype(quant.compute_dtype, device))
+        spec = QuantSpec(bits=quant.bits, type=quant.type, double_quant=quant.double_quant, compute_dtype=compute,
+                         blocksize=quant.blocksize)
+    require_bitsandbytes(spec.bits)
+    return spec
+
+
+def spec_from_saved(qc: dict) -> QuantSpec:
+    """The QuantSpec of a folder saved with a bitsandbytes `quantization_config`."""
+    import torch
+
+    from ..quant import QuantSpec
+
+    if qc.get("quant_method") != "bitsandbytes":
+        raise ModelError(f"the model is quantized with {qc.get('quant_method')!r}; leantune loads bitsandbytes "
+                         "4/8-bit checkpoints only: pass the unquantized model and set quant.bits instead")
+    bits = 4 if qc.get("load_in_4bit") else 8
+    compute = getattr(torch, str(qc.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."))
+    return QuantSpec(bits=bits, type=qc.get("bnb_4bit_quant_type", "nf4"),
+                     double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)), compute_dtype=compute,
+                     threshold=float(qc.get("llm_int8_threshold", 6.0)))
+
+
+def _local_files(src: str) -> Path:
+    """A folder holding the safetensors files: `src` itself, or the hub snapshot of a hub id."""
+    if Path(src).is_dir():
+        return Path(src)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def load_quantized(src: str, quant: QuantConfig | QuantSpec | None, *, dtype: torch.dtype, device: torch.device,
+                   attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> Any:
+    """The model of `src` with quantized Linear layers (see the module docstring) in eval-free train state."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..quant import fill_from_safetensors, params_on_meta, quantizable_linears, swap_in_quant_linears
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+
+    folder = _local_files(src)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    saved = getattr(config, "quantization_config", None)
+    spec = _choose_spec(saved, quant, device)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{src!r} has no .safetensors weights; quantized loading streams safetensors only (convert "
+                         "pytorch_model.bin with transformers' save_pretrained first)")
+    if saved is not None:
+        delattr(config, "quantization_config")  # the empty model must be a plain one: we place the bnb layers
+    t0 = time.perf_counter()
+    with params_on_meta(), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=trust_remote_code)
+    swap_in_quant_linears(model, quantizable_linears(model, keep=[model.get_output_embeddings()]), spec)
+    fill_from_safetensors(model, files, dtype=dtype, device=device)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ModelError(f"{src!r}: the weights lack {missing[0]} (and {len(missing) - 1} more); the folder is "
+                         "incomplete or its config.json does not fit them")
+    model.to(device)  # buffers built on the CPU (rotary frequencies); quantized weights are there already
+    model.leantune_quant = spec
+    log.info("loaded %s with a %d-bit base in %.1f s", src, spec.bits, time.perf_counter() - t0)
+    return model
+
+
+def _choose_spec(saved: Any, quant: QuantConfig | QuantSpec | None, device: torch.device) -> QuantSpec:
+    if saved is None:
+        spec = resolve_spec(quant, device)
+        if spec is None:
+            raise ConfigError("load_quantized needs quant.bits 4 or 8 for an unquantized model")
+        return spec
+    qc = saved if isinstance(saved, dict) else saved.to_dict()
+    spec = spec_from_saved(qc)
+    if quant is not None and quant.bits is not None and quant.bits != spec.bits:
+        raise ConfigError(f"the model is saved {spec.bits}-bit but quant.bits is {quant.bits}; set quant.bits "
+                          f"{spec.bits} (or null), or start from the unquantized model")
+    from ..quant import require_bitsandbytes
+
+    require_bitsandbytes(spec.bits)
+    return spec
+
+
+def saved_quantization(src: str) -> dict | None:
+    """The bitsandbytes `quantization_config` of a local folder's config.json, if it has one."""
+    import json
+
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        return None
+    qc = json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
+    return qc if isinstance(qc, dict) else None
+
+
+def quantization_config_dict(spec: QuantSpec) -> dict:
+    """`BitsAndBytesConfig(...).to_dict()` for `spec`, written out so that saving needs no transformers quirk."""
+    four = spec.bits == 4
+    return {"_load_in_4bit": four, "_load_in_8bit": not four,
+            "bnb_4bit_compute_dtype": str(spec.compute_dtype).removeprefix("torch.") if four else "float32",
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": spec.type if four else "fp4",
+            "bnb_4bit_use_double_quant": spec.double_quant if four else False,
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": None, "llm_int8_threshold": spec.threshold, "load_in_4bit": four,
+            "load_in_8bit": not four, "quant_method": "bitsandbytes"}
+
+
+def save_quantized(model: Any, out_dir: str | os.PathLike) -> Path:
+    """Write a quantized model (adapters unloaded) as transformers + bitsandbytes save it; atomically."""
+    import json
+
+    from ..adapters.base import adapter_modules
+    from ..checkpoint.atomic import atomic_dir, save_safetensors, write_text
+
+    spec = getattr(model, "leantune_quant", None)
+    if spec is None:
+        raise ModelError("save_quantized needs a model loaded with quant.bits; save a plain model with save_pretrained")
+    if adapter_modules(model):
+        raise ModelError("the model still holds adapters; save the adapter (save_adapter) and the base separately")
+    out = Path(out_dir)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for tied in _tied_keys(model, state):
+        state.pop(tied)
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config_dict(spec)
+    with atomic_dir(out) as tmp:
+        save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+    return out
+
+
+def _tied_keys(model: Any, state: dict) -> list[str]:
+    """The output embedding's key when it is tied to the input embedding: saved once, as transformers does."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return []
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is out.weight]
+    return [n for n in names if n in state and n.startswith(_module_path(model, out))]
+
+
+def _module_path(model: Any, module: Any) -> str:
+    return next(p for p, m in model.named_modules(remove_duplicate=False) if m is module)

@@ -1,0 +1,159 @@
+"""Quantized frozen Linear layers: 4-bit NF4/FP4 (QLoRA) and 8-bit LLM.int8, held by bitsandbytes.
+
+4-bit (Dettmers et al. 2023, QLoRA, https://arxiv.org/abs/2305.14314). The weight is cut into blocks of
+`blocksize` (64) values; each block keeps its absmax c and 4-bit indices into a 16-value code q
+(NF4: quantiles of N(0, 1) scaled to [-1, 1]; FP4: a 4-bit float):
+
+    W[i] ~= c_block(i) * q[idx[i]]                    4 bits per value + 32/64 for an fp32 absmax
+
+Double quantization stores the absmaxes themselves in 8 bits, in blocks of 256 with one fp32 scale
+(and one fp32 mean offset) each, so the cost per weight is 4 + 8/64 + 32/(64*256) ~= 4.127 bits.
+
+8-bit (Dettmers et al. 2022, LLM.int8(), https://arxiv.org/abs/2208.07339): each output row keeps an
+fp32 absmax s_r and int8 values, W[r, :] ~= s_r / 127 * int8[r, :]; activations with outliers above
+`threshold` run in 16 bits.
+
+The layers ARE bitsandbytes' own `Linear4bit` / `Linear8bitLt` (nn.Linear subclasses), built exactly as
+transformers' `replace_with_bnb_linear` builds them. That keeps three things exact for free: their
+state dict is transformers' bnb serialization (`weight`, `weight.absmax`, `weight.quant_map`,
+`weight.nested_absmax`, `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`; for 8-bit
+`weight` + `SCB` + `weight_format`), PEFT's LoRA dispatch recognises them, and their forward is
+bitsandbytes' kernel on every device it supports. What leantune adds is the small protocol around
+them: build one, fill it from a float or a prequantized checkpoint tensor, dequantize it, count its bits.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ModelError
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' blockwise kernels accept
+_PARAM_CLASSES = ("Params4bit", "Int8Params")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize a base: the resolved form of the `quant` config section."""
+
+    bits: int                       # 4 or 8
+    type: str = "nf4"               # 4-bit code: nf4 | fp4
+    double_quant: bool = True       # 4-bit: quantize the absmaxes too
+    compute_dtype: torch.dtype = torch.float32  # 4-bit: the matmul runs in this dtype
+    blocksize: int = 64             # 4-bit: values per absmax
+    threshold: float = 6.0          # 8-bit: outlier threshold (transformers' llm_int8_threshold default)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ConfigError(f"quant.bits must be 4 or 8 (or null for no quantization), got {self.bits}")
+        if self.type not in QUANT_TYPES:
+            raise ConfigError(f"quant.type must be nf4 or fp4, got {self.type!r}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ConfigError(f"quant.blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}")
+
+
+def require_bitsandbytes(bits: int) -> ModuleType:
+    """bitsandbytes, or a one-line error saying how to do without it."""
+    try:
+        import bitsandbytes
+    except Exception as e:  # noqa: BLE001 - ImportError, or a native library that fails to load
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"quant.bits {bits} needs bitsandbytes, which cannot be loaded here ({reason}); install it "
+                          "(pip install 'bitsandbytes>=0.45') or set quant.bits: null to train on a bf16/fp32 "
+                          "base") from None
+    return bitsandbytes
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a Linear whose weight bitsandbytes holds quantized (duck-typed: no import needed)."""
+    return type(getattr(module, "weight", None)).__name__ in _PARAM_CLASSES
+
+
+def new_quant_linear(in_features: int, out_features: int, bias: bool, spec: QuantSpec) -> nn.Module:
+    """An empty (meta-device) Linear4bit or Linear8bitLt, frozen, waiting for `quantize_weight`."""
+    bnb = require_bitsandbytes(spec.bits)
+    with torch.device("meta"):
+        if spec.bits == 4:
+            layer = bnb.nn.Linear4bit(in_features, out_features, bias, spec.compute_dtype,
+                                      compress_statistics=spec.double_quant, quant_type=spec.type,
+                                      quant_storage=torch.uint8)
+            layer.weight.blocksize = spec.blocksize  # Linear4bit takes no blocksize argument; Params4bit reads it
+        else:
+            layer = bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=False,
+                                        threshold=spec.threshold)
+    return layer.requires_grad_(False)
+
+
+def quantize_weight(layer: nn.Module, weight: torch.Tensor, device: torch.device | str = "cpu") -> None:
+    """Quantize a float (out, in) weight into `layer` on `device`. The float tensor is not kept."""
+    import bitsandbytes as bnb
+
+    if tuple(weight.shape) != (layer.out_features, layer.in_features):
+        raise ModelError(f"a weight of shape {tuple(weight.shape)} does not fit a {layer.out_features}x"
+                         f"{layer.in_features} Linear; the checkpoint does not match its config.json")
+    old = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        new = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, blocksize=old.blocksize,
+                                compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+                                quant_storage=old.quant_storage, module=layer)
+        layer.weight = new._quantize(torch.device(device))
+    else:  # Int8Params quantizes on its first move to a real device
+        layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False).to(device)
+
+
+def load_prequantized(layer: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+    """Fill `layer` from its serialized tensors, keyed as in the state dict without the module prefix
+    ("weight", "weight.absmax", ... for 4-bit; "weight", "SCB", "weight_format" for 8-bit)."""
+    import bitsandbytes as bnb
+
+    weight = tensors["weight"]
+    if isinstance(layer, bnb.nn.Linear4bit):
+        stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k.startswith("weight.")}
+        layer.weight = bnb.nn.Params4bit.from_prequantized(weight, stats, requires_grad=False,
+                                                           device=torch.device(device), module=layer)
+    else:
+        if "SCB" not in tensors:
+            raise ModelError("an 8-bit layer in the checkpoint has no SCB (row scales); re-save it with transformers")
+        layer.weight = bnb.nn.Int8Params(weight.to(device), requires_grad=False, has_fp16_weights=False,
+                                         SCB=tensors["SCB"].to(device)).to(device)
+
+
+def dequantize(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) float weight the quantized layer multiplies by (fp32 for 8-bit)."""
+    import bitsandbytes.functional as F
+
+    weight = layer.weight
+    if type(weight).__name__ == "Params4bit":
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bnb repacks weights for its CPU inference kernel on the first eval forward; undo that on a copy
+            data, state = F._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return F.dequantize_4bit(data, state)
+    if type(weight).__name__ == "Int8Params":
+        scb = weight.SCB if weight.SCB is not None else layer.state.SCB
+        return F.int8_vectorwise_dequant(weight.data, scb)
+    raise ModelError(f"{type(layer).__name__} is not a quantized layer; its weight is already {weight.dtype}")
+
+
+def storage_bits(layer: nn.Module) -> tuple[int, int]:
+    """(bits stored, weights represented) for a quantized layer: packed values + every statistic tensor
+    (absmax, nested absmax and offset, the code tables), not counting the small JSON blob."""
+    weight = layer.weight
+    n = layer.in_features * layer.out_features
+    bits = weight.data.numel() * weight.data.element_size() * 8
+    if type(weight).__name__ == "Params4bit":
+        state = weight.quant_state
+        extras = [state.absmax, state.code]
+        if state.nested:
+            extras += [state.state2.absmax, state.state2.code, state.offset]
+    else:
+        scb = weight.SCB if weight.SCB is not None else layer.state.SCB
+        extras = [scb]
+    bits += sum(t.numel() * t.element_size() * 8 for t in extras if t is not None)
+    return bits, n
