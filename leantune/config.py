@@ -342,6 +342,8 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.method != "freeze" or cfg.freeze.train_last_layers > 0 or bool(cfg.freeze.train_modules),
          "method freeze trains nothing as configured: set freeze.train_last_layers (e.g. 2) and/or "
          "freeze.train_modules (e.g. [norm])")
+    need(cfg.lora.lr_ratio is None or cfg.method == "lora",
+         f"lora.lr_ratio (LoRA+) sets the rate of LoRA's B matrices; method {cfg.method} has none: drop it")
     need(cfg.quant.bits is None or cfg.method not in ("full", "freeze"),
          f"method {cfg.method} trains the base weights, which a {cfg.quant.bits}-bit base cannot hold; "
          "drop quant.bits, or use method lora (QLoRA)")

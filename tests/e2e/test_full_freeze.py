@@ -74,3 +74,13 @@ def test_freeze_module_that_matches_nothing_names_the_modules(tiny_llama_dir, da
 def test_freeze_with_nothing_to_train_is_a_config_error(tiny_llama_dir, data, tmp_path, capsys):
     assert train(tiny_llama_dir, data, tmp_path / "none", "--method", "freeze") == 2
     assert "freeze.train_last_layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [({"quant": {"bits": 4}}, "4-bit base cannot hold"),
+                                           ({"lora": {"lr_ratio": 16}}, "method full has none")])
+def test_full_refuses_settings_that_only_mean_something_for_lora(extra, message):
+    from leantune.config import from_dict
+    from leantune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"model": "m", "data": {"path": "d"}, "method": "full", **extra})
