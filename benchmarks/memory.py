@@ -105,7 +105,7 @@ def chart(rows: list[dict], path: Path) -> None:
     ax_m.barh(y, [r["peak_rss_mib"] for r in rows], color="#4878a8")
     ax_m.set_xlabel("peak RSS (MiB)")
     ax_t.barh(y, [r["step_s"] for r in rows], color="#d08040", label="wall")
-    ax_t.barh(y, [r["step_cpu_s"] for r in rows], color="#d08040", alpha=0.35, height=0.4, label="CPU (user+sys)")
+    ax_t.barh(y, [r["step_cpu_s"] for r in rows], color="#603010", height=0.35, label="CPU (user+sys)")
     ax_t.set_xlabel("step time (s)")
     ax_t.legend(loc="lower right", fontsize=8)
     ax_m.set_yticks(list(y), labels, fontsize=8)
