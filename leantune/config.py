@@ -100,6 +100,10 @@ class TrainConfig:
     lr: float = _f(2e-4, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "adafactor", "sgd", "galore_adamw"] = _f(
+        "adamw", "adamw (torch), adamw_8bit / paged_adamw_8bit / paged_adamw (bitsandbytes; paging needs CUDA), "
+        "adafactor (torch), sgd, or galore_adamw (low-rank gradient projection; for method full/freeze)")
+    momentum: float = _f(0.0, "SGD momentum (optimizer sgd only)")
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
     warmup_steps: int | None = _f(None, "linear warmup steps; when unset, warmup_ratio of the run")
     warmup_ratio: float = _f(0.03, "warmup as a fraction of the total steps")
@@ -114,6 +118,20 @@ class TrainConfig:
     log_every: int = _f(1, "write metrics every N steps (0 means every step)")
     tensorboard: bool = _f(True, "also write TensorBoard event files (needs the tensorboard package)")
     progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class GaloreConfig:
+    rank: int = _f(128, "GaLore: rank r of the projected gradient of each 2-D weight")
+    update_proj_gap: int = _f(200, "GaLore: recompute the projection by SVD every T optimizer steps")
+    scale: float = _f(0.25, "GaLore: scale alpha of the projected-back update")
+
+
+@dataclass
+class FreezeConfig:
+    train_last_layers: int = _f(0, "method freeze: train the last N decoder layers (0: none)")
+    train_modules: list[str] = _f([], "method freeze: also train modules whose path ends with one of these names "
+                                  "(e.g. [norm, embed_tokens, lm_head]) or matches them as a regex")
 
 
 @dataclass
@@ -135,11 +153,12 @@ QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbyte
 class RunConfig:
     model: str | None = _f(None, "base model: a local HF folder, a hub id, or a .gguf file")
     output_dir: str = _f("runs/leantune", "run folder: resolved config, metrics, checkpoints and the final adapter")
-    method: Literal["lora", "dora", "ia3", "bottleneck", "prompt", "prefix"] = _f(
+    method: Literal["lora", "dora", "ia3", "bottleneck", "prompt", "prefix", "full", "freeze"] = _f(
         "lora", "fine-tuning method: lora, dora (LoRA on the weight's direction plus a magnitude; reads lora.*), "
         "ia3 (learned rescaling vectors; ia3.*), bottleneck (residual adapter MLPs; bottleneck.*), "
         "prompt (trainable virtual tokens in front of the input; prompt.*), prefix (trainable key/value prefixes in "
-        "every layer; prefix.*); prompt and prefix turn data.packing off")
+        "every layer; prefix.*), full (every weight trains), freeze (only the parts named in freeze.*); "
+        "prompt and prefix turn data.packing off")
     seed: int = _f(0, "random seed (data order, init, dropout)")
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", "dtype of the frozen base weights: auto picks bf16 where the hardware runs it fast, else fp32 (never fp16 on CPU)")
@@ -154,6 +173,8 @@ class RunConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
 
 
@@ -369,6 +390,20 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm must be > 0 or null, got {t.max_grad_norm}")
     for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    need(0.0 <= t.momentum < 1.0, f"train.momentum must be in [0, 1), got {t.momentum}")
+    need(t.optimizer != "galore_adamw" or cfg.method in ("full", "freeze"),
+         "train.optimizer galore_adamw projects full weight gradients; use it with method full or freeze "
+         "(LoRA is already low-rank: use adamw)")
+    need(cfg.galore.rank > 0, f"galore.rank must be > 0, got {cfg.galore.rank}; the paper uses 128-512")
+    need(cfg.galore.update_proj_gap >= 1, f"galore.update_proj_gap must be >= 1, got {cfg.galore.update_proj_gap}")
+    need(cfg.galore.scale > 0, f"galore.scale must be > 0, got {cfg.galore.scale}; the paper uses 0.25")
+    need(cfg.freeze.train_last_layers >= 0, f"freeze.train_last_layers must be >= 0, got {cfg.freeze.train_last_layers}")
+    need(cfg.method != "freeze" or cfg.freeze.train_last_layers > 0 or bool(cfg.freeze.train_modules),
+         "method freeze trains nothing as configured: set freeze.train_last_layers (e.g. 2) and/or "
+         "freeze.train_modules (e.g. [norm])")
+    need(cfg.quant.bits is None or cfg.method not in ("full", "freeze"),
+         f"method {cfg.method} trains the base weights, which a {cfg.quant.bits}-bit base cannot hold; "
+         "drop quant.bits, or use method lora (QLoRA)")
     check_quant(cfg.quant)
 
 

@@ -1,7 +1,8 @@
 """Generation with a base model plus an adapter: one-shot prompts or an interactive chat.
 
 `find_model_and_adapter` turns what the user points at into (base model, adapter folder):
-a run folder (its `adapter/`, or its newest checkpoint while the run is unfinished), an adapter
+a run folder (its `adapter/`, its `model/` after full or freeze tuning, or its newest checkpoint while
+a LoRA run is unfinished), an adapter
 folder (its adapter_config.json names the base), or a plain model.
 """
 
@@ -18,9 +19,14 @@ def find_model_and_adapter(source: str, base: str | None = None) -> tuple[str, P
     if p.is_dir() and (p / "config.yaml").exists() and not (p / "config.json").exists():  # a run folder
         from .train.state import checkpoint_dirs
 
+        if (p / "model").is_dir():  # method full/freeze: the run's output is a whole model
+            return str(p / "model"), None
         if (p / "adapter").is_dir():
             p = p / "adapter"
         elif ckpts := checkpoint_dirs(p):
+            if not (ckpts[-1] / "adapter_config.json").exists():
+                raise ModelError(f"run folder {p} has no final model yet: full and freeze runs write one at the end; "
+                                 f"resume it with `leantune train {p / 'config.yaml'} --resume`")
             print(f"note: {p} has no final adapter yet; using its newest checkpoint {ckpts[-1].name}", file=sys.stderr)
             p = ckpts[-1]
         else:

@@ -37,6 +37,7 @@ def _add_config_fields(p: argparse.ArgumentParser) -> None:
     titles = {"": "run", "data": "data (data.*)", "lora": "LoRA and DoRA (lora.*)",
               "ia3": "IA3 (ia3.*)", "bottleneck": "bottleneck adapters (bottleneck.*)",
               "prompt": "prompt tuning (prompt.*)", "prefix": "prefix tuning (prefix.*)", "train": "training loop (train.*)",
+              "freeze": "freeze tuning (freeze.*)", "galore": "GaLore optimizer (galore.*)",
               "quant": "quantized base, QLoRA (quant.*)"}
     for fi in fields_of():
         section = fi.name.split(".")[0] if "." in fi.name else ""

@@ -4,11 +4,13 @@ No Trainer and no callbacks: every step is in `run()` or a plain helper beside i
 
     <output_dir>/config.yaml          the fully resolved config (train it again with `leantune train config.yaml`)
     <output_dir>/data_report.json     what the data pipeline read, kept, skipped and why
-    <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s, eval)
+    <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s, peak memory, eval),
+                                      and after the first step the memory breakdown (train/memory.py)
     <output_dir>/tensorboard/         the same, for TensorBoard
     <output_dir>/loss.svg             the loss curves, train and eval (open in a browser)
     <output_dir>/checkpoints/step-N/  resumable checkpoints (each also a PEFT adapter)
     <output_dir>/adapter/             the final adapter in PEFT's format (appears only when complete)
+    <output_dir>/model/               method full/freeze: the whole model as an HF folder, with the tokenizer
     <output_dir>/summary.json         written last: the run finished
 """
 
@@ -28,7 +30,7 @@ from .state import Progress, checkpoint_dirs
 @dataclass
 class RunResult:
     run_dir: Path
-    adapter_dir: Path | None
+    adapter_dir: Path | None  # the final adapter, or for method full/freeze the saved model folder
     steps: int
     train_loss: float | None
     eval_loss: float | None
@@ -49,8 +51,10 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     from ..data.dataset import build as build_data
     from ..data.tokenize import pad_id_for
     from ..models.load import load_model, load_tokenizer, pick_dtype, resolve_device
+    from .memory import SavedTensorMeter, breakdown, describe, gradient_bytes, peak_memory_bytes
     from .metrics import MetricsLog
-    from .schedule import build_optimizer, lr_factor, set_lr, warmup_steps
+    from .optim import build_optimizer
+    from .schedule import lr_factor, set_lr, warmup_steps
     from .state import load_checkpoint, save_checkpoint
     from .step import evaluate
 
@@ -108,13 +112,15 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                               packing=cfg.data.packing, pad_id=pad_id, seed=cfg.seed, epoch=0)
                  if data.eval else [])
 
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, device, console)
     progress = Progress()
     if resume:
         progress = load_checkpoint(ckpts[-1], model, optimizer)
         console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
 
     def save_adapter_to(m, folder: Path) -> None:
+        if cfg.method in WHOLE_MODEL:  # a checkpoint's trainable.safetensors already holds every trained weight
+            return
         from ..checkpoint.adapter_io import save_adapter
 
         save_adapter(m, folder, base_model_name_or_path=base_name, config=cfg)
@@ -149,18 +155,22 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     # checkpoint it writes is exactly the one an uninterrupted run would have had after that step.
     boundary = _snapshot(progress)
     in_update = False
+    # Measured on this process's first step: saved activations of one micro-batch and the gradients.
+    meter, grad_bytes, memory = SavedTensorMeter(model), 0, None
     try:
         while progress.step < total_steps:
             set_lr(optimizer, lr_factor(progress.step, total=total_steps, warmup=warmup, kind=t.schedule))
             micro = [next_micro_batch() for _ in range(t.grad_accum)]
             n_tokens = sum(b["num_label_tokens"] for b in micro)
-            step_loss = _accumulate_gradients(model, micro, n_tokens, chunk=t.loss_chunk)
+            step_loss = _accumulate_gradients(model, micro, n_tokens, chunk=t.loss_chunk,
+                                              meter=meter if memory is None else None)
             if not math.isfinite(step_loss):
                 raise _nan_error(step_loss, progress.step + 1, run_dir, t.lr)
             grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm
                          else _grad_norm(trainable))
             if not math.isfinite(float(grad_norm)):
                 raise _nan_error(float(grad_norm), progress.step + 1, run_dir, t.lr, what="gradient norm")
+            grad_bytes = gradient_bytes(model) if memory is None else grad_bytes
             in_update = True
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -170,6 +180,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
             boundary = _snapshot(progress)  # weights and optimizer now hold this step: rewind no further
             tokens_window += sum(int(b["input_ids"].numel()) for b in micro)
             last_loss = step_loss
+            if memory is None:  # optimizer state exists only after the first step
+                memory = breakdown(model, optimizer, grad_bytes=grad_bytes, activation_bytes=meter.bytes, device=device)
+                log.log(progress.step, **memory)
 
             if progress.step % max(t.log_every, 1) == 0 or progress.step == total_steps:
                 now = time.perf_counter()
@@ -177,7 +190,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                 t_last, tokens_window = now, 0
                 log.log(progress.step, loss=step_loss, lr=optimizer.param_groups[0]["lr"],
                         grad_norm=float(grad_norm), tokens_per_s=round(tps, 1), epoch=progress.epoch,
-                        label_tokens=n_tokens)
+                        label_tokens=n_tokens, peak_memory_mib=round(peak_memory_bytes(device)[0] / 2**20, 1))
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:.0f}")
             bar.update(1)
 
@@ -227,12 +240,21 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     bar.close()
 
     checkpoint()
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run_dir / ("model" if cfg.method in WHOLE_MODEL else "adapter")
     with atomic_dir(adapter_dir) as tmp:
-        save_adapter_to(model, tmp)
+        if cfg.method in WHOLE_MODEL:
+            from .full import save_model
+
+            save_model(model, tokenizer, tmp)
+        else:
+            save_adapter_to(model, tmp)
     summary = {"status": stopped, "steps": progress.step, "total_steps": total_steps, "train_loss": last_loss,
                "eval_loss": last_eval, "best_eval_loss": progress.best_eval_loss, "label_tokens": progress.tokens_seen,
-               "adapter": str(adapter_dir), "progress": asdict(progress)}
+               adapter_dir.name: str(adapter_dir), "progress": asdict(progress)}
+    if memory is not None:  # the peak again at the end: evaluation and saving can raise it
+        memory = breakdown(model, optimizer, grad_bytes=grad_bytes, activation_bytes=meter.bytes, device=device)
+        summary["memory"] = memory
+        console(describe(memory))
     log.close()
     from .plot import write_loss_svg
 
@@ -240,20 +262,25 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     write_json(run_dir / "summary.json", summary)
     loss_text = f"train loss {last_loss:.4f}" if last_loss is not None else "nothing left to train"
     console(f"done: {progress.step} steps, {loss_text}"
-            + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; adapter in {adapter_dir}")
+            + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; {adapter_dir.name} in {adapter_dir}")
     return RunResult(run_dir, adapter_dir, progress.step, last_loss, last_eval, stopped)
 
 
-def _accumulate_gradients(model, micro: list[dict], n_tokens: int, *, chunk: int) -> float:
+def _accumulate_gradients(model, micro: list[dict], n_tokens: int, *, chunk: int, meter=None) -> float:
     """Forward and backward every micro-batch of a step; each loss is divided by the label tokens of
-    the whole step, so k micro-batches of b rows give the gradient of one batch of k*b rows."""
+    the whole step, so k micro-batches of b rows give the gradient of one batch of k*b rows.
+    `meter` (a SavedTensorMeter) counts the activations of the first micro-batch."""
+    import contextlib
+
     from . import step
 
     total = 0.0
     for b in micro:
         if b["num_label_tokens"] == 0:
             continue
-        loss, _ = step.micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=chunk)
+        with meter if meter is not None else contextlib.nullcontext():
+            loss, _ = step.micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=chunk)
+        meter = None
         loss.backward()
         total += float(loss.detach())
     return total
@@ -281,6 +308,9 @@ def _check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
     return ckpts
 
 
+WHOLE_MODEL = ("full", "freeze")  # methods that train the model's own weights and save the whole model
+
+
 def _unpack_if_needed(cfg: RunConfig, console: Callable[[str], None]) -> None:
     """A method that needs one example per row (prompt tuning) turns packing off, with a notice.
 
@@ -288,18 +318,25 @@ def _unpack_if_needed(cfg: RunConfig, console: Callable[[str], None]) -> None:
     setting that works, so refusing would only make every user type the same override."""
     from ..adapters.base import ADAPTERS
 
-    if cfg.data.packing and not ADAPTERS[cfg.method].packs:
+    method = ADAPTERS.get(cfg.method)  # None for full/freeze: they pack like any plain model
+    if cfg.data.packing and method is not None and not method.packs:
         cfg.data.packing = False
         console(f"note: data.packing is off for method {cfg.method}: its virtual tokens go in front of each "
                 "example, so every example gets a row of its own")
 
 
 def _attach_adapter(model, cfg: RunConfig, tokenizer=None) -> None:
-    """Freeze the base, inject the configured method (seeded, so the init is reproducible), train only it.
+    """Freeze the base, inject the configured method (seeded, so the init is reproducible), train only it;
+    or, for method full/freeze, mark the model's own weights that train (train/full.py).
 
-    The method is found in the adapter registry by name and reads its own config section."""
+    An adapter method is found in the registry by name and reads its own config section."""
     import torch
 
+    if cfg.method in WHOLE_MODEL:
+        from .full import mark_trainable
+
+        mark_trainable(model, cfg.method, cfg.freeze.train_last_layers, cfg.freeze.train_modules)
+        return
     from ..adapters.base import ADAPTERS, mark_only_adapters_trainable
 
     method = ADAPTERS[cfg.method]

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and the optimizer, as plain functions.
+"""Learning-rate schedules, as plain functions (the optimizers are in optim.py).
 
 Linear warmup from 0 to the peak, then cosine or linear decay to 0 at the last step (the shape of
 transformers' get_cosine_schedule_with_warmup / get_linear_schedule_with_warmup), or constant.
@@ -26,28 +26,6 @@ def lr_factor(step: int, *, total: int, warmup: int, kind: str) -> float:
 
 def warmup_steps(total: int, steps: int | None, ratio: float) -> int:
     return steps if steps is not None else int(math.ceil(ratio * total))
-
-
-def build_optimizer(model, cfg):
-    """AdamW over the trainable parameters; LoRA+ groups when lora.lr_ratio is set.
-
-    Biases and norms would be excluded from weight decay, but LoRA trains only A and B matrices.
-    """
-    import torch
-
-    from ..adapters.base import trainable_parameters
-
-    t = cfg.train
-    if cfg.lora.lr_ratio is not None:
-        from ..adapters.lora import loraplus_param_groups
-
-        groups = loraplus_param_groups(model, lr=t.lr, lr_ratio=cfg.lora.lr_ratio, weight_decay=t.weight_decay)
-    else:
-        groups = [{"params": [p for _, p in trainable_parameters(model)], "lr": t.lr, "weight_decay": t.weight_decay}]
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    # foreach: one fused kernel per group instead of one per tensor (hundreds of small LoRA tensors).
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, foreach=True)
 
 
 def set_lr(optimizer, factor: float) -> None:

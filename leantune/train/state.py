@@ -1,7 +1,8 @@
 """Resumable training state: what a checkpoint holds and how it comes back.
 
 A checkpoint is a folder `checkpoints/step-000123/` written atomically (it exists whole or not at all):
-- `adapter_config.json` + `adapter_model.safetensors`: the adapter in PEFT's format, usable as is;
+- `adapter_config.json` + `adapter_model.safetensors`: the adapter in PEFT's format, usable as is
+  (method lora; full and freeze runs write their whole model only at the end);
 - `trainable.safetensors`: every trainable tensor by its parameter name (exact resume, any method);
 - `optimizer.pt`: optimizer state (tensors and numbers only; loaded with weights_only=True);
 - `state.json`: step, data position (epoch, micro-batch index), best eval loss, RNG seeds and states.

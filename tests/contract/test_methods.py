@@ -49,6 +49,7 @@ class Row:
     identity_at_init: bool = True
     mergeable: bool = True
     extra: dict = field(default_factory=dict)  # other top-level config keys
+    whole_model: bool = False     # trains the model's own weights (full/freeze): nothing added, saved as HF
 
 
 ROWS: dict[str, Row] = {
@@ -65,6 +66,11 @@ ROWS: dict[str, Row] = {
     "prompt": Row({"virtual_tokens": 5}, lambda h, i, L, kv: 5 * h, identity_at_init=False, mergeable=False),
     # Prefix tuning: n key and value vectors of width kv in each of L layers.
     "prefix": Row({"virtual_tokens": 5}, lambda h, i, L, kv: 5 * L * 2 * kv, identity_at_init=False, mergeable=False),
+    # Full: every weight of the model (its own count, no formula to restate); freeze: the last decoder layer
+    # (q, o: h*h; k, v: h*kv; gate, up, down: h*i; two norms: h) plus the final norm.
+    "full": Row({}, lambda h, i, L, kv: None, mergeable=False, whole_model=True),
+    "freeze": Row({"train_last_layers": 1, "train_modules": ["model.norm"]},
+                  lambda h, i, L, kv: 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h + h, mergeable=False, whole_model=True),
 }
 # With the reparameterisation MLP: E (n, kv), then kv -> hidden -> L*2*kv, both Linears with a bias.
 PREFIX_MLP = Row({"virtual_tokens": 5, "projection": True, "projection_hidden": 16},
@@ -80,6 +86,7 @@ def config_methods() -> set[str]:
 def test_every_method_has_a_row():
     assert config_methods() == set(ROWS), "each method in config.method needs exactly one row in ROWS"
     assert set(ADAPTERS) <= config_methods(), "a registered adapter that the config cannot choose"
+    assert {m for m, r in ROWS.items() if not r.whole_model} == set(ADAPTERS), "an adapter row without an adapter"
 
 
 CASES = [pytest.param(m, ROWS[m], id=m) for m in ROWS] + [pytest.param("bottleneck", PFEIFFER, id="bottleneck-pfeiffer"),
@@ -88,6 +95,12 @@ CASES = [pytest.param(m, ROWS[m], id=m) for m in ROWS] + [pytest.param("bottlene
 
 def attach(model, method: str, row: Row):
     """Build the method from its config section, as the train loop does."""
+    if row.whole_model:
+        from leantune.train.full import mark_trainable
+
+        cfg = from_dict({"method": method, "freeze": row.section}, validate=False)
+        mark_trainable(model, method, cfg.freeze.train_last_layers, cfg.freeze.train_modules)
+        return model
     cls = ADAPTERS[method]
     cfg = from_dict({"method": method, cls.config_section: row.section, **row.extra}, validate=False)
     torch.manual_seed(0)
@@ -141,19 +154,32 @@ def test_untrained_adapter_leaves_the_output_unchanged(tiny_llama, ids, method, 
 
 @pytest.mark.parametrize(("method", "row"), CASES)
 def test_trainable_count_is_the_formula_and_is_printed(tiny_llama, method, row, capsys):
-    expected = row.formula(**dims(tiny_llama))
     total_before = sum(p.numel() for p in tiny_llama.parameters())
+    expected = row.formula(**dims(tiny_llama))
+    expected = total_before if expected is None else expected  # full: every parameter
     model = attach(tiny_llama, method, row)
     line = format_trainable(model)
     print(line)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
-    total = total_before + expected  # the base is untouched: every new parameter is an adapter's
+    # adapters add their parameters to an untouched base; whole-model methods add none
+    total = total_before if row.whole_model else total_before + expected
     assert capsys.readouterr().out.strip() == (
         f"trainable params: {expected:,d} || all params: {total:,d} || trainable%: {100 * expected / total:.4f}")
 
 
 @pytest.mark.parametrize(("method", "row"), CASES)
-def test_save_and_load_round_trip_gives_equal_logits(tiny_llama, ids, tmp_path, method, row):
+def test_save_and_load_round_trip_gives_equal_logits(tiny_llama, tiny_tokenizer, ids, tmp_path, method, row):
+    if row.whole_model:  # saved as a whole HF folder, read back by plain transformers
+        from transformers import AutoModelForCausalLM
+
+        from leantune.train.full import save_model
+
+        model = attach(tiny_llama, method, row)
+        perturb(model)
+        save_model(model, tiny_tokenizer, tmp_path / "model")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+        torch.testing.assert_close(forward(loaded, ids).logits, forward(model, ids).logits, rtol=0, atol=0)
+        return
     fresh = copy.deepcopy(tiny_llama)
     model = attach(tiny_llama, method, row)
     perturb(model)
@@ -169,6 +195,9 @@ def test_merged_equals_unmerged_where_the_method_merges(tiny_llama, ids, method,
     model = attach(tiny_llama, method, row)
     perturb(model)
     unmerged = forward(model, ids).logits
+    if row.whole_model:  # the trained weights are the model: nothing is held apart to merge
+        assert not adapter_modules(model)
+        return
     if not row.mergeable:
         with pytest.raises(ModelError, match="cannot be merged"):  # said, not silently skipped
             merge_adapters(model)
@@ -193,7 +222,15 @@ def nf4_llama(tiny_llama_dir):
 
 @pytest.mark.parametrize(("method", "row"), CASES)
 def test_trains_on_a_4bit_base_or_says_why_not(nf4_llama, ids, method, row):
-    """QLoRA-style: every method trains over an NF4 base; merging into packed 4-bit weights is refused."""
+    """QLoRA-style: every method trains over an NF4 base; merging into packed 4-bit weights is refused.
+    Whole-model methods cannot: the config refuses them a quantized base before loading anything."""
+    if row.whole_model:
+        from leantune.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="cannot hold"):
+            from_dict({"model": "m", "data": {"path": "d.jsonl"}, "method": method, "quant": {"bits": 4},
+                       "freeze": row.section})
+        return
     model = attach(copy.deepcopy(nf4_llama), method, row).train()
     perturb(model)
     forward(model, ids, labels=ids).loss.backward()
