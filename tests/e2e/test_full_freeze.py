@@ -77,7 +77,7 @@ def test_freeze_with_nothing_to_train_is_a_config_error(tiny_llama_dir, data, tm
 
 
 @pytest.mark.parametrize("extra,message", [({"quant": {"bits": 4}}, "4-bit base cannot hold"),
-                                           ({"lora": {"lr_ratio": 16}}, "method full has none")])
+                                           ({"lora": {"lr_ratio": 16}}, "which method full does not have")])
 def test_full_refuses_settings_that_only_mean_something_for_lora(extra, message):
     from leantune.config import from_dict
     from leantune.errors import ConfigError
