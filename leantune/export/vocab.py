@@ -33,6 +33,13 @@ def _merges(folder: Path) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
 
+def _adds_prefix_space(folder: Path) -> bool:
+    """Whether the byte-level pre-tokenizer puts a space before the first word (GPT-2 style add_prefix_space)."""
+    pre = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    return any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in parts if isinstance(p, dict))
+
+
 def _bpe_tokens(tok, n_vocab: int) -> tuple[list[str], list[int]]:
     by_id = {i: t for t, i in tok.get_vocab().items()}
     added = {t.content: t.special for t in tok.added_tokens_decoder.values()}
@@ -84,6 +91,7 @@ def add_tokenizer(writer: GGUFWriter, folder: Path, tok, arch: str, n_vocab: int
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(_merges(folder))
+        writer.add_add_space_prefix(_adds_prefix_space(folder))
     else:
         raise ModelError(f"{folder} has neither tokenizer.json nor tokenizer.model; save the tokenizer with "
                          f"tokenizer.save_pretrained() next to the model")
