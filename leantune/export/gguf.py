@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,8 +183,3 @@ def _progress(items, enabled: bool, desc: str):
 
     return tqdm(items, desc=desc, unit="tensor", mininterval=0.5)
 
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

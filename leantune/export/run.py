@@ -7,7 +7,6 @@ anything is loaded), then load in float32, merge the adapter in memory, write, a
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def export_gguf(source: str, *, quant: str = "Q4_K_M", out: str | None = None, b
     write_json(path.with_name(path.name.removesuffix(".gguf") + ".fidelity.json"), report)
     if modelfile:
         write_text(path.with_name("Modelfile"), ollama_modelfile(path, tok))
-    print(fidelity.format_table(report), file=sys.stderr if not progress else sys.stdout)
+    print(fidelity.format_table(report))
     return report
 
 

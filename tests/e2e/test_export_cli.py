@@ -37,7 +37,7 @@ def test_export_merges_the_adapter_and_writes_report_and_modelfile(adapter_dir, 
     assert report["model"]["top1_agreement"] > 0.9 and abs(report["model"]["perplexity_delta_pct"]) < 5
     assert {t["name"] for t in report["tensors"]} >= {"token_embd.weight", "blk.1.attn_q.weight", "output.weight"}
     assert (out.parent / "Modelfile").read_text().startswith("FROM ./m.gguf")
-    assert "greedy top-1 agreement" in capsys.readouterr().err
+    assert "greedy top-1 agreement" in capsys.readouterr().out
     # the merge happened: the file's attn_v differs from the base model's by the adapter's delta
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     stored = {t.name: t for t in gguf.GGUFReader(out).tensors}["blk.0.attn_v.weight"]
