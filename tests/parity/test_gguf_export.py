@@ -136,41 +136,39 @@ def test_unsupported_architecture_fails_before_loading(tmp_path):
 
 
 @pytest.mark.parametrize("rslora", [False, True])
-def test_lora_gguf_alpha_gives_our_scale_in_llama_cpp_convention(tiny_llama, tiny_llama_dir, tmp_path, rslora):
-    """llama.cpp applies W + (alpha / r) * B @ A; with the stored alpha that is exactly our merged weight,
-    compared in GGUF space against our own merged F32 export (itself checked against transformers above)."""
+def test_lora_gguf_applied_the_llama_cpp_way_equals_our_merged_export(tiny_llama, tiny_llama_dir, tmp_path, rslora):
+    """llama.cpp computes W + (alpha / r) * B @ A from the file's alpha and the tensors' rank. With our
+    alpha' (rsLoRA: alpha * sqrt(r)) and B's RoPE row permutation, that equals the weight of our merged
+    F32 export (itself checked against transformers above), attn_q included."""
     from transformers import AutoTokenizer
 
     from leantune.adapters.base import unload
 
-    rank = 4
+    rank, tok = 4, AutoTokenizer.from_pretrained(tiny_llama_dir)
+    base_path, lora_path, merged_path = tmp_path / "base.gguf", tmp_path / "lora.gguf", tmp_path / "merged.gguf"
+    write_gguf(tiny_llama, tok, tiny_llama_dir, base_path, "F32", progress=False)
     inject_lora(tiny_llama, rank=rank, alpha=8, targets=["q_proj", "v_proj"], rslora=rslora)
     torch.manual_seed(1)
     for name, p in tiny_llama.named_parameters():
         if "lora_B" in name:
             p.data.normal_(std=0.05)
-    lora_path = tmp_path / "lora.gguf"
     write_lora_gguf(tiny_llama, "llama", lora_path, "test")
+    unload(tiny_llama, merge=True)
+    write_gguf(tiny_llama, tok, tiny_llama_dir, merged_path, "F32", progress=False)
+
     r = gguf.GGUFReader(lora_path)
     alpha = float(r.fields["adapter.lora.alpha"].contents())
     assert r.fields["general.type"].contents() == "adapter" and r.fields["adapter.type"].contents() == "lora"
     assert math.isclose(alpha, 8 * (math.sqrt(rank) if rslora else 1), rel_tol=1e-6)
     lora = {t.name: np.array(t.data) for t in r.tensors}
-
-    base_path, merged_path = tmp_path / "base.gguf", tmp_path / "merged.gguf"
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    unload(tiny_llama, merge=False)
-    write_gguf(tiny_llama, tok, tiny_llama_dir, base_path, "F32", progress=False)
-    inject_lora(tiny_llama, rank=rank, alpha=8, targets=["q_proj", "v_proj"], rslora=rslora)
-    # same factors again: rebuild the file's tensors into the fresh adapters is not needed; compare math instead
     base = {t.name: np.array(t.data) for t in gguf.GGUFReader(base_path).tensors}
-    del merged_path
-    for name in ("blk.0.attn_q.weight", "blk.1.attn_v.weight"):
+    merged = {t.name: np.array(t.data) for t in gguf.GGUFReader(merged_path).tensors}
+    for name in ("blk.0.attn_q.weight", "blk.1.attn_q.weight", "blk.1.attn_v.weight"):
         a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
         assert a.shape[0] == rank and b.shape[1] == rank
-        applied = base[name] + (alpha / rank) * (b @ a)
-        assert applied.shape == base[name].shape
-        assert not np.allclose(applied, base[name])
+        applied = base[name] + (alpha / a.shape[0]) * (b @ a)
+        assert not np.allclose(base[name], merged[name])
+        np.testing.assert_allclose(applied, merged[name], atol=1e-5)
 
 
 def test_llama_cpp_reads_our_file_when_installed(wide_llama_dir, tmp_path):
