@@ -167,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", dest="cfg:data.path", default=argparse.SUPPRESS, help="data file")
     p.add_argument("--format", dest="cfg:data.format", default=argparse.SUPPRESS, help="data format (default: auto)")
     p.add_argument("--max-length", dest="cfg:data.max_length", default=argparse.SUPPRESS, help="max tokens per example")
+
+    p = sub.add_parser("export", help="write a model or a run (LoRA merged, or alone) as GGUF, with a fidelity report",
+                       description="Write one GGUF file for llama.cpp / Ollama / LM Studio (k-quants in pure Python) "
+                       "and <file>.fidelity.json: per-tensor error, held-out perplexity and top-1 agreement.",
+                       epilog="examples:\n  leantune export runs/first --quant Q4_K_M --modelfile\n"
+                       "  leantune export ./SmolLM2-135M --quant Q8_0 --out smol.gguf\n"
+                       "  leantune export runs/first --adapter-only     # a GGUF LoRA for llama.cpp --lora",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a run folder, an adapter folder, an HF model folder or a .gguf file")
+    p.add_argument("--format", choices=["gguf"], default="gguf", help="output format (default: gguf)")
+    p.add_argument("--quant", default="Q4_K_M", type=str.upper,
+                   choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"],
+                   help="GGUF file type; _M types use llama.cpp's per-tensor mix (default: Q4_K_M)")
+    p.add_argument("--out", help="output file (default: <source name>-<quant>.gguf, in the run folder for a run)")
+    p.add_argument("--base", help="base model, when it differs from the one recorded in the adapter")
+    p.add_argument("--adapter-only", action="store_true", help="write the LoRA alone as a GGUF LoRA (llama.cpp --lora)")
+    p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile beside the file")
+    p.add_argument("--no-eval", action="store_true", help="skip the model-level check (perplexity, top-1 agreement)")
+    p.add_argument("--eval-text", help="held-out text file for the model-level check (one passage per line)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -194,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(output_dir=ns.output_dir, steps=ns.steps, layers=ns.layers, quiet=ns.quiet)
         if ns.command == "inspect-data":
             return _inspect(ns)
+        if ns.command == "export":
+            return _export(ns)
     except LeantuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -242,6 +264,24 @@ def _inspect(ns: argparse.Namespace) -> int:
     prepared = build(cfg.data, tok, seed=cfg.seed)
     print(render_examples(prepared.train, tok, ns.num))
     print(textwrap.fill(prepared.report.summary(), width=100))
+    return 0
+
+
+def _export(ns: argparse.Namespace) -> int:
+    from ..errors import DataError
+    from ..export.run import export_gguf
+
+    texts = None
+    if ns.eval_text:
+        try:
+            with open(ns.eval_text, encoding="utf-8") as f:
+                texts = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise DataError(f"cannot read --eval-text {ns.eval_text!r}: {e.strerror}; pass a UTF-8 text file") from None
+    result = export_gguf(ns.source, quant=ns.quant, out=ns.out, base=ns.base, adapter_only=ns.adapter_only,
+                         modelfile=ns.modelfile, evaluate=not ns.no_eval, texts=texts, progress=not ns.quiet)
+    if ns.adapter_only:
+        print(f"wrote {result['file']}: {result['tensors']} LoRA tensors, alpha {result['alpha']:g}")
     return 0
 
 

@@ -1,0 +1,185 @@
+"""Write a Llama-family model (optionally with its LoRA merged in) as one GGUF file for llama.cpp,
+Ollama and LM Studio: architecture metadata, tokenizer, chat template and tensors in llama.cpp's names.
+
+Names follow llama.cpp's tensor map (gguf.constants TENSOR_NAMES): token_embd, blk.N.attn_q/k/v/output,
+blk.N.attn_norm, blk.N.ffn_gate/up/down, blk.N.ffn_norm, output_norm, output. For the llama arch,
+convert_hf_to_gguf.py reorders the rows of q_proj and k_proj from HF's rotate-half RoPE layout to the
+interleaved pairs llama.cpp's RoPE expects: per head, rows (h, 2, d/2) -> (h, d/2, 2). transformers'
+GGUF loader undoes exactly this. Qwen2 uses llama.cpp's NEOX RoPE, so its rows stay as they are.
+The file is written to a temporary sibling and renamed into place (checkpoint.atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from . import quant_mix
+from .vocab import add_tokenizer
+
+# HF architecture -> llama.cpp architecture. Mistral v0.1-v0.3 is a Llama to llama.cpp.
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+_LAYER_PARTS = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+@dataclass
+class TensorRecord:
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    rmse: float
+    max_rel: float  # max |error| / max |source|
+
+
+def architecture(folder: Path) -> str:
+    """The llama.cpp arch of an HF folder, or a ModelError naming what is supported (before any loading)."""
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{folder} has no config.json; export takes an HF model folder, a .gguf or a run folder")
+    archs = json.loads(cfg_path.read_text(encoding="utf-8")).get("architectures") or []
+    for a in archs:
+        if a in ARCHS:
+            return ARCHS[a]
+    raise ModelError(f"GGUF export supports {', '.join(sorted(ARCHS))}; {folder} is {archs or 'unknown'}. "
+                     f"Use llama.cpp's convert_hf_to_gguf.py for other architectures")
+
+
+def gguf_name(hf_name: str) -> str | None:
+    if hf_name in _TOP:
+        return _TOP[hf_name]
+    m = _LAYER_KEY.match(hf_name)
+    if m and m.group(2) in _LAYER_PARTS:
+        return f"blk.{m.group(1)}.{_LAYER_PARTS[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half rows -> llama.cpp interleaved rows, per head. (out, ...) -> (out, ...)."""
+    shape = w.shape
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def _text_config(cfg):
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def _rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta or getattr(cfg, "rope_theta", None) or 10000.0)
+
+
+def _check_rope(cfg) -> None:
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    if kind not in (None, "default"):
+        raise ModelError(f"RoPE scaling {kind!r} is not exported yet (llama.cpp needs rope_freqs for it); "
+                         f"export a model without rope scaling or use llama.cpp's convert_hf_to_gguf.py")
+
+
+def add_architecture(writer, cfg, arch: str, name: str) -> None:
+    c = _text_config(cfg)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer.add_name(name)
+    writer.add_context_length(int(c.max_position_embeddings))
+    writer.add_embedding_length(int(c.hidden_size))
+    writer.add_block_count(int(c.num_hidden_layers))
+    writer.add_feed_forward_length(int(c.intermediate_size))
+    writer.add_rope_dimension_count(int(head_dim))
+    writer.add_rope_freq_base(_rope_theta(c))
+    writer.add_head_count(int(c.num_attention_heads))
+    writer.add_head_count_kv(int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads))
+    writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    writer.add_vocab_size(int(c.vocab_size))
+    if arch == "llama" and head_dim * c.num_attention_heads != c.hidden_size:
+        writer.add_key_length(int(head_dim))
+        writer.add_value_length(int(head_dim))
+
+
+def gguf_tensors(model, arch: str):
+    """(gguf name, float32 numpy array) in llama.cpp's order and layout; q/k rows permuted for llama."""
+    c = _text_config(model.config)
+    tied = bool(getattr(c, "tie_word_embeddings", False))
+    n_head, n_kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    for hf_name, t in model.state_dict().items():
+        name = gguf_name(hf_name)
+        if name is None:
+            if "rotary_emb" in hf_name:
+                continue
+            raise ModelError(f"tensor {hf_name!r} has no llama.cpp name; this model variant is not exportable yet")
+        if name == "output.weight" and tied:
+            continue
+        t = t.detach().to(torch.float32)
+        if arch == "llama" and ".attn_q." in name:
+            t = rope_permute(t, n_head)
+        elif arch == "llama" and ".attn_k." in name:
+            t = rope_permute(t, n_kv)
+        yield name, t.contiguous().numpy()
+
+
+def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "", progress: bool = True
+               ) -> list[TensorRecord]:
+    """Write `model` (a loaded HF Llama-family model, adapters already merged) to `out` as `quant`.
+
+    Returns one record per tensor: its GGML type, stored bytes and dequantization error vs the source.
+    """
+    import gguf
+
+    from ..checkpoint.atomic import atomic_path
+
+    quant = quant_mix.check_quant(quant)
+    arch = architecture(folder)
+    cfg = _text_config(model.config)
+    _check_rope(cfg)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    n_layers = int(cfg.num_hidden_layers)
+    records: list[TensorRecord] = []
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        add_architecture(writer, model.config, arch, name or folder.name)
+        writer.add_file_type(int(quant_mix.FILE_TYPES[quant][0]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_tokenizer(writer, folder, tok, arch, int(cfg.vocab_size))
+        items = list(gguf_tensors(model, arch))
+        for tname, data in _progress(items, progress, f"quantizing to {quant}"):
+            qtype = quant_mix.tensor_type(tname, data.shape, quant, n_layers, tied)
+            stored = quant_mix.encode(data, qtype)
+            records.append(_record(tname, data, stored, qtype))
+            writer.add_tensor(tname, stored, raw_dtype=qtype if stored.dtype == np.uint8 else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return records
+
+
+def _record(name: str, data: np.ndarray, stored: np.ndarray, qtype) -> TensorRecord:
+    err = quant_mix.decode(stored, qtype).reshape(data.shape) - data
+    peak = float(np.abs(data).max()) or 1.0
+    return TensorRecord(name=name, qtype=qtype.name, shape=tuple(int(s) for s in data.shape), nbytes=int(stored.nbytes),
+                        rmse=float(np.sqrt(np.mean(np.square(err, dtype=np.float64)))),
+                        max_rel=float(np.abs(err).max()) / peak)
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", mininterval=0.5)
+

@@ -1,0 +1,256 @@
+"""k-quants (Q4_K, Q5_K, Q6_K) in vectorised torch, byte for byte in llama.cpp's block layout.
+
+The `gguf` package reads every GGML type but writes none of the k-quants, so the quantizers live here.
+Each one follows the reference quantizer of ggml-quants.c (`quantize_row_q{4,5,6}_K_ref`, the one
+llama-quantize runs when no importance matrix is given), including its search for the best scale;
+the loops over blocks become tensor ops over all blocks at once.
+
+A super-block holds QK_K = 256 weights.
+  Q4_K / Q5_K: 8 sub-blocks of 32, asymmetric: x ~ d*sc_j * q - dmin*m_j, q in [0, 15] / [0, 31];
+               sc_j, m_j are 6-bit, packed into 12 bytes; d, dmin fp16.   4.5 / 5.5 bits per weight.
+  Q6_K:        16 sub-blocks of 16, symmetric: x ~ d*sc_j * (q - 32), q in [0, 63]; sc_j int8, d fp16.
+                                                                          6.5625 bits per weight.
+Byte order per block (what gguf.quants' dequantizers expect):
+  Q4_K  d | dmin | scales[12] | qs[128]              (144 bytes)
+  Q5_K  d | dmin | scales[12] | qh[32] | qs[128]     (176 bytes)
+  Q6_K  ql[128] | qh[64] | scales[16] | d            (210 bytes)
+Reference: https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-quants.c
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+QK_K = 256
+_F32 = np.float32
+CHUNK_BLOCKS = 4096  # super-blocks per pass: ~1M floats, a few MB per temporary, cache friendly
+
+
+def _round(x: Tensor) -> Tensor:
+    # ggml's nearest_int adds 1.5*2^23 and reads the mantissa: round half to even, as torch.round.
+    return torch.round(x)
+
+
+def _f16(x: Tensor) -> Tensor:
+    """The value after a trip through fp16, as ggml stores block scales (round to nearest even)."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _f16_bytes(x: Tensor) -> Tensor:  # (N,) -> (N, 2) uint8, little endian
+    return x.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale searches (ggml-quants.c make_qkx2_quants / make_qx_quants), over all groups at once
+
+
+def _moments(x: Tensor, w: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """sum w*q, sum w*q^2, sum w*q*x per row, in float64 for the error algebra that follows."""
+    wq = w * q
+    return wq.sum(1).double(), (wq * q).sum(1).double(), (wq * x).sum(1).double()
+
+
+def asymmetric_search(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """Best (scale, min, q) with x ~ scale*q - min, q in [0, nmax], for each row of x (G, n).
+
+    Tries nstep+1 inverse scales (rmin + rdelta*i + nmax) / (max - lo); for each rounding of (x - lo),
+    the weighted least-squares scale s and offset o; keeps the one with the lowest weighted squared error
+        E = s^2 Swq2 + o^2 Sw + Swx2 + 2 s o Swq - 2 s Swqx - 2 o Swx,
+    evaluated from the sums already at hand (the reference sums the residuals; equal up to rounding).
+    As in the reference, an accepted offset becomes the `lo` of the candidates after it.
+    Only the winning (inverse scale, lo) is remembered per row; its codes are recomputed at the end.
+    """
+    lo = x.amin(1).clamp(max=0)  # the offset never goes above 0: zero stays representable
+    hi = x.amax(1)
+    flat = hi == lo
+    sum_w, sum_x, sum_xx = w.sum(1).double(), (w * x).sum(1).double(), (w * x * x).sum(1).double()
+
+    def codes(numer: float | Tensor, low: Tensor) -> Tensor:
+        # numer as a tensor every time: scalar/tensor and tensor/tensor division may round differently,
+        # and the winner's codes are recomputed at the end from the same expression.
+        numer = torch.full_like(low, numer) if isinstance(numer, float) else numer
+        span = torch.where(flat, torch.ones_like(hi), hi - low)
+        return _round((numer / span)[:, None] * (x - low[:, None])).clamp_(0, nmax)
+
+    def error(s: Tensor, o: Tensor, sq: Tensor, sq2: Tensor, sxq: Tensor) -> Tensor:
+        return s * s * sq2 + o * o * sum_w + sum_xx + 2 * s * o * sq - 2 * s * sxq - 2 * o * sum_x
+
+    first = float(nmax)
+    span = torch.where(flat, torch.ones_like(hi), hi - lo)
+    scale, offset = (span / first).double(), lo.double()  # the plain min/max fit
+    best = error(scale, offset, *_moments(x, w, codes(first, lo)))
+    pick, pick_lo = torch.full_like(lo, first), lo
+    for step in range(nstep + 1):
+        numer = float(_F32(rmin) + _F32(rdelta) * _F32(step) + _F32(nmax))  # float32 as in C
+        sq, sq2, sxq = _moments(x, w, codes(numer, lo))
+        det = sum_w * sq2 - sq * sq
+        ok = det > 0
+        det = torch.where(ok, det, torch.ones_like(det))
+        this_s = (sum_w * sxq - sum_x * sq) / det
+        this_o = (sq2 * sum_x - sq * sxq) / det
+        positive = this_o > 0
+        this_o = torch.where(positive, torch.zeros_like(this_o), this_o)
+        this_s = torch.where(positive, sxq / torch.where(sq2 > 0, sq2, torch.ones_like(sq2)), this_s)
+        err = error(this_s, this_o, sq, sq2, sxq)
+        better = ok & (err < best)
+        best = torch.where(better, err, best)
+        scale = torch.where(better, this_s, scale)
+        offset = torch.where(better, this_o, offset)
+        pick = torch.where(better, torch.full_like(pick, numer), pick)
+        pick_lo = torch.where(better, lo, pick_lo)
+        lo = torch.where(better, this_o.float(), lo)
+    q = codes(pick, pick_lo)
+    scale = torch.where(flat, torch.zeros_like(scale), scale).float()
+    q = torch.where(flat[:, None], torch.zeros_like(q), q)
+    return scale, (-offset).float(), q
+
+
+def symmetric_search(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """Best (scale, q) with x ~ scale*q, q in [-nmax, nmax-1], weights x^2 (rmse_type 1), rows of x (G, n).
+
+    Starts from iscale = -nmax / x[argmax |x|] and tries 18 nearby ones (nmax +- 0.1*k), keeping the one
+    that maximises (sum w q x)^2 / sum w q^2; returns the scale and q + nmax.
+    """
+    idx = x.abs().argmax(1, keepdim=True)  # first maximum, as C's strict '>'
+    peak = x.gather(1, idx).squeeze(1)
+    zero = peak.abs() < 1e-15
+    peak = torch.where(zero, torch.ones_like(peak), peak)
+    w = x * x
+
+    def codes(numer: float | Tensor) -> Tensor:  # numer always a tensor: see asymmetric_search
+        numer = torch.full_like(peak, numer) if isinstance(numer, float) else numer
+        return _round((-numer / peak)[:, None] * x).clamp_(-nmax, nmax - 1)
+
+    def sums(numer: float) -> tuple[Tensor, Tensor]:
+        q = codes(numer)
+        wq = w * q
+        return (wq * x).sum(1), (wq * q).sum(1)
+
+    sum_lx, sum_l2 = sums(float(nmax))
+    scale = torch.where(sum_l2 > 0, sum_lx / torch.where(sum_l2 > 0, sum_l2, 1), 0)
+    best = scale * sum_lx
+    pick = torch.full_like(peak, float(nmax))
+    for k in range(-9, 10):
+        if k == 0:
+            continue
+        numer = float(_F32(nmax) + _F32(0.1) * _F32(k))
+        slx, sl2 = sums(numer)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        new_scale = slx / torch.where(better, sl2, torch.ones_like(sl2))
+        scale = torch.where(better, new_scale, scale)
+        best = torch.where(better, new_scale * slx, best)
+        pick = torch.where(better, torch.full_like(pick, numer), pick)
+    q = codes(pick)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    q = torch.where(zero[:, None], torch.zeros_like(q), q)
+    return scale, q + nmax
+
+
+# ---------------------------------------------------------------------------------------------
+# Q4_K / Q5_K
+
+
+def _pack_scales_6bit(ls: Tensor, lm: Tensor) -> Tensor:
+    """8 six-bit scales and 8 six-bit mins -> 12 bytes (ggml's get_scale_min_k4 layout). (N, 8) -> (N, 12)."""
+    lo_s, hi_s, lo_m, hi_m = ls[:, :4], ls[:, 4:], lm[:, :4], lm[:, 4:]
+    first = lo_s | ((hi_s >> 4) << 6)
+    second = lo_m | ((hi_m >> 4) << 6)
+    third = (hi_s & 0xF) | ((hi_m & 0xF) << 4)
+    return torch.cat([first, second, third], 1)
+
+
+def _k_scales_mins(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """Sub-block search, then 6-bit scales/mins relative to fp16 super-block d/dmin. x: (N, 256)."""
+    n = x.shape[0]
+    sub = x.reshape(n * 8, 32)  # (N*8, 32)
+    weights = sub.square().mean(1, keepdim=True).sqrt() + sub.abs()
+    scales, mins, q = asymmetric_search(sub, weights, nmax, rmin, rdelta, nstep)
+    scales, mins = scales.view(n, 8), mins.view(n, 8)
+    max_scale = scales.amax(1).clamp(min=0)
+    max_min = mins.amax(1).clamp(min=0)
+    inv_s = torch.where(max_scale > 0, 63 / torch.where(max_scale > 0, max_scale, 1), 0)
+    inv_m = torch.where(max_min > 0, 63 / torch.where(max_min > 0, max_min, 1), 0)
+    ls = _round(inv_s[:, None] * scales).clamp(0, 63).to(torch.uint8)
+    lm = _round(inv_m[:, None] * mins).clamp(0, 63).to(torch.uint8)
+    d, dmin = max_scale / 63, max_min / 63
+    return d, dmin, ls, lm, q.view(n, 256)
+
+
+def _k_requantize(x: Tensor, d: Tensor, dmin: Tensor, ls: Tensor, lm: Tensor, q: Tensor, nmax: int) -> Tensor:
+    """Final codes against the stored (fp16, 6-bit) scales; sub-blocks whose scale is 0 keep the search's."""
+    n = x.shape[0]
+    step = (_f16(d)[:, None] * ls.float()).view(n, 8, 1)
+    shift = (_f16(dmin)[:, None] * lm.float()).view(n, 8, 1)
+    safe = torch.where(step == 0, torch.ones_like(step), step)
+    fresh = _round((x.view(n, 8, 32) + shift) / safe).clamp_(0, nmax)
+    return torch.where(step == 0, q.view(n, 8, 32), fresh).view(n, 256).to(torch.uint8)
+
+
+def _q4_k_blocks(x: Tensor) -> Tensor:
+    d, dmin, ls, lm, q = _k_scales_mins(x, 15, -1.0, 0.1, 20)
+    q = _k_requantize(x, d, dmin, ls, lm, q, 15).view(-1, 4, 2, 32)  # (N, 64-chunk, half, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_6bit(ls, lm), qs], 1)
+
+
+def _q5_k_blocks(x: Tensor) -> Tensor:
+    d, dmin, ls, lm, q = _k_scales_mins(x, 31, -0.5, 0.1, 15)
+    q = _k_requantize(x, d, dmin, ls, lm, q, 31).view(-1, 4, 2, 32)  # (N, 64-chunk, half, 32)
+    low = q & 0xF
+    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+    bit = torch.arange(8, dtype=torch.uint8).view(1, 4, 2, 1)  # 5th bit of chunk c, half h -> bit 2c+h
+    qh = ((q >> 4) << bit).sum(dim=(1, 2), dtype=torch.uint8)  # (N, 32); distinct bits, so sum == or
+    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_6bit(ls, lm), qh, qs], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q6_K
+
+
+def _q6_k_blocks(x: Tensor) -> Tensor:
+    n = x.shape[0]
+    scales, q = symmetric_search(x.reshape(n * 16, 16), 32)
+    scales, q = scales.view(n, 16), q.view(n, 16, 16)
+    pick = scales.abs().argmax(1, keepdim=True)
+    max_scale = scales.gather(1, pick).squeeze(1)
+    empty = max_scale.abs() < 1e-15
+    iscale = -128 / torch.where(empty, torch.ones_like(max_scale), max_scale)
+    d = torch.where(empty, torch.zeros_like(iscale), 1 / iscale)
+    sc = _round(iscale[:, None] * scales).clamp(max=127)
+    sc = torch.where(empty[:, None], torch.zeros_like(sc), sc)
+    step = (_f16(d)[:, None] * sc).view(n, 16, 1)
+    safe = torch.where(step == 0, torch.ones_like(step), step)
+    fresh = _round(x.view(n, 16, 16) / safe).clamp_(-32, 31) + 32
+    q = torch.where(step == 0, q, fresh)
+    q = torch.where(empty[:, None, None], torch.zeros_like(q), q).to(torch.uint8)
+    q = q.view(n, 2, 4, 32)  # (N, 128-half, quarter, 32)
+    low = q & 0xF
+    ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2).reshape(n, 128)
+    shift = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    qh = ((q >> 4) << shift).sum(2, dtype=torch.uint8).reshape(n, 64)
+    sc_bytes = sc.to(torch.int8).view(torch.uint8)
+    return torch.cat([ql, qh, sc_bytes, _f16_bytes(d)], 1)
+
+
+_BLOCK_FNS = {"Q4_K": _q4_k_blocks, "Q5_K": _q5_k_blocks, "Q6_K": _q6_k_blocks}
+BYTES_PER_BLOCK = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+
+
+def quantize_k(data: np.ndarray | Tensor, qtype: str) -> np.ndarray:
+    """Quantize a float array whose last dimension is a multiple of 256 to `qtype` (Q4_K/Q5_K/Q6_K).
+
+    Returns uint8 with shape (*data.shape[:-1], data.shape[-1] // 256 * bytes_per_block): the byte
+    layout that gguf.GGUFWriter.add_tensor(..., raw_dtype=...) stores as is.
+    """
+    fn = _BLOCK_FNS[qtype]
+    x = torch.as_tensor(data).to(torch.float32)
+    if x.shape[-1] % QK_K:
+        raise ValueError(f"{qtype} needs rows that are a multiple of {QK_K} values, got {x.shape[-1]}")
+    blocks = x.reshape(-1, QK_K)
+    out = torch.empty(blocks.shape[0], BYTES_PER_BLOCK[qtype], dtype=torch.uint8)
+    for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
+        out[start:start + CHUNK_BLOCKS] = fn(blocks[start:start + CHUNK_BLOCKS].contiguous())
+    return out.numpy().reshape(*x.shape[:-1], x.shape[-1] // QK_K * BYTES_PER_BLOCK[qtype])
