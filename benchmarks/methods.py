@@ -39,6 +39,8 @@ METHODS = {  # method: extra CLI arguments (its section and a learning rate in i
     "prompt": ["--prompt.virtual_tokens", "20", "--prompt.init", "text", "--prompt.init_text",
                "Answer with one line of JSON giving the answer and the topic.", "--train.lr", "3e-2"],
     "prefix": ["--prefix.virtual_tokens", "20", "--prefix.projection", "true", "--train.lr", "3e-3"],
+    "full": ["--train.lr", "5e-5"],
+    "freeze": ["--freeze.train_last_layers", "4", "--train.lr", "1e-4"],
 }
 TRAINABLE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)")
 
@@ -60,7 +62,8 @@ def train(method: str, model: str, out: Path, a) -> dict:
         raise SystemExit(f"{method} failed:\n{stderr[-2000:]}")
     count = TRAINABLE.search(stdout)
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    times = [r["time"] for r in records if "loss" in r]
+    records = [r for r in records if "loss" in r]  # step lines (the memory breakdown has its own line)
+    times = [r["time"] for r in records]
     summary = json.loads((out / "summary.json").read_text())
     return {"method": method, "trainable": int(count[1].replace(",", "")), "trainable_pct": float(count[3]),
             "peak_rss_mib": round(usage.ru_maxrss / 1024), "wall_s": round(time.perf_counter() - start, 1),
