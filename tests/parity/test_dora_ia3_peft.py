@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import warnings
 
 import pytest
 import torch
@@ -47,12 +46,6 @@ CASES = {  # name: (build ours, PEFT config)
                              feedforward_modules=["o_proj"])),
 }
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def our_name(peft_name: str) -> str:

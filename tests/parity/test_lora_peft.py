@@ -11,7 +11,6 @@ import contextlib
 import copy
 import io
 import json
-import warnings
 
 import pytest
 import torch
@@ -41,12 +40,6 @@ CASES = {
 }
 RANK, ALPHA = 4, 8
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT warns about tiny random models and unfound configs
-        yield
 
 
 def peft_config(targets="all-linear", rslora=False, init="default", dropout=0.0) -> LoraConfig:

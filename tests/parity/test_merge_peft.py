@@ -10,7 +10,6 @@ so one seed means one mask on both sides.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -24,12 +23,6 @@ from leantune.merge.combine import combine, read_adapter  # noqa: E402
 SEED = 1234
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _random_adapter(base, folder, rank, alpha, seed, targets=TARGETS):

@@ -5,7 +5,6 @@ generated tokens, and each side loads the other's saved adapter with identical l
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -20,12 +19,6 @@ from leantune.checkpoint.adapter_io import load_adapter, save_adapter  # noqa: E
 N = 4
 CASES = {"plain": {}, "projection": {"projection": True, "projection_hidden": 24}}
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def build_both(base, projection=False, projection_hidden=None):

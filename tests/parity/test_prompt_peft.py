@@ -7,7 +7,6 @@ the same logits, loss and gradient, generate the same tokens, and load each othe
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -22,12 +21,6 @@ from leantune.checkpoint.adapter_io import load_adapter, save_adapter  # noqa: E
 N = 6
 TEXT = "answer the question"
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def build_both(base, tokenizer=None, model_dir=None):
