@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint.atomic import atomic_dir
+from ..checkpoint.tensor_file import TensorFile
 from ..errors import ModelError
 
 if TYPE_CHECKING:
@@ -109,20 +110,20 @@ def _fold_file(src: Path, dst: Path, factors: dict[str, tuple[Tensor, Tensor]], 
     tensor) is copied as is and only one tensor at a time is ever in memory. Tensors are read with plain
     reads, not through a memory map, whose touched pages would stay resident until the file is closed.
     """
-    header, data_start = _header(src)
+    tensors = TensorFile(src)
     shutil.copyfile(src, dst)
     folded = set()
-    with open(src, "rb") as inp, open(dst, "r+b") as out:
-        for key, info in header.items():
+    with open(dst, "r+b") as out:
+        for key in tensors.keys():
             path, _, leaf = key.rpartition(".")
-            if key == "__metadata__" or leaf != "weight" or (path not in factors and path not in requantize):
+            if leaf != "weight" or (path not in factors and path not in requantize):
                 continue
-            begin, end = info["data_offsets"]
-            inp.seek(data_start + begin)
-            tensor = _from_bytes(bytearray(inp.read(end - begin)), info, key)
-            merged = _merged_weight(tensor, path, factors.get(path), scaling,
+            if tensors.entries[key]["dtype"] not in _FLOAT_DTYPES:
+                raise ModelError(f"{key} is stored as {tensors.entries[key]['dtype']}, not as floats: the base is saved "
+                                 "quantized; merging needs the 16-bit base it was quantized from (pass it with --base-model)")
+            merged = _merged_weight(tensors.get(key), path, factors.get(path), scaling,
                                     quant if path in requantize else None, quant_dtype)
-            out.seek(data_start + begin)
+            out.seek(tensors.span(key)[0])
             out.write(merged.contiguous().view(-1).view(torch.uint8).numpy().tobytes())  # little-endian, as stored
             if path in factors:
                 folded.add(path)
@@ -131,24 +132,7 @@ def _fold_file(src: Path, dst: Path, factors: dict[str, tuple[Tensor, Tensor]], 
     return folded
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def _from_bytes(data: bytearray, info: dict, key: str) -> Tensor:
-    dtype = _DTYPES.get(info["dtype"])
-    if dtype is None:
-        raise ModelError(f"{key} is stored as {info['dtype']}, not as floats: the base is saved quantized; merging "
-                         "needs the 16-bit base it was quantized from (pass it with --base-model)")
-    return torch.frombuffer(data, dtype=dtype).view(info["shape"])
-
-
-def _header(path: Path) -> tuple[dict, int]:
-    """(the safetensors JSON header, where the data starts): 8 bytes of little-endian length, then JSON."""
-    import json
-
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)), 8 + n
+_FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
 
 
 def _merged_weight(weight: Tensor, path: str, pair: tuple[Tensor, Tensor] | None, scaling: float,

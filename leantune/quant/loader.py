@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint.tensor_file import TensorFile
 from ..errors import ModelError
 from .layers import QuantSpec, is_quantized, load_prequantized, new_quant_linear, quantize_weight
 
@@ -67,54 +68,6 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.lower().endswith("norm")
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-class _TensorFile:
-    """One safetensors file read tensor by tensor with plain reads (format: u64 header length, JSON
-    header, raw little-endian data). Not memory-mapped on purpose: a mapped file's touched pages count
-    in the process's resident memory until it exits, so reading through a map shows (and on a tight
-    machine costs) the whole float checkpoint, which this loader exists to avoid."""
-
-    def __init__(self, path: Path) -> None:
-        import json
-        import struct
-
-        self.path = path
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        self.start = 8 + n
-        self.entries = header
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def nbytes(self, key: str) -> int:
-        begin, end = self.entries[key]["data_offsets"]
-        return end - begin
-
-    def get(self, key: str, scratch: bytearray | None = None) -> torch.Tensor:
-        """The tensor, in fresh memory; or, with `scratch` (big enough), a view of it that the next
-        read overwrites: one buffer reused for every weight that is quantized and dropped keeps the
-        allocator from scattering freed float weights between the kept quantized ones."""
-        entry = self.entries[key]
-        begin, end = entry["data_offsets"]
-        buf = memoryview(scratch)[: end - begin] if scratch is not None else bytearray(end - begin)
-        with open(self.path, "rb") as f:
-            f.seek(self.start + begin)
-            f.readinto(buf)
-        dtype = _ST_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ModelError(f"{self.path.name}: tensor {key} has dtype {entry['dtype']}, which leantune cannot quantize from")
-        if not buf:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
-
-
 def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
     old = module._parameters[name]
     module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
@@ -124,7 +77,7 @@ def fill_from_safetensors(model: nn.Module, files: Sequence[str | Path], *, dtyp
                           device: torch.device | str = "cpu") -> list[str]:
     """Load every tensor of `files` into `model` (see the module docstring); return the names of the
     parameters the files did not provide (tied weights, for the caller to tie)."""
-    readers = [_TensorFile(Path(f)) for f in files]
+    readers = [TensorFile(Path(f)) for f in files]
     index = {key: r for r in readers for key in r.keys()}
     modules = dict(model.named_modules())
     by_module: dict[str, dict[str, str]] = defaultdict(dict)  # module path -> {local key: full key}
