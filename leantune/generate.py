@@ -56,8 +56,9 @@ def run_quant(source: str, bits: int | None = None):
 
 
 def load_for_inference(source: str, *, base: str | None = None, dtype: str = "auto", use_adapter: bool = True,
-                       quant_bits: int | None = None):
-    """Return (model, tokenizer) ready for generation, the adapter attached (not merged).
+                       quant_bits: int | None = None, device: str = "auto"):
+    """Return (model, tokenizer) ready for generation, the adapter attached (not merged), on `device`
+    (auto: a GPU when torch sees one, else the CPU).
 
     The base is quantized as the run that trained the adapter had it (its config.yaml `quant`), or to
     `quant_bits` when given.
@@ -66,7 +67,7 @@ def load_for_inference(source: str, *, base: str | None = None, dtype: str = "au
     from .models.load import load_model, load_tokenizer, pick_dtype, resolve_device
 
     model_src, adapter = find_model_and_adapter(source, base)
-    device = resolve_device("auto")
+    device = resolve_device(device)
     tok = load_tokenizer(model_src)
     quant = run_quant(source, quant_bits) if Path(source).exists() or quant_bits else None
     model = load_model(model_src, dtype=pick_dtype(dtype, device), device=device, quant=quant)

@@ -71,7 +71,7 @@ def spec_from_saved(qc: dict) -> QuantSpec:
                      threshold=float(qc.get("llm_int8_threshold", 6.0)))
 
 
-def _local_files(src: str) -> Path:
+def local_model_dir(src: str) -> Path:
     """A folder holding the safetensors files: `src` itself, or the hub snapshot of a hub id."""
     if Path(src).is_dir():
         return Path(src)
@@ -92,7 +92,7 @@ def load_quantized(src: str, quant: QuantConfig | QuantSpec | None, *, dtype: to
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
 
-    folder = _local_files(src)
+    folder = local_model_dir(src)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     saved = getattr(config, "quantization_config", None)
     spec = _choose_spec(saved, quant, device)
@@ -114,9 +114,27 @@ def load_quantized(src: str, quant: QuantConfig | QuantSpec | None, *, dtype: to
         raise ModelError(f"{src!r}: the weights lack {missing[0]} (and {len(missing) - 1} more); the folder is "
                          "incomplete or its config.json does not fit them")
     model.to(device)  # buffers built on the CPU (rotary frequencies); quantized weights are there already
+    _cast_head_input(model)
     model.leantune_quant = spec
     log.info("loaded %s with a %d-bit base in %.1f s", src, spec.bits, time.perf_counter() - t0)
     return model
+
+
+def _cast_head_input(model: Any) -> None:
+    """The fp32 norms make the residual stream fp32 (bitsandbytes returns its output in its input's dtype),
+    so the final hidden states reach a bf16 `lm_head` as fp32. PEFT's prepare_model_for_kbit_training
+    answers that by upcasting lm_head and the embeddings to fp32 (on a 128k vocabulary, 2 GB more); we
+    cast the head's input to the head's dtype instead, which is the rounding a bf16 head does anyway."""
+    import torch
+
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None or head.weight.dtype == torch.float32:
+        return
+
+    def to_head_dtype(module, args):
+        return (args[0].to(module.weight.dtype), *args[1:])
+
+    head.register_forward_pre_hook(to_head_dtype)
 
 
 def _choose_spec(saved: Any, quant: QuantConfig | QuantSpec | None, device: torch.device) -> QuantSpec:

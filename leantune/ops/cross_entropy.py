@@ -99,7 +99,9 @@ def causal_lm_loss(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, norma
     next label is -100 are dropped *before* the head, so prompt tokens cost no head compute at all.
     Returns (loss, number of label tokens).
     """
-    h = hidden[:, :-1]                                 # (B, T-1, H): position t predicts token t+1
+    # (B, T-1, H): position t predicts token t+1. In the head's dtype: over a 4-bit base the fp32 norms
+    # leave the hidden states fp32 while a bf16 head stays bf16 (the cast's backward returns fp32 grads).
+    h = hidden[:, :-1].to(head_weight.dtype)
     y = labels[:, 1:]                                  # (B, T-1)
     keep = y != IGNORE_INDEX
     n = int(keep.sum())

@@ -34,9 +34,9 @@ def test_method_trains_saves_and_generate_attaches_it(tiny_llama_dir, tmp_path, 
     assert ("data.packing is off" in printed) == (method in ("prompt", "prefix"))  # a notice, and the run goes on unpacked
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     assert sum(losses[-3:]) < sum(losses[:3])
-    model, _ = load_for_inference(str(out), dtype="fp32")
+    model, _ = load_for_inference(str(out), dtype="fp32", device="cpu")
     assert {type(a) for a in adapter_modules(model).values()} == {ADAPTERS[method]}
-    base, _ = load_for_inference(str(out), dtype="fp32", use_adapter=False)
+    base, _ = load_for_inference(str(out), dtype="fp32", use_adapter=False, device="cpu")
     ids = torch.tensor([[7, 8, 9, 10]])
     with_adapter = model(**prepare_inputs(model, {"input_ids": ids})).logits[:, -ids.shape[1]:]
     assert not torch.equal(with_adapter, base(ids).logits)  # the trained adapter is really on

@@ -145,7 +145,7 @@ def test_trained_adapter_loads_in_peft_with_identical_logits_and_generates(tiny_
     assert main(base_args(tiny_llama_dir, data, out, "--train.max_steps", "3", "--train.lr", "1e-2",
                           "--dtype", "fp32", "--lora.rslora", "true")) == 0
     ids = torch.randint(6, 400, (2, 12))
-    ours, _ = load_for_inference(str(out), dtype="fp32")
+    ours, _ = load_for_inference(str(out), dtype="fp32", device="cpu")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     theirs = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     with torch.no_grad():

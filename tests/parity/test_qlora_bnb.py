@@ -44,7 +44,9 @@ def hf_quantized(folder, case=None, compute=torch.float32):
     kwargs = {"quantization_config": bnb_config(case, compute)} if case else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+        # on the CPU even where torch sees a GPU: these are the CPU kernels' parity tests (tests/gpu has CUDA's)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
+                                                    **kwargs).eval()
 
 
 def ours(folder, case=None):
@@ -90,7 +92,7 @@ def test_saved_by_transformers_loads_in_leantune(tiny_llama_dir, tmp_path, case)
 
 def train_qlora(model_dir, tmp_path, compute: str, dtype: str):
     data = write_chat_data(tmp_path / "d.jsonl", n=16)
-    cfg = from_dict({"model": str(model_dir), "output_dir": str(tmp_path / "run"), "dtype": dtype,
+    cfg = from_dict({"model": str(model_dir), "output_dir": str(tmp_path / "run"), "dtype": dtype, "device": "cpu",
                      "data": {"path": str(data), "max_length": 64},
                      "lora": {"rank": 4, "alpha": 8}, "quant": {"bits": 4, "compute_dtype": compute},
                      "train": {"max_steps": 3, "lr": 1e-2, "progress": False, "tensorboard": False,
@@ -103,7 +105,7 @@ def test_qlora_adapter_trained_in_leantune_loads_in_peft_with_identical_logits(t
     from leantune.generate import load_for_inference
 
     adapter = train_qlora(tiny_llama_dir, tmp_path, compute="fp32", dtype="fp32")
-    mine, _ = load_for_inference(str(tmp_path / "run"), dtype="fp32")
+    mine, _ = load_for_inference(str(tmp_path / "run"), dtype="fp32", device="cpu")
     assert mine.leantune_quant.bits == 4
     base = hf_quantized(tiny_llama_dir, FOUR_BIT["nf4"])
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
@@ -118,7 +120,7 @@ def test_qlora_adapter_in_peft_bf16_compute(tiny_llama_dir, tmp_path):
     from leantune.generate import load_for_inference
 
     adapter = train_qlora(tiny_llama_dir, tmp_path, compute="bf16", dtype="fp32")
-    mine, _ = load_for_inference(str(tmp_path / "run"), dtype="fp32")
+    mine, _ = load_for_inference(str(tmp_path / "run"), dtype="fp32", device="cpu")
     base = prepare_model_for_kbit_training(hf_quantized(tiny_llama_dir, FOUR_BIT["nf4"], torch.bfloat16),
                                            use_gradient_checkpointing=False)
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
