@@ -94,7 +94,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     if pad_note:
         console(pad_note)
 
-    _attach_adapter(model, cfg, tokenizer)
+    _attach_adapter(model, cfg, tokenizer, console)
     model.to(device)
     console(format_trainable(model))
     model.train()
@@ -325,7 +325,7 @@ def _unpack_if_needed(cfg: RunConfig, console: Callable[[str], None]) -> None:
                 "example, so every example gets a row of its own")
 
 
-def _attach_adapter(model, cfg: RunConfig, tokenizer=None) -> None:
+def _attach_adapter(model, cfg: RunConfig, tokenizer=None, console: Callable[[str], None] | None = None) -> None:
     """Freeze the base, inject the configured method (seeded, so the init is reproducible), train only it;
     or, for method full/freeze, mark the model's own weights that train (train/full.py).
 
@@ -336,15 +336,22 @@ def _attach_adapter(model, cfg: RunConfig, tokenizer=None) -> None:
         from .full import mark_trainable
 
         mark_trainable(model, cfg.method, cfg.freeze.train_last_layers, cfg.freeze.train_modules)
-        return
-    from ..adapters.base import ADAPTERS, mark_only_adapters_trainable
+    else:
+        from ..adapters.base import ADAPTERS, mark_only_adapters_trainable
 
-    method = ADAPTERS[cfg.method]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    method.attach(model, getattr(cfg, method.config_section), tokenizer=tokenizer)
-    mark_only_adapters_trainable(model)
+        method = ADAPTERS[cfg.method]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        method.attach(model, getattr(cfg, method.config_section), tokenizer=tokenizer)
+        mark_only_adapters_trainable(model)
+        if cfg.method == "lora" and cfg.lora.init == "loftq":
+            from ..models.quantized import local_model_dir
+            from .loftq import loftq_init_
+
+            stats = loftq_init_(model, local_model_dir(cfg.model))
+            (console or print)(f"lora.init loftq: {stats['layers']} layers start at the SVD of their quantization error; "
+                    f"relative weight error {stats['error_before']:.4f} -> {stats['error_after']:.4f}")
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so a frozen base works as is.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x

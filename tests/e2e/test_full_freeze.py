@@ -84,3 +84,15 @@ def test_full_refuses_settings_that_only_mean_something_for_lora(extra, message)
 
     with pytest.raises(ConfigError, match=message):
         from_dict({"model": "m", "data": {"path": "d"}, "method": "full", **extra})
+
+
+@pytest.mark.parametrize("method", [["full"], ["freeze", "--freeze.train_last_layers", "1"]], ids=["full", "freeze"])
+def test_gradient_checkpointing_applies_to_whole_model_methods(tiny_llama_dir, data, tmp_path, method):
+    """train.gradient_checkpointing used to be dropped for full/freeze: the same run with it on saves far less."""
+    saved = {}
+    for ckpt in ("false", "true"):
+        out = tmp_path / f"{method[0]}-{ckpt}"
+        assert train(tiny_llama_dir, data, out, "--method", *method, "--train.max_steps", "2",
+                     "--train.gradient_checkpointing", ckpt) == 0
+        saved[ckpt] = json.loads((out / "summary.json").read_text())["memory"]["mem_activations_bytes"]
+    assert saved["true"] < 0.5 * saved["false"], saved
