@@ -54,7 +54,9 @@ class LoraConfig:
         "such as [q_proj, v_proj], or a regex over full module paths")
     rslora: bool = _f(False, "rank-stabilised LoRA: scale by alpha/sqrt(rank) (Kalajdzievski 2023)")
     lr_ratio: float | None = _f(None, "LoRA+: learning rate of B = lr * lr_ratio (Hayou et al. 2024 suggest 16)")
-    init: Literal["default", "gaussian"] = _f("default", "A init: PEFT's kaiming-uniform (default) or gaussian; B starts at zero")
+    init: Literal["default", "gaussian", "loftq"] = _f(
+        "default", "A init: PEFT's kaiming-uniform (default) or gaussian, B at zero; loftq (4-bit base only): A and B "
+        "start at the rank-r SVD of the quantization error, so the model starts nearer its 16-bit self")
 
 
 @dataclass
@@ -404,6 +406,9 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.quant.bits is None or cfg.method not in ("full", "freeze"),
          f"method {cfg.method} trains the base weights, which a {cfg.quant.bits}-bit base cannot hold; "
          "drop quant.bits, or use method lora (QLoRA)")
+    need(cfg.lora.init != "loftq" or (cfg.quant.bits == 4 and cfg.method == "lora"),
+         f"lora.init loftq corrects a 4-bit base's quantization error; this run has method {cfg.method} and quant.bits "
+         f"{cfg.quant.bits}: set quant.bits 4 with method lora, or use lora.init default")
     check_quant(cfg.quant)
 
 

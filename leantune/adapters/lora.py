@@ -24,7 +24,7 @@ from ..errors import ConfigError, ModelError
 from ..ops.lora import lora_linear
 from .base import Adapter, adapter_dtype, adapter_modules, find_targets, float_dtype, layer_features, require_linear, set_module, trainable_parameters
 
-INITS = ("default", "gaussian")
+INITS = ("default", "gaussian", "loftq")  # loftq: drawn as default, then set by train/loftq.py
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -46,7 +46,7 @@ def _new_factors(in_features: int, out_features: int, rank: int, init: str,
     a = nn.Linear(in_features, rank, bias=False, dtype=dtype)
     b = nn.Linear(rank, out_features, bias=False, dtype=dtype)
     with torch.no_grad():
-        if init == "default":
+        if init in ("default", "loftq"):
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         else:
             nn.init.normal_(a.weight, std=1 / rank)
