@@ -33,15 +33,27 @@ SHARED_BENCH = Path(os.environ.get("LEANTUNE_PEER_BENCH", ROOT.parent / "shared"
 ENV = dict(os.environ)
 
 
-def run(cmd: list[str]) -> tuple[float, float, float]:
+def run(cmd: list[str], gpu: bool = False) -> tuple[float, float, float, float | None]:
+    """(wall s, peak RSS MiB, CPU s, peak GPU MiB or None). On a GPU the command runs under cuda_peak.py."""
+    peak_file = None
+    if gpu:
+        fd, peak_file = tempfile.mkstemp(prefix="cuda-peak-")
+        os.close(fd)
+        cmd = [cmd[0], str(Path(__file__).with_name("cuda_peak.py")), *cmd[1:]]
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    env = {**ENV, "LEANTUNE_CUDA_PEAK_FILE": peak_file} if peak_file else ENV
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    err = p.stderr.read().decode(errors="replace")[-3000:]  # read before waiting: a full pipe would block it
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
-    err = p.stderr.read().decode(errors="replace")[-3000:]
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"command failed: {' '.join(cmd)}\n{err}")
-    return wall, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime  # s, MiB, CPU s
+    gpu_mib = None
+    if peak_file:
+        peaks = Path(peak_file).read_text().split()
+        os.unlink(peak_file)
+        gpu_mib = int(peaks[-1]) / 2**20 if peaks else None
+    return wall, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime, gpu_mib  # s, MiB, CPU s, MiB
 
 
 def text_tokens(data: Path, tokenizer_dir: Path, seq: int) -> list[int]:
@@ -63,7 +75,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for both sides (OMP_NUM_THREADS); default: torch's own (all cores). "
                          "1 gives steadier ratios while other jobs share the machine")
+    ap.add_argument("--peer-flags", default="", help="extra flags for peer_peft.py, e.g. \"--base-bf16 --bf16\" "
+                    "(a GPU's usual setting; leantune's dtype auto is bf16 there)")
     a = ap.parse_args()
+    import torch
+
+    gpu = torch.cuda.is_available()
     if a.threads:
         ENV.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     if not (SHARED_BENCH / "peer_peft.py").exists():
@@ -80,7 +97,7 @@ def main() -> None:
 
     def peer(steps: int) -> list[str]:
         return [py, str(SHARED_BENCH / "peer_peft.py"), "--model-dir", str(model), "--data", str(data),
-                "--steps", str(steps), "--out", str(work / "peer-out")]
+                "--steps", str(steps), "--out", str(work / "peer-out"), *a.peer_flags.split()]
 
     def ours(packing: bool):
         def cmd(steps: int) -> list[str]:
@@ -93,22 +110,25 @@ def main() -> None:
                                "--train.tensorboard", "false", "--output_dir", str(out)]
         return cmd
 
-    sides = {"peer (Trainer+PEFT, fp32)": peer, "leantune (packed)": ours(True), "leantune (unpacked)": ours(False)}
-    res = {k: {"step": [], "rss": [], "cpu": []} for k in sides}
+    peer_name = f"peer (Trainer+PEFT{', ' + a.peer_flags if a.peer_flags else ', fp32'})"
+    sides = {peer_name: peer, "leantune (packed)": ours(True), "leantune (unpacked)": ours(False)}
+    res = {k: {"step": [], "rss": [], "cpu": [], "gpu": []} for k in sides}
     for _ in range(a.repeats):
         for name, tmpl in sides.items():
-            w1, _, c1 = run(tmpl(a.n1))
-            w2, rss, c2 = run(tmpl(a.n2))
+            w1, _, c1, _ = run(tmpl(a.n1), gpu)
+            w2, rss, c2, gpu_mib = run(tmpl(a.n2), gpu)
             res[name]["step"].append((w2 - w1) / (a.n2 - a.n1))
             res[name]["cpu"].append((c2 - c1) / (a.n2 - a.n1))
             res[name]["rss"].append(rss)
+            if gpu_mib is not None:
+                res[name]["gpu"].append(gpu_mib)
 
     # Real tokens per step: the peer and unpacked leantune take 4 texts per step; packed leantune fills
     # rows of `seq` tokens with whole texts (measured from its own data plan).
     lens = text_tokens(data, model, seq)
     mean_len = statistics.mean(lens)
     packed_tokens = _packed_tokens_per_step(model, data, seq, batch)
-    tokens = {"peer (Trainer+PEFT, fp32)": batch * mean_len, "leantune (packed)": packed_tokens,
+    tokens = {peer_name: batch * mean_len, "leantune (packed)": packed_tokens,
               "leantune (unpacked)": batch * mean_len}
     out = {}
     for name in sides:
@@ -116,24 +136,33 @@ def main() -> None:
         cpu = statistics.median(res[name]["cpu"])
         out[name] = {"step_s": round(step, 4), "cpu_s_per_step": round(cpu, 3),
                      "tokens_per_cpu_s": round(tokens[name] / cpu, 1), "tokens_per_step": round(tokens[name], 1),
-                     "tokens_per_s": round(tokens[name] / step, 1), "peak_rss_mib": round(max(res[name]["rss"]), 1)}
-    ref = out["peer (Trainer+PEFT, fp32)"]
-    print(f"fixture {a.size}: LoRA r16 all-linear, batch {batch}, max {seq} tokens, {os.cpu_count()} cores, "
+                     "tokens_per_s": round(tokens[name] / step, 1), "peak_rss_mib": round(max(res[name]["rss"]), 1),
+                     "peak_gpu_mib": round(max(res[name]["gpu"]), 1) if res[name]["gpu"] else None}
+    ref = out[peer_name]
+    where = f"GPU {torch.cuda.get_device_name()}" if gpu else f"{os.cpu_count()} cores"
+    print(f"fixture {a.size}: LoRA r16 all-linear, batch {batch}, max {seq} tokens, {where}, "
           f"{a.threads or 'default'} threads; "
           f"steps {a.n1}->{a.n2}, {a.repeats} repeats\n")
     print(f"{'':28s} {'s/step':>8s} {'tok/step':>9s} {'tok/s':>8s} {'peak RSS':>9s} {'speed x':>8s} {'RSS x':>6s}"
-          f" {'CPU s/step':>11s} {'tok/CPU-s x':>12s}")
+          f" {'CPU s/step':>11s} {'tok/CPU-s x':>12s}" + (f" {'peak GPU':>9s} {'GPU x':>6s}" if gpu else ""))
     for name, r in out.items():
         r["tokens_per_s_ratio"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 3)
         r["rss_ratio"] = round(r["peak_rss_mib"] / ref["peak_rss_mib"], 3)
         r["tokens_per_cpu_s_ratio"] = round(r["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"], 3)
         print(f"{name:28s} {r['step_s']:8.3f} {r['tokens_per_step']:9.0f} {r['tokens_per_s']:8.0f} "
               f"{r['peak_rss_mib']:7.0f}Mi {r['tokens_per_s_ratio']:8.2f} {r['rss_ratio']:6.2f}"
-              f" {r['cpu_s_per_step']:11.3f} {r['tokens_per_cpu_s_ratio']:12.2f}")
+              f" {r['cpu_s_per_step']:11.3f} {r['tokens_per_cpu_s_ratio']:12.2f}" + gpu_cols(r, ref))
     print("\nspeed x: real tokens per wall second against the peer; tok/CPU-s x: the same per CPU second "
           "(less sensitive to a noisy machine). Ratios are medians over the repeats of one run.")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
+
+
+def gpu_cols(r: dict, ref: dict) -> str:
+    if r.get("peak_gpu_mib") is None or not ref.get("peak_gpu_mib"):
+        return ""
+    r["gpu_ratio"] = round(r["peak_gpu_mib"] / ref["peak_gpu_mib"], 3)
+    return f" {r['peak_gpu_mib']:7.0f}Mi {r['gpu_ratio']:6.2f}"
 
 
 def _packed_tokens_per_step(model: Path, data: Path, seq: int, batch: int) -> float:

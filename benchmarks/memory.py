@@ -6,8 +6,9 @@ bf16, else fp32: emulated bf16 is ~3x slower and would make the step times meani
 `python -m leantune.cli.main train ... --train.max_steps N` in a fresh process, so nothing one run
 allocates is still held by the next:
 
-    peak memory   the process's peak RSS from the kernel (os.wait4's ru_maxrss), on CPU; the run's own
-                  summary.json adds its breakdown (base weights, optimizer state, saved activations)
+    peak memory   the process's peak RSS from the kernel (os.wait4's ru_maxrss), on CPU; on a GPU also the
+                  run's torch.cuda.max_memory_allocated (its summary.json), which is what decides "does it
+                  fit"; the summary adds the breakdown (base weights, optimizer state, saved activations)
     step time     (wall(N2) - wall(N1)) / (N2 - N1): loading, data preparation and saving cancel out; the
                   same difference of CPU time (user + sys, from wait4) is steadier on a shared machine
 
@@ -59,7 +60,7 @@ def train_once(model: str, flags: list[str], steps: int, out: Path, a) -> dict:
            "--output_dir", str(out), "--dtype", a.dtype, "--data.max_length", str(a.max_length),
            "--data.eval_fraction", "0", "--train.batch_size", str(a.batch_size), "--train.max_steps", str(steps), "--train.eval_every", "0",
            "--train.save_every", "0", "--train.progress", "false", "--train.tensorboard", "false",
-           "--train.lr", "1e-5", "--train.warmup_steps", "0", *flags]
+           "--train.lr", "1e-5", "--train.warmup_steps", "0", "--device", a.device, *flags]
     t = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _, status, ru = os.wait4(p.pid, 0)
@@ -75,7 +76,9 @@ def train_once(model: str, flags: list[str], steps: int, out: Path, a) -> dict:
 def measure(model: str, flags: list[str], a, work: Path) -> dict:
     runs = {n: train_once(model, flags, n, Path(tempfile.mkdtemp(dir=work)) / "run", a) for n in (a.n1, a.n2)}
     mem = runs[a.n2]["memory"]
-    return { "peak_rss_mib": runs[a.n2]["peak_rss"] / MiB,
+    on_gpu = str(mem.get("mem_peak_source", "")).startswith("cuda")
+    return {"peak_rss_mib": runs[a.n2]["peak_rss"] / MiB,
+            "peak_gpu_mib": mem.get("mem_peak_bytes", 0) / MiB if on_gpu else None,
             "step_s": (runs[a.n2]["wall"] - runs[a.n1]["wall"]) / (a.n2 - a.n1),
             "step_cpu_s": (runs[a.n2]["cpu"] - runs[a.n1]["cpu"]) / (a.n2 - a.n1),
             **{k: mem.get(f"mem_{k}_bytes", 0) / MiB for k in
@@ -83,10 +86,18 @@ def measure(model: str, flags: list[str], a, work: Path) -> dict:
             "paging_note": next((ln for ln in runs[a.n2]["log"].splitlines() if "paging" in ln), "")}
 
 
+def peak_mib(r: dict) -> float:
+    return r["peak_gpu_mib"] if r.get("peak_gpu_mib") is not None else r["peak_rss_mib"]
+
+
+def peak_label(rows: list[dict]) -> str:
+    return "peak GPU allocated (MiB)" if rows and rows[0].get("peak_gpu_mib") is not None else "peak RSS (MiB)"
+
+
 def table(rows: list[dict], skipped: list[str]) -> str:
-    head = ("| configuration | checkpointing | peak RSS (MiB) | step wall (s) | step CPU (s) | base weights | "
+    head = (f"| configuration | checkpointing | {peak_label(rows)} | step wall (s) | step CPU (s) | base weights | "
             "trainable | optimizer state | saved activations |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
-    lines = [f"| {r['config']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_rss_mib']:.0f} | "
+    lines = [f"| {r['config']} | {'on' if r['checkpointing'] else 'off'} | {peak_mib(r):.0f} | "
              f"{r['step_s']:.2f} | {r['step_cpu_s']:.2f} | {r['base_weights']:.1f} | {r['trainable']:.1f} | {r['optimizer_state']:.1f} | "
              f"{r['activations']:.1f} |" for r in rows]
     notes = [f"\nskipped: {s}" for s in skipped]
@@ -102,8 +113,8 @@ def chart(rows: list[dict], path: Path) -> None:
     labels = [f"{r['config']}\n{'ckpt' if r['checkpointing'] else 'no ckpt'}" for r in rows]
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(13, 0.5 * len(rows) + 1.5), sharey=True)
     y = range(len(rows))
-    ax_m.barh(y, [r["peak_rss_mib"] for r in rows], color="#4878a8")
-    ax_m.set_xlabel("peak RSS (MiB)")
+    ax_m.barh(y, [peak_mib(r) for r in rows], color="#4878a8")
+    ax_m.set_xlabel(peak_label(rows))
     ax_t.barh(y, [r["step_s"] for r in rows], color="#d08040", label="wall")
     ax_t.barh(y, [r["step_cpu_s"] for r in rows], color="#603010", height=0.35, label="CPU (user+sys)")
     ax_t.set_xlabel("step time (s)")
@@ -124,6 +135,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--dtype", default="auto", help="base dtype for every row: auto (bf16 where the CPU runs it "
                     "natively, else fp32), bf16 or fp32; the 4-bit rows compute in the same dtype")
+    ap.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda")
     ap.add_argument("--only", nargs="*", default=None, help="configuration names to run (default: all)")
     ap.add_argument("--checkpointing-only", action="store_true", help="skip the rows without checkpointing")
     ap.add_argument("--out", default=str(ROOT / "docs"), help="folder for memory_table.md, memory.png, memory.json")
@@ -150,7 +162,7 @@ def main() -> None:
             r = measure(a.model, [*flags, "--train.gradient_checkpointing", str(ckpt).lower()], a, Path(tmp))
             r.update(config=name, checkpointing=ckpt)
             rows.append(r)
-            print(f"{name:28s} ckpt={'on ' if ckpt else 'off'} peak {r['peak_rss_mib']:7.0f} MiB  step "
+            print(f"{name:28s} ckpt={'on ' if ckpt else 'off'} peak {peak_mib(r):7.0f} MiB  step "
                   f"{r['step_s']:.2f} s wall, {r['step_cpu_s']:.2f} s CPU", flush=True)
             write_results(out, a, rows, skipped)  # after every row: a run cut short keeps what it measured
     print(table(rows, skipped))
@@ -160,7 +172,7 @@ def write_results(out: Path, a, rows: list[dict], skipped: list[str]) -> None:
     order = list(CONFIGS)
     rows = sorted(rows, key=lambda r: (order.index(r["config"]), r["checkpointing"]))
     (out / "memory_table.md").write_text(table(rows, skipped))
-    meta = {"model": a.model, "dtype": a.dtype, "n1": a.n1, "n2": a.n2, "batch_size": a.batch_size,
+    meta = {"model": a.model, "dtype": a.dtype, "device": a.device, "n1": a.n1, "n2": a.n2, "batch_size": a.batch_size,
             "max_length": a.max_length}
     (out / "memory.json").write_text(json.dumps({**meta, "rows": rows, "skipped": skipped}, indent=1))
     chart(rows, out / "memory.png")

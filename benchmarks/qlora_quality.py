@@ -13,6 +13,10 @@ and the batch order alike for both configurations), and reports the seed-to-seed
 
     python benchmarks/qlora_quality.py                  # 30 steps, 3 seeds: about 25 minutes on 2 cores
     python benchmarks/qlora_quality.py --seeds 0 --steps 60 --json out.json
+    python benchmarks/qlora_quality.py --both "--lora.rank 64" --quant "--lora.init loftq"   # variants
+
+On a GPU (dtype auto = bf16 there) the reference side is bf16 LoRA, the issue's own comparison; on a CPU
+without fast bf16 it is fp32 LoRA.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ def main() -> None:
     ap.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share of the demo data")
     ap.add_argument("--workdir", default=None, help="run folders go here (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--model", default=None, help="an HF folder (default: the demo model, SmolLM2-135M-Instruct)")
+    ap.add_argument("--both", default="", help="extra `leantune train` flags for both configurations")
+    ap.add_argument("--quant", default="", help="extra flags for the QLoRA side only (e.g. \"--lora.init loftq\")")
     a = ap.parse_args()
 
     from leantune.config import dump_yaml
@@ -64,17 +71,19 @@ def main() -> None:
     work = Path(a.workdir or tempfile.mkdtemp(prefix="leantune-qlora-"))
     work.mkdir(parents=True, exist_ok=True)
     config = work / "demo.yaml"
-    cfg = demo_config(demo_model_dir(), str(work / "unused"), a.steps, quiet=True)
+    cfg = demo_config(Path(a.model) if a.model else demo_model_dir(), str(work / "unused"), a.steps, quiet=True)
     cfg.train.eval_every = max(1, a.steps // 3)
     cfg.data.eval_fraction = a.eval_fraction
     config.write_text(dump_yaml(cfg))
 
     seeds = [int(s) for s in a.seeds.split(",")]
-    runs = {name: [train(config, work / f"run-{i}-seed{seed}", [*extra, "--seed", str(seed)]) for seed in seeds]
+    both, quant = a.both.split(), a.quant.split()
+    runs = {name: [train(config, work / f"run-{i}-seed{seed}", [*extra, *both, *(quant if i else []), "--seed", str(seed)])
+                   for seed in seeds]
             for i, (name, extra) in enumerate(CONFIGS.items())}
     (ref_name, ref), (q_name, q) = runs.items()
-    print(f"SmolLM2-135M-Instruct, demo data ({a.eval_fraction:.0%} held out), LoRA r16 all-linear, {a.steps} steps, "
-          f"seeds {a.seeds}\n")
+    print(f"{a.model or 'SmolLM2-135M-Instruct'}, demo data ({a.eval_fraction:.0%} held out), LoRA r16 all-linear, "
+          f"{a.steps} steps, seeds {a.seeds}; both: {a.both or '-'}; QLoRA side: {a.quant or '-'}\n")
     print(f"{'':30s} {'eval loss (per seed)':>28s} {'mean':>7s} {'sd':>6s} {'wall s':>7s} {'peak RSS':>9s}")
     summary = {}
     for name, rs in runs.items():
