@@ -117,8 +117,9 @@ def test_cuda_quantized_base_equals_transformers_bnb(tiny_llama_dir, case):
 
 def close_in_bf16(a: torch.Tensor, b: torch.Tensor) -> None:
     """Same packed bytes, same kernels; leantune keeps the norms in fp32 (as prepare_model_for_kbit_training
-    does) where a plain transformers bnb model keeps them bf16, so the logits agree to bf16's resolution."""
-    assert (a - b).abs().max() <= 1e-2 * b.abs().max()
+    does) where a plain transformers bnb model keeps them bf16, so the logits agree to bf16's resolution
+    (2^-8 per rounding, a few roundings deep): compared as a relative error over all logits."""
+    assert (a - b).norm() <= 2e-2 * b.norm(), float((a - b).norm() / b.norm())
 
 
 def test_cuda_4bit_save_then_reload_in_transformers(tiny_llama_dir, tmp_path):
