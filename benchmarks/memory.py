@@ -9,8 +9,9 @@ allocates is still held by the next:
     peak memory   the process's peak RSS from the kernel (os.wait4's ru_maxrss), on CPU; on a GPU also the
                   run's torch.cuda.max_memory_allocated (its summary.json), which is what decides "does it
                   fit"; the summary adds the breakdown (base weights, optimizer state, saved activations)
-    step time     (wall(N2) - wall(N1)) / (N2 - N1): loading, data preparation and saving cancel out; the
-                  same difference of CPU time (user + sys, from wait4) is steadier on a shared machine
+    step time     the median time between consecutive steps inside the N2-step run (its metrics.jsonl; the
+                  first step, which warms kernels and allocators, left out); and (cpu(N2) - cpu(N1)) / (N2 - N1),
+                  the difference of CPU time (user + sys, from wait4) of the two runs, steadier on a shared machine
 
 The QLoRA rows need the 4-bit base (`--quant.bits 4 --quant.type nf4 --quant.double_quant true|false`);
 where this checkout cannot quantize (no leantune.quant), they are skipped with the reason printed.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +62,7 @@ def train_once(model: str, flags: list[str], steps: int, out: Path, a) -> dict:
            "--output_dir", str(out), "--dtype", a.dtype, "--data.max_length", str(a.max_length),
            "--data.eval_fraction", "0", "--train.batch_size", str(a.batch_size), "--train.max_steps", str(steps), "--train.eval_every", "0",
            "--train.save_every", "0", "--train.progress", "false", "--train.tensorboard", "false",
-           "--train.lr", "1e-5", "--train.warmup_steps", "0", "--device", a.device, *flags]
+           "--train.lr", "1e-5", "--train.warmup_steps", "0", "--train.log_every", "1", "--device", a.device, *flags]
     t = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _, status, ru = os.wait4(p.pid, 0)
@@ -69,8 +71,11 @@ def train_once(model: str, flags: list[str], steps: int, out: Path, a) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{log[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
+    times = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    times = sorted({r["step"]: r["time"] for r in times if "loss" in r}.items())
+    gaps = [b[1] - a_[1] for a_, b in zip(times[1:], times[2:])]  # from step 2 on: step 1 warms up
     return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "peak_rss": ru.ru_maxrss * 1024,
-            "memory": summary.get("memory", {}), "log": log}
+            "memory": summary.get("memory", {}), "log": log, "step_in_run": statistics.median(gaps) if gaps else None}
 
 
 def measure(model: str, flags: list[str], a, work: Path) -> dict:
@@ -79,7 +84,8 @@ def measure(model: str, flags: list[str], a, work: Path) -> dict:
     on_gpu = str(mem.get("mem_peak_source", "")).startswith("cuda")
     return {"peak_rss_mib": runs[a.n2]["peak_rss"] / MiB,
             "peak_gpu_mib": mem.get("mem_peak_bytes", 0) / MiB if on_gpu else None,
-            "step_s": (runs[a.n2]["wall"] - runs[a.n1]["wall"]) / (a.n2 - a.n1),
+            "step_s": (runs[a.n2]["step_in_run"] if runs[a.n2]["step_in_run"] is not None
+                       else (runs[a.n2]["wall"] - runs[a.n1]["wall"]) / (a.n2 - a.n1)),
             "step_cpu_s": (runs[a.n2]["cpu"] - runs[a.n1]["cpu"]) / (a.n2 - a.n1),
             **{k: mem.get(f"mem_{k}_bytes", 0) / MiB for k in
                ("base_weights", "trainable", "gradients", "optimizer_state", "activations")},
