@@ -82,7 +82,7 @@ def main() -> None:
                    for seed in seeds]
             for i, (name, extra) in enumerate(CONFIGS.items())}
     (ref_name, ref), (q_name, q) = runs.items()
-    print(f"{a.model or 'SmolLM2-135M-Instruct'}, demo data ({a.eval_fraction:.0%} held out), LoRA r16 all-linear, "
+    print(f"{a.model or 'SmolLM2-135M-Instruct'}, demo data ({a.eval_fraction:.0%} held out), the demo recipe (LoRA r16 all-linear), "
           f"{a.steps} steps, seeds {a.seeds}; both: {a.both or '-'}; QLoRA side: {a.quant or '-'}\n")
     print(f"{'':30s} {'eval loss (per seed)':>28s} {'mean':>7s} {'sd':>6s} {'wall s':>7s} {'peak RSS':>9s}")
     summary = {}
