@@ -42,6 +42,35 @@ def test_4bit_round_trip_is_bitsandbytes_own(qtype, double_quant, blocksize):
     assert bool((err <= 0.5 * blocks_absmax * 1.02).all())
 
 
+def codebook_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+    """The 4-bit format decoded by hand: two codes per byte (high nibble first) times the block's absmax."""
+    b = packed.flatten()
+    codes = torch.stack([b >> 4, b & 15], 1).flatten().long()
+    absmax = state.absmax.float()
+    return (state.code.float()[codes].view(-1, state.blocksize) * absmax[:, None]).view(state.shape)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cpu_blocks_that_bitsandbytes_decodes_wrongly_are_refused(double_quant):
+    w = torch.randn(96, 96, generator=torch.Generator().manual_seed(3))  # rows of 96: blocks of 64 cross them
+    with pytest.raises(ModelError, match="a quant.blocksize that divides 96"):
+        quant_layer(w, QuantSpec(bits=4, double_quant=double_quant, blocksize=64))
+    ok = torch.randn(64, 100, generator=torch.Generator().manual_seed(3))  # these cross rows too, decoded right
+    quant_layer(ok, QuantSpec(bits=4, double_quant=double_quant))  # checked by hand, and not refused
+
+
+def test_why_bitsandbytes_cpu_dequantize_is_wrong_for_blocks_that_cross_row_ends():
+    """The reason for the refusal above, kept as a canary: when bitsandbytes fixes its CPU kernel, this
+    fails, and the check in quant.layers.quantize_weight can go."""
+    w = torch.randn(576, 576, generator=torch.Generator().manual_seed(4))
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=128, compress_statistics=False, quant_type="nf4")
+    by_hand = codebook_dequantize(packed, state)
+    assert (by_hand - w).norm() / w.norm() < 0.1                      # the quantization itself is right
+    assert not torch.allclose(bnb.functional.dequantize_4bit(packed, state), by_hand)  # its CPU decode is not
+    aligned, state64 = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    torch.testing.assert_close(bnb.functional.dequantize_4bit(aligned, state64), codebook_dequantize(aligned, state64))
+
+
 def test_8bit_round_trip_is_bitsandbytes_own():
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
     layer = quant_layer(w, QuantSpec(bits=8))
@@ -84,16 +113,16 @@ def test_nf4_double_quant_holds_about_4_13_bits_per_weight():
 
 
 def test_lora_wraps_a_4bit_layer_unaware_and_refuses_to_merge_into_it():
-    w = torch.randn(32, 48)
+    w = torch.randn(32, 64)
     base = quant_layer(w, QuantSpec(bits=4))
     before = base.weight.data.clone()
     torch.manual_seed(0)
     lora = LoraLinear(base, rank=4, alpha=8)
-    assert lora.lora_A.weight.shape == (4, 48) and lora.lora_B.weight.shape == (32, 4)
+    assert lora.lora_A.weight.shape == (4, 64) and lora.lora_B.weight.shape == (32, 4)
     assert lora.lora_A.weight.dtype == torch.float32
     with torch.no_grad():
         lora.lora_B.weight.normal_()
-    x = torch.randn(2, 48)
+    x = torch.randn(2, 64)
     expected = base(x) + lora.lora_B(lora.lora_A(x)) * lora.scaling
     torch.testing.assert_close(lora(x), expected)
     with pytest.raises(ModelError, match="cannot merge LoRA into a quantized base layer"):
