@@ -78,13 +78,18 @@ def main() -> None:
 
     seeds = [int(s) for s in a.seeds.split(",")]
     both, quant = a.both.split(), a.quant.split()
+    configs = dict(CONFIGS)
+    if quant:  # say what the QLoRA side really ran (e.g. --quant.bits 8 overrides the 4)
+        name, flags = list(configs.items())[1]
+        configs = {**{k: v for k, v in configs.items() if k != name}, f"{name} + {a.quant}": flags}
     runs = {name: [train(config, work / f"run-{i}-seed{seed}", [*extra, *both, *(quant if i else []), "--seed", str(seed)])
                    for seed in seeds]
-            for i, (name, extra) in enumerate(CONFIGS.items())}
+            for i, (name, extra) in enumerate(configs.items())}
     (ref_name, ref), (q_name, q) = runs.items()
     print(f"{a.model or 'SmolLM2-135M-Instruct'}, demo data ({a.eval_fraction:.0%} held out), the demo recipe (LoRA r16 all-linear), "
           f"{a.steps} steps, seeds {a.seeds}; both: {a.both or '-'}; QLoRA side: {a.quant or '-'}\n")
-    print(f"{'':30s} {'eval loss (per seed)':>28s} {'mean':>7s} {'sd':>6s} {'wall s':>7s} {'peak RSS':>9s}")
+    width = max(30, *(len(n) for n in runs))
+    print(f"{'':{width}s} {'eval loss (per seed)':>28s} {'mean':>7s} {'sd':>6s} {'wall s':>7s} {'peak RSS':>9s}")
     summary = {}
     for name, rs in runs.items():
         losses = [r["eval_loss"] for r in rs]
@@ -93,7 +98,7 @@ def main() -> None:
                          "wall_s": statistics.median(r["wall_s"] for r in rs),
                          "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "runs": rs}
         s = summary[name]
-        print(f"{name:30s} {' '.join(f'{x:.4f}' for x in losses):>28s} {s['mean']:7.4f} {s['sd']:6.4f} "
+        print(f"{name:{width}s} {' '.join(f'{x:.4f}' for x in losses):>28s} {s['mean']:7.4f} {s['sd']:6.4f} "
               f"{s['wall_s']:7.1f} {s['peak_rss_mib']:7d}Mi")
     gap = summary[q_name]["mean"] / summary[ref_name]["mean"] - 1
     pairs = [b["eval_loss"] / r["eval_loss"] - 1 for r, b in zip(ref, q)]
