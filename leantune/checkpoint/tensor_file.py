@@ -62,3 +62,9 @@ class TensorFile:
         if not buf:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+
+
+def tensor_index(files) -> dict[str, TensorFile]:
+    """{tensor name: the file's reader} over a checkpoint's safetensors files (one header read per file)."""
+    readers = [TensorFile(Path(f)) for f in files]
+    return {key: r for r in readers for key in r.keys()}

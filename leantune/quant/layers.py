@@ -109,24 +109,29 @@ def quantize_weight(layer: nn.Module, weight: torch.Tensor, device: torch.device
         layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False).to(device)
 
 
+def codebook_decode(packed: torch.Tensor, state) -> torch.Tensor:
+    """A 4-bit weight decoded from its format by hand, without bitsandbytes' kernel: two codes per byte
+    (high nibble first), each code's value times its block's absmax (itself decoded when double-quantized)."""
+    import bitsandbytes.functional as F
+
+    absmax = (F.dequantize_blockwise(state.absmax, state.state2) + state.offset) if state.nested else state.absmax
+    b = packed.flatten()
+    codes = torch.stack([b >> 4, b & 15], 1).flatten().long()
+    numel = state.shape.numel()
+    scale = absmax.float().repeat_interleave(state.blocksize)[:numel]
+    return (state.code.float()[codes][:numel] * scale).view(state.shape)
+
+
 def _check_cpu_decode(layer: nn.Module) -> None:
     """bitsandbytes 0.50's CPU dequantize misplaces values for some shapes whose blocks cross row ends
     (measured: a 576x576 weight in blocks of 128 comes back with 2.4x the error, 96x96 in blocks of 64
     too; its quantization is right). Where blocks cross rows, decode the layer by hand once and refuse it
     if bitsandbytes disagrees: a silently damaged base would train, just worse."""
-    import bitsandbytes.functional as F
-
     packed, state = layer.weight.data, layer.weight.quant_state
-    absmax = (F.dequantize_blockwise(state.absmax, state.state2) + state.offset) if state.nested else state.absmax
-    b = packed.flatten()
-    codes = torch.stack([b >> 4, b & 15], 1).flatten().long()
-    numel, n = layer.out_features * layer.in_features, state.blocksize
-    scale = absmax.float().repeat_interleave(n)[:numel]
-    by_hand = (state.code.float()[codes][:numel] * scale).view(layer.out_features, layer.in_features)
-    if not torch.allclose(F.dequantize_4bit(packed, state).float(), by_hand, atol=1e-6, rtol=1e-5):
-        raise ModelError(f"quant.blocksize {n} does not divide this model's {layer.in_features}-wide Linear rows, "
-                         "and bitsandbytes' CPU kernel decodes such blocks wrongly; use a quant.blocksize that "
-                         f"divides {layer.in_features} (64 divides the rows of every common model)")
+    if not torch.allclose(dequantize(layer).float(), codebook_decode(packed, state), atol=1e-6, rtol=1e-5):
+        raise ModelError(f"quant.blocksize {state.blocksize} does not divide this model's {layer.in_features}-wide "
+                         "Linear rows, and bitsandbytes' CPU kernel decodes such blocks wrongly; use a "
+                         f"quant.blocksize that divides {layer.in_features} (64 divides the rows of every common model)")
 
 
 def load_prequantized(layer: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint.tensor_file import TensorFile
+from ..checkpoint.tensor_file import tensor_index
 from ..errors import ModelError
 from .layers import QuantSpec, is_quantized, load_prequantized, new_quant_linear, quantize_weight
 
@@ -77,8 +77,7 @@ def fill_from_safetensors(model: nn.Module, files: Sequence[str | Path], *, dtyp
                           device: torch.device | str = "cpu") -> list[str]:
     """Load every tensor of `files` into `model` (see the module docstring); return the names of the
     parameters the files did not provide (tied weights, for the caller to tie)."""
-    readers = [TensorFile(Path(f)) for f in files]
-    index = {key: r for r in readers for key in r.keys()}
+    index = tensor_index(files)
     modules = dict(model.named_modules())
     by_module: dict[str, dict[str, str]] = defaultdict(dict)  # module path -> {local key: full key}
     for key in index:

@@ -47,55 +47,45 @@ def residual_factors(weight: torch.Tensor, dequantized: torch.Tensor, rank: int,
     return a, b, before, after
 
 
-def _float_weights(folder: Path) -> dict[str, tuple]:
-    from ..checkpoint.tensor_file import TensorFile
+def _float_weights(folder: Path) -> dict:
+    from ..checkpoint.tensor_file import tensor_index
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelError(f"lora.init loftq reads the 16-bit weights from {str(folder)!r}, which has no .safetensors "
                          "files; point model at the unquantized HF folder")
-    index = {}
-    for path in files:
-        tf = TensorFile(path)
-        for key in tf.keys():
-            index[key] = (tf, key)
-    return index
+    return tensor_index(files)
 
 
 def loftq_init_(model: nn.Module, model_dir: str | Path) -> dict:
     """Set A and B of every LoRA adapter over a 4-bit layer of `model` from the weights in `model_dir`."""
-    import bitsandbytes.functional as bnbf
-
     from ..adapters.base import adapter_modules
     from ..adapters.lora import LoraLinear
+    from ..quant import dequantize
 
     index = _float_weights(Path(model_dir))
-    done, before, after = 0, [], []
+    before, after = [], []
     for path, adapter in adapter_modules(model).items():
         if type(adapter) is not LoraLinear:
             continue
         base = adapter.base_layer
-        quant_state = getattr(base.weight, "quant_state", None)
-        if quant_state is None:  # not a 4-bit layer (LoftQ here is for NF4/FP4 bases)
+        if type(base.weight).__name__ != "Params4bit":  # LoftQ here is for NF4/FP4 bases
             continue
         key = f"{path}.weight"
         if key not in index:
             raise ModelError(f"lora.init loftq: {str(model_dir)!r} has no float tensor {key!r} (it may be a quantized "
                              "checkpoint); point model at the unquantized HF folder the 4-bit base was made from")
-        tf, name = index[key]
-        w = tf.get(name).to(base.weight.device)
+        w = index[key].get(key).to(base.weight.device)
         if w.dtype in (torch.uint8, torch.int8):
             raise ModelError(f"lora.init loftq: {key} in {str(model_dir)!r} is already quantized; LoftQ needs the "
                              "16-bit weights the 4-bit base was made from")
-        deq = bnbf.dequantize_4bit(base.weight.data, quant_state)
-        a, b, e0, e1 = residual_factors(w, deq, adapter.rank, adapter.scaling)
+        a, b, e0, e1 = residual_factors(w, dequantize(base), adapter.rank, adapter.scaling)
         with torch.no_grad():
             adapter.lora_A.weight.copy_(a.to(adapter.lora_A.weight.dtype))
             adapter.lora_B.weight.copy_(b.to(adapter.lora_B.weight.dtype))
-        done += 1
         before.append(e0)
         after.append(e1)
-        del w, deq
+    done = len(before)
     if done == 0:
         raise ModelError("lora.init loftq found no LoRA adapter over a 4-bit layer; it needs quant.bits 4")
     stats = {"layers": done, "error_before": sum(before) / done, "error_after": sum(after) / done}

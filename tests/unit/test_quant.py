@@ -15,6 +15,7 @@ from leantune.config import QuantConfig  # noqa: E402
 from leantune.errors import ConfigError, ModelError  # noqa: E402
 from leantune.models.load import load_model  # noqa: E402
 from leantune.quant import QuantSpec, dequantize, is_quantized, new_quant_linear, quantize_weight, storage_bits  # noqa: E402
+from leantune.quant.layers import codebook_decode  # noqa: E402
 
 
 def quant_layer(weight: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None = None):
@@ -42,14 +43,6 @@ def test_4bit_round_trip_is_bitsandbytes_own(qtype, double_quant, blocksize):
     assert bool((err <= 0.5 * blocks_absmax * 1.02).all())
 
 
-def codebook_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
-    """The 4-bit format decoded by hand: two codes per byte (high nibble first) times the block's absmax."""
-    b = packed.flatten()
-    codes = torch.stack([b >> 4, b & 15], 1).flatten().long()
-    absmax = state.absmax.float()
-    return (state.code.float()[codes].view(-1, state.blocksize) * absmax[:, None]).view(state.shape)
-
-
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_cpu_blocks_that_bitsandbytes_decodes_wrongly_are_refused(double_quant):
     w = torch.randn(96, 96, generator=torch.Generator().manual_seed(3))  # rows of 96: blocks of 64 cross them
@@ -64,11 +57,11 @@ def test_why_bitsandbytes_cpu_dequantize_is_wrong_for_blocks_that_cross_row_ends
     fails, and the check in quant.layers.quantize_weight can go."""
     w = torch.randn(576, 576, generator=torch.Generator().manual_seed(4))
     packed, state = bnb.functional.quantize_4bit(w, blocksize=128, compress_statistics=False, quant_type="nf4")
-    by_hand = codebook_dequantize(packed, state)
+    by_hand = codebook_decode(packed, state)
     assert (by_hand - w).norm() / w.norm() < 0.1                      # the quantization itself is right
     assert not torch.allclose(bnb.functional.dequantize_4bit(packed, state), by_hand)  # its CPU decode is not
     aligned, state64 = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
-    torch.testing.assert_close(bnb.functional.dequantize_4bit(aligned, state64), codebook_dequantize(aligned, state64))
+    torch.testing.assert_close(bnb.functional.dequantize_4bit(aligned, state64), codebook_decode(aligned, state64))
 
 
 def test_8bit_round_trip_is_bitsandbytes_own():
