@@ -45,6 +45,7 @@ class Adapter(nn.Module):
     method: ClassVar[str]
     config_section: ClassVar[str]
     mergeable: ClassVar[bool] = True
+    why_not_mergeable: ClassVar[str] = ""  # the error merge() raises when mergeable is False
     packs: ClassVar[bool] = True  # False: needs one example per row (the prompt goes in front of each)
     base_layer: nn.Module
     merged: bool
@@ -79,10 +80,16 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def merge(self) -> None:
+        self._refuse_if_not_mergeable()
         raise NotImplementedError
 
     def unmerge(self) -> None:
+        self._refuse_if_not_mergeable()
         raise NotImplementedError
+
+    def _refuse_if_not_mergeable(self) -> None:
+        if not self.mergeable:
+            raise ModelError(self.why_not_mergeable)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +271,8 @@ def prepare_inputs(model: nn.Module, inputs: dict, generation: bool = False) -> 
     The one hook the train step and generation call: a method that changes the inputs (prompt tuning)
     does it here, so neither has a branch per method."""
     for adapter in adapter_modules(model).values():
-        inputs = adapter.extend_inputs(inputs, generation=generation)
+        if type(adapter).extend_inputs is not Adapter.extend_inputs:  # skip the hundreds of LoRA layers' no-ops
+            inputs = adapter.extend_inputs(inputs, generation=generation)
     return inputs
 
 

@@ -31,6 +31,8 @@ class BottleneckAdapter(Adapter, method="bottleneck"):
 
     config_section = "bottleneck"
     mergeable = False
+    why_not_mergeable = ("bottleneck adapters have a nonlinearity and cannot be merged into the base weights; "
+                         "keep them attached (leantune generate does), or train lora/dora/ia3 to merge")
 
     @classmethod
     def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
@@ -63,12 +65,6 @@ class BottleneckAdapter(Adapter, method="bottleneck"):
         if isinstance(out, tuple):  # attention returns (hidden, weights, ...): adapt the hidden state only
             return (self._adapt(out[0]), *out[1:])
         return self._adapt(out)
-
-    def merge(self) -> None:
-        raise ModelError("bottleneck adapters have a nonlinearity and cannot be merged into the base weights; "
-                         "keep them attached (leantune generate does), or train lora/dora/ia3 to merge")
-
-    unmerge = merge
 
     def extra_repr(self) -> str:
         return f"after {self.after}: hidden={self.hidden}, size={self.size}, activation={self.activation}"

@@ -34,8 +34,6 @@ def column_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 class DoraLinear(LoraLinear, method="dora"):
     """LoRA on the direction of one nn.Linear's weight, plus a trainable magnitude per output feature."""
 
-    config_section = "lora"
-
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, init: str = "default") -> None:
         super().__init__(base_layer, rank, alpha, dropout, rslora, init)

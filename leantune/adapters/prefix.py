@@ -39,6 +39,8 @@ class PrefixTuning(Adapter, method="prefix"):
 
     config_section = "prefix"
     mergeable = False
+    why_not_mergeable = ("a prefix-tuned model cannot be merged: the prefixes are attention inputs, not weights; "
+                         "keep the adapter attached (leantune generate does)")
     packs = False
 
     @classmethod
@@ -105,12 +107,6 @@ class PrefixTuning(Adapter, method="prefix"):
             # placeholder ids in front (never embedded) line the real prompt up behind the prefix.
             inputs["input_ids"] = torch.cat([ids.new_zeros(batch, n), ids], dim=1)
         return inputs
-
-    def merge(self) -> None:
-        raise ModelError("a prefix-tuned model cannot be merged: the prefixes are attention inputs, not weights; "
-                         "keep the adapter attached (leantune generate does)")
-
-    unmerge = merge
 
     def extra_repr(self) -> str:
         return f"virtual_tokens={self.virtual_tokens}, layers={self.layers}, projection={self.projection}"

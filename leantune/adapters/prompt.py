@@ -47,6 +47,8 @@ class PromptTuning(Adapter, method="prompt"):
 
     config_section = "prompt"
     mergeable = False
+    why_not_mergeable = ("a prompt-tuned model cannot be merged: the virtual tokens are inputs, not weights; "
+                         "keep the adapter attached (leantune generate does)")
     packs = False
 
     @classmethod
@@ -96,12 +98,6 @@ class PromptTuning(Adapter, method="prompt"):
             labels = inputs["labels"]
             inputs["labels"] = torch.cat([labels.new_full((batch, self.virtual_tokens), IGNORE_INDEX), labels], dim=1)
         return inputs
-
-    def merge(self) -> None:
-        raise ModelError("a prompt-tuned model cannot be merged: the virtual tokens are inputs, not weights; "
-                         "keep the adapter attached (leantune generate does)")
-
-    unmerge = merge
 
     def extra_repr(self) -> str:
         return f"virtual_tokens={self.virtual_tokens}"
