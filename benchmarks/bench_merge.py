@@ -51,9 +51,10 @@ def run(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS MB) of a child process."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = p.stderr.read().decode(errors="replace")  # read before waiting: a full pipe would block the child
     _, status, ru = os.wait4(p.pid, 0)
     if status != 0:
-        raise SystemExit(f"{cmd[:3]} failed: {p.stderr.read().decode()[-2000:]}")
+        raise SystemExit(f"{cmd[:3]} failed: {err[-2000:]}")
     return time.perf_counter() - t, ru.ru_maxrss / 1024
 
 

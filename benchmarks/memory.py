@@ -65,14 +65,15 @@ def train_once(model: str, flags: list[str], steps: int, out: Path, a) -> dict:
            "--train.lr", "1e-5", "--train.warmup_steps", "0", "--train.log_every", "1", "--device", a.device, *flags]
     t = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = p.stdout.read().decode(errors="replace")  # read before waiting: a full pipe would block the child
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
-    log = p.stdout.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{log[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    times = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    times = sorted({r["step"]: r["time"] for r in times if "loss" in r}.items())
+    from leantune.train.metrics import read_metrics
+
+    times = sorted({r["step"]: r["time"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}.items())
     gaps = [b[1] - a_[1] for a_, b in zip(times[1:], times[2:])]  # from step 2 on: step 1 warms up
     return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "peak_rss": ru.ru_maxrss * 1024,
             "memory": summary.get("memory", {}), "log": log, "step_in_run": statistics.median(gaps) if gaps else None}

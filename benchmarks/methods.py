@@ -54,15 +54,16 @@ def train(method: str, model: str, out: Path, a) -> dict:
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     start = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    # one pipe, read to the end before waiting: two pipes read in turn block when the other one fills
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
     stdout = p.stdout.read().decode(errors="replace")
-    stderr = p.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(p.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{method} failed:\n{stderr[-2000:]}")
+        raise SystemExit(f"{method} failed:\n{stdout[-2000:]}")
     count = TRAINABLE.search(stdout)
-    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if "loss" in r]  # step lines (the memory breakdown has its own line)
+    from leantune.train.metrics import read_metrics
+
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]  # step lines, not the memory line
     times = [r["time"] for r in records]
     summary = json.loads((out / "summary.json").read_text())
     return {"method": method, "trainable": int(count[1].replace(",", "")), "trainable_pct": float(count[3]),

@@ -46,6 +46,14 @@ class TensorFile:
         begin, end = self.entries[key]["data_offsets"]
         return end - begin
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The stored dtype, from the header (nothing is read)."""
+        dtype = DTYPES.get(self.entries[key]["dtype"])
+        if dtype is None:
+            raise ModelError(f"{self.path.name}: tensor {key} has dtype {self.entries[key]['dtype']}, which leantune "
+                             "cannot read")
+        return dtype
+
     def get(self, key: str, scratch: bytearray | None = None) -> torch.Tensor:
         """The tensor, in fresh memory; or, with `scratch` (big enough), a view of it that the next
         read overwrites: one buffer reused for every weight that is quantized and dropped keeps the
@@ -56,9 +64,7 @@ class TensorFile:
         with open(self.path, "rb") as f:
             f.seek(self.start + begin)
             f.readinto(buf)
-        dtype = DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ModelError(f"{self.path.name}: tensor {key} has dtype {entry['dtype']}, which leantune cannot read")
+        dtype = self.dtype(key)
         if not buf:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])

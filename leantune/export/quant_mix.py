@@ -88,7 +88,3 @@ def decode(stored: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return stored.astype(np.float32)
     return gguf_quants.dequantize(stored, qtype)
 
-
-def bits_per_weight(qtype: GGMLQuantizationType) -> float:
-    block, size = GGML_QUANT_SIZES[qtype]
-    return 8 * size / block

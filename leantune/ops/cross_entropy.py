@@ -99,12 +99,12 @@ def causal_lm_loss(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, norma
     next label is -100 are dropped *before* the head, so prompt tokens cost no head compute at all.
     Returns (loss, number of label tokens).
     """
-    # (B, T-1, H): position t predicts token t+1. In the head's dtype: over a 4-bit base the fp32 norms
-    # leave the hidden states fp32 while a bf16 head stays bf16 (the cast's backward returns fp32 grads).
-    h = hidden[:, :-1].to(head_weight.dtype)
+    h = hidden[:, :-1]                                 # (B, T-1, H): position t predicts token t+1
     y = labels[:, 1:]                                  # (B, T-1)
     keep = y != IGNORE_INDEX
     n = int(keep.sum())
-    loss = chunked_linear_cross_entropy(h[keep], head_weight, y[keep], normalizer=normalizer if normalizer else max(n, 1),
+    # In the head's dtype, labelled positions only: over a 4-bit base the fp32 norms leave the hidden states
+    # fp32 while a bf16 head stays bf16 (the cast's backward returns fp32 grads).
+    loss = chunked_linear_cross_entropy(h[keep].to(head_weight.dtype), head_weight, y[keep], normalizer=normalizer if normalizer else max(n, 1),
                                         chunk=chunk, softcap=softcap)
     return loss, n

@@ -98,7 +98,7 @@ def fill_from_safetensors(model: nn.Module, files: Sequence[str | Path], *, dtyp
         return index[key].get(key, scratch if transient else None)
 
     for path, keys in by_module.items():
-        _fill_module(modules[path], path, keys, read, dtype, device)
+        _fill_module(modules[path], path, keys, read, lambda k: index[k].dtype(k), dtype, device)
     return [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
 
 
@@ -126,7 +126,7 @@ def _prefixes(key: str) -> Iterator[str]:
         yield ".".join(parts[:i])
 
 
-def _fill_module(module: nn.Module, path: str, keys: dict[str, str], read, dtype: torch.dtype,
+def _fill_module(module: nn.Module, path: str, keys: dict[str, str], read, stored_dtype, dtype: torch.dtype,
                  device: torch.device | str) -> None:
     def get(local: str, transient: bool = False) -> torch.Tensor:
         return read(keys[local], transient)
@@ -135,7 +135,7 @@ def _fill_module(module: nn.Module, path: str, keys: dict[str, str], read, dtype
         if "weight" not in keys:
             raise ModelError(f"the checkpoint has no weight for {path}; it is incomplete")
         extra = set(keys) - {"weight", "bias"}
-        if extra or not get("weight").dtype.is_floating_point:  # serialized by bitsandbytes: take it as stored
+        if extra or not stored_dtype(keys["weight"]).is_floating_point:  # serialized by bitsandbytes: as stored
             load_prequantized(module, {k: get(k) for k in keys if k != "bias"}, device)
         else:  # cast first, as transformers does: the same input gives the same blocks
             quantize_weight(module, get("weight", transient=True).to(dtype), device)

@@ -75,10 +75,10 @@ def loftq_init_(model: nn.Module, model_dir: str | Path) -> dict:
         if key not in index:
             raise ModelError(f"lora.init loftq: {str(model_dir)!r} has no float tensor {key!r} (it may be a quantized "
                              "checkpoint); point model at the unquantized HF folder the 4-bit base was made from")
-        w = index[key].get(key).to(base.weight.device)
-        if w.dtype in (torch.uint8, torch.int8):
+        if not index[key].dtype(key).is_floating_point:
             raise ModelError(f"lora.init loftq: {key} in {str(model_dir)!r} is already quantized; LoftQ needs the "
                              "16-bit weights the 4-bit base was made from")
+        w = index[key].get(key).to(base.weight.device)
         a, b, e0, e1 = residual_factors(w, dequantize(base), adapter.rank, adapter.scaling)
         with torch.no_grad():
             adapter.lora_A.weight.copy_(a.to(adapter.lora_A.weight.dtype))

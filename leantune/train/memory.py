@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +32,9 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> tuple[int, str]:
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024, "peak RSS (VmHWM)"
+    import resource  # POSIX only: imported where it is needed, so importing this module works everywhere
+    import sys
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "peak RSS (getrusage)"  # bytes on macOS, KiB elsewhere
 

@@ -70,7 +70,7 @@ def case_unknown_method_suggests(t, m):
 
 def case_peft_use_dora_key(t, m):
     config = t / "c.yaml"
-    config.write_text(f"model: {m}\nuse_dora: true\n")
+    config.write_text(f"model: {m}\noutput_dir: {t / 'run'}\nuse_dora: true\n")
     return ["train", str(config)], ["use_dora", "method: dora"]
 
 

@@ -25,6 +25,7 @@ from leantune.config import QuantConfig, from_dict  # noqa: E402
 from leantune.models.load import load_model, pick_dtype, resolve_device  # noqa: E402
 from leantune.models.quantized import save_quantized  # noqa: E402
 from leantune.train.loop import run  # noqa: E402
+from leantune.train.metrics import read_metrics  # noqa: E402
 
 from e2e.test_train_cli import write_chat_data  # noqa: E402
 
@@ -60,8 +61,7 @@ def cfg(model_dir, data, out, **over):
 
 
 def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
 def test_auto_picks_cuda_and_bf16():
