@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the model-level check (perplexity, top-1 agreement)")
     p.add_argument("--eval-text", help="held-out text file for the model-level check (one passage per line)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("doctor", help="print versions, device, bf16 support and bitsandbytes' state; warn on untested versions",
+                       description="Checks this environment against the versions leantune was tested with "
+                       "(leantune/assets/constraints.txt), reports the device and whether it computes bf16 in "
+                       "hardware, and runs a 4-bit round trip through bitsandbytes' kernels. Exit 1 when a check fails.")
+    p.add_argument("--json", action="store_true", help="the same report as JSON")
     return parser
 
 
@@ -216,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(ns)
         if ns.command == "export":
             return _export(ns)
+        if ns.command == "doctor":
+            from .doctor import main as doctor_main
+
+            return doctor_main(as_json=ns.json)
     except LeantuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
