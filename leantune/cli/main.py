@@ -48,7 +48,7 @@ def _add_config_fields(p: argparse.ArgumentParser) -> None:
         default = "null" if fi.default is None else fi.default
         g.add_argument(*flags, dest=f"cfg:{fi.name}", metavar=type_name(fi.type).upper().replace(" ", "_")
                        if "|" not in type_name(fi.type) else "{" + type_name(fi.type).replace("|", ",") + "}",
-                       default=argparse.SUPPRESS, help=f"{fi.help} (default: {default})")
+                       default=argparse.SUPPRESS, help=f"{fi.help} (default: {default})".replace("%", "%%"))
 
 
 def _overrides(ns: argparse.Namespace) -> dict:
@@ -75,15 +75,21 @@ def _overrides(ns: argparse.Namespace) -> dict:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors that suggest the closest option."""
+    """argparse with one-line errors that point to the subcommand's own help and suggest its closest option."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the subcommand that was given them, so the hint is its --help and its options
+            sub = next((a.choices.get(getattr(ns, a.dest, None)) for a in self._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+            (sub or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
 
     def error(self, message: str):  # type: ignore[override]
         import difflib
 
         if message.startswith("unrecognized arguments:"):
-            parsers = [self] + [sp for a in self._actions if isinstance(a, argparse._SubParsersAction)
-                                for sp in a.choices.values()]
-            known = [o for p in parsers for a in p._actions for o in a.option_strings]
+            known = [o for a in self._actions for o in a.option_strings]
             for arg in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(arg.split("=")[0], known, n=1)
                 if close:
@@ -102,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", usage="leantune train [CONFIG] [--section.field VALUE ...] [--resume]", help="fine-tune a model from a YAML config (every field overridable here)",
-                       description="Fine-tune a causal LM with LoRA. Every config field can be set in the YAML "
-                       "file or overridden here as --section.field VALUE.",
+                       description="Fine-tune a causal LM: LoRA (rsLoRA, LoRA+), DoRA, IA3, prompt or prefix tuning, "
+                       "bottleneck adapters, full or freeze fine-tuning (method:), over a 16-bit or a 4/8-bit base "
+                       "(quant.bits: QLoRA). Every config field can be set in the YAML file or overridden here as "
+                       "--section.field VALUE.",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config file (optional when --model and --data.path are given)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
