@@ -13,6 +13,14 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from .config import from_dict
+from .device import pick_dtype, resolve_device
+from .errors import ConfigError
+from .infer.generate import generate_text, load_for_inference
+from .models.demo_model import cut_layers, demo_model_dir
+from .models.load import load_model, load_tokenizer
+from .train.loop import run
+
 DEMO_STEPS = 30  # measured: eval loss is lowest around steps 30-40; ~3 minutes on 2 cores
 
 
@@ -24,8 +32,6 @@ def demo_assets() -> tuple[Path, list[str]]:
 
 
 def demo_config(model_dir: Path, output_dir: str, steps: int, quiet: bool):
-    from .config import from_dict
-
     train_file, _ = demo_assets()
     return from_dict({
         "model": str(model_dir),
@@ -41,11 +47,6 @@ def demo_config(model_dir: Path, output_dir: str, steps: int, quiet: bool):
 def run_demo(output_dir: str = "runs/demo", steps: int | None = None, layers: int | None = None,
              quiet: bool = False) -> int:
     import torch
-
-    from .generate import generate_text
-    from .models.demo_model import cut_layers, demo_model_dir
-    from .models.load import load_model, load_tokenizer, pick_dtype, resolve_device
-    from .train.loop import run
 
     t0 = time.perf_counter()
     print("leantune demo: LoRA on SmolLM2-135M-Instruct, offline, on this machine's CPU")
@@ -70,8 +71,6 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, layers: in
     if res.adapter_dir is None:
         return 130
 
-    from .generate import load_for_inference
-
     model, tok = load_for_inference(str(res.run_dir))
     after = [generate_text(model, tok, [{"role": "user", "content": p}], max_new_tokens=48) for p in prompts]
     print("\nthe same prompts, before and after fine-tuning:\n")
@@ -85,8 +84,6 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, layers: in
 
 def _remove_previous_demo(out: Path) -> None:
     """Delete `out` only when it is empty or an earlier demo run: never a folder of the user's."""
-    from .errors import ConfigError
-
     entries = list(out.iterdir()) if out.is_dir() else None
     was_demo = False
     if out.is_dir() and (out / "config.yaml").exists():

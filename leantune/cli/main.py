@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "train":
             return _train(ns)
         if ns.command == "generate":
-            from ..generate import main as generate_main
+            from .chat import main as generate_main
 
             return generate_main(ns)
         if ns.command == "merge":

@@ -10,14 +10,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..adapters.base import unload
+from ..checkpoint.peft_format import load_adapter
+from ..checkpoint.run_folder import find_model_and_adapter
 from ..errors import ModelError
+from ..io.atomic import write_json, write_text
+from ..models.gguf_import import gguf_to_hf
+from ..models.load import load_model, load_tokenizer
+from . import fidelity
+from .gguf import architecture, write_gguf
+from .lora_gguf import write_lora_gguf
+from .quant_mix import check_quant
 
 
 def resolve(source: str, base: str | None = None) -> tuple[Path, Path | None]:
     """(HF model folder, adapter folder or None) for a run, adapter, HF folder or .gguf file."""
-    from ..generate import find_model_and_adapter
-    from ..models.load import gguf_to_hf
-
     model_src, adapter = find_model_and_adapter(source, base)
     if str(model_src).endswith(".gguf"):
         return gguf_to_hf(model_src), adapter
@@ -36,10 +43,6 @@ def default_out(source: str, quant: str, adapter_only: bool) -> Path:
 
 
 def _load(folder: Path, adapter: Path | None, merge: bool):
-    from ..adapters.base import unload
-    from ..checkpoint.peft_format import load_adapter
-    from ..models.load import load_model, load_tokenizer
-
     model = load_model(str(folder), dtype="fp32", device="cpu").eval().requires_grad_(False)
     tok = load_tokenizer(str(folder))
     if adapter is not None:
@@ -52,12 +55,6 @@ def _load(folder: Path, adapter: Path | None, merge: bool):
 def export_gguf(source: str, *, quant: str = "Q4_K_M", out: str | None = None, base: str | None = None,
                 adapter_only: bool = False, modelfile: bool = False, evaluate: bool = True,
                 texts: list[str] | None = None, progress: bool = True) -> dict:
-    from ..checkpoint.atomic import write_json, write_text
-    from . import fidelity
-    from .gguf import architecture, write_gguf
-    from .lora_gguf import write_lora_gguf
-    from .quant_mix import check_quant
-
     quant = check_quant(quant)
     folder, adapter = resolve(source, base)
     arch = architecture(folder)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.lora import lora_delta, lora_scaling
-from ..checkpoint.atomic import atomic_dir, save_safetensors, write_json
+from ..io.atomic import atomic_dir, save_safetensors, write_json
 from ..checkpoint.peft_format import CONFIG_NAME, PEFT_LORA_DEFAULTS, PREFIX, WEIGHTS_NAME, read_lora
 from ..errors import ConfigError, ModelError
 from . import methods as M

@@ -26,9 +26,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from ..checkpoint.atomic import atomic_dir
-from ..checkpoint.tensor_file import TensorFile
 from ..errors import ModelError
+from ..io.atomic import atomic_dir
+from ..io.tensor_file import TensorFile
+from ..models.load import resolve_source
+from ..quant.layers import dequantize, new_quant_linear, quantize_weight
+from ..quant.loader import quantizable_linears
 
 if TYPE_CHECKING:
     from ..quant import QuantSpec
@@ -41,8 +44,6 @@ _SKIP_NAMES = ("leantune-gguf.json",)
 
 def model_folder(source: str) -> Path:
     """The local folder of a base model (a folder, a converted .gguf, or a hub id in the local cache)."""
-    from ..models.load import resolve_source
-
     src = resolve_source(source)
     if Path(src).is_dir():
         return Path(src)
@@ -56,8 +57,6 @@ def module_layout(folder: Path, trust_remote_code: bool = False) -> tuple[list[s
     alone: the model is built on the meta device, so this costs no weight memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..quant.loader import quantizable_linears
-
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise ModelError(f"{folder} is saved quantized; merging needs the 16-bit base it was quantized from: pass "
@@ -70,8 +69,6 @@ def module_layout(folder: Path, trust_remote_code: bool = False) -> tuple[list[s
 
 def dequantized(weight: Tensor, spec: QuantSpec, dtype: torch.dtype) -> Tensor:
     """dequant(quant(W)) as the training run's loader made it: cast to its dtype, then quantized."""
-    from ..quant.layers import dequantize, new_quant_linear, quantize_weight
-
     out_features, in_features = weight.shape
     layer = new_quant_linear(in_features, out_features, False, spec)
     quantize_weight(layer, weight.to(dtype))

@@ -20,14 +20,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..checkpoint.peft_format import load_adapter
+from ..data.dataset import batches, build
+from ..device import pick_dtype
+from ..models.load import load_model, load_tokenizer
+
 if TYPE_CHECKING:
     from ..config import RunConfig
 
 
 def held_out_batches(cfg: RunConfig, tokenizer, limit: int) -> tuple[list[dict], str]:
     """Up to `limit` batches of the run's eval split (else of its training data), and which one it was."""
-    from ..data.dataset import batches, build
-
     prepared = build(cfg.data, tokenizer, seed=cfg.seed)
     examples, where = (prepared.eval, "eval split") if prepared.eval else (prepared.train, "training data (no eval split)")
     plan = batches(examples, cfg.train.batch_size, cfg.data.max_length, cfg.data.packing, prepared.pad_id,
@@ -68,9 +71,6 @@ def compare(reference, candidate, batches: list[dict]) -> dict:
 
 def merge_cost(cfg: RunConfig, adapter_dir: Path, merged_dir: Path, *, base: str, limit: int = 4) -> dict:
     """The report of `merge_report.json`: see the module docstring."""
-    from ..checkpoint.peft_format import load_adapter
-    from ..models.load import load_model, load_tokenizer, pick_dtype
-
     dtype = pick_dtype(cfg.dtype, "cpu")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data, where = held_out_batches(cfg, tokenizer, limit)

@@ -12,34 +12,27 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
+
+from ..checkpoint.run_folder import find_model_and_adapter, run_config
+from ..config import RunConfig
+from ..data.tokenize import resolve_chat_template
+from ..device import pick_dtype
 from ..errors import ConfigError, ModelError
+from ..io.atomic import write_json
+from ..models.load import load_tokenizer
+from ..quant.spec import resolve_spec
+from .combine import read_adapter
 from .fold import BaseChoice, fold_into_base, model_folder
-
-if TYPE_CHECKING:
-    from ..config import RunConfig
+from .report import merge_cost, summary
 
 REPORT_NAME = "merge_report.json"
 BASE_CHOICES = ("dequantized", "original")
 
 
-def run_config(source: str | os.PathLike) -> RunConfig | None:
-    """The config of the run `source` belongs to (its folder, or one of three parents), if any."""
-    from ..config import load
-
-    p = Path(source).resolve()
-    for folder in (p, *p.parents[:3]):
-        if (folder / "config.yaml").is_file() and not (folder / "config.json").exists():
-            return load(folder / "config.yaml", validate=False)
-    return None
-
-
 def tokenizer_for(model: str, cfg: RunConfig | None):
     """The base tokenizer, carrying the chat template the run trained with (data.chat_template, if set)."""
-    from ..data.tokenize import resolve_chat_template
-    from ..models.load import load_tokenizer
-
     tok = load_tokenizer(model, trust_remote_code=bool(cfg and cfg.trust_remote_code))
     if cfg is not None and cfg.data.chat_template:
         tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
@@ -49,12 +42,6 @@ def tokenizer_for(model: str, cfg: RunConfig | None):
 def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "dequantized", base_model: str | None = None,
                  report: bool = True, eval_batches: int = 4, console: Callable[[str], None] = print) -> Path:
     """Fold the adapter of `source` into its base at `out`; for a QLoRA run, also write merge_report.json."""
-    from ..checkpoint.atomic import write_json
-    from ..generate import find_model_and_adapter
-    from ..models.load import pick_dtype
-    from ..models.quantized import resolve_spec
-    from .combine import read_adapter
-
     if base not in BASE_CHOICES:
         raise ConfigError(f"--base must be dequantized or original, got {base!r}")
     model, adapter_dir = find_model_and_adapter(source, base_model)
@@ -74,8 +61,6 @@ def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "deq
                              base=base, tokenizer=tokenizer_for(model, cfg))
     console(f"merged {adapter_dir} into {model}: {written}")
     if quant is not None and report:
-        from .report import merge_cost, summary
-
         if cfg.model != model:  # --base-model overrides the run's base for the report too
             cfg.model = model
         result = merge_cost(cfg, adapter_dir, written, base=base, limit=eval_batches)
@@ -85,8 +70,6 @@ def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "deq
 
 
 def _cpu():
-    import torch
-
     return torch.device("cpu")
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint.tensor_file import tensor_index
 from ..errors import ModelError
-from .layers import QuantSpec, is_quantized, load_prequantized, new_quant_linear, quantize_weight
+from ..io.tensor_file import tensor_index
+from .layers import is_quantized, load_prequantized, new_quant_linear, quantize_weight
+from .spec import QuantSpec
 
 
 @contextlib.contextmanager

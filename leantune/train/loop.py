@@ -22,9 +22,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..adapters.base import ADAPTERS, format_trainable, mark_only_adapters_trainable
+from ..checkpoint.adapter_io import save_adapter
+from ..checkpoint.run_folder import checkpoint_dirs
 from ..config import RunConfig, dump_yaml
+from ..data.dataset import batches as plan_batches, build as build_data
+from ..data.tokenize import pad_id_for
+from ..device import pick_dtype, resolve_device
 from ..errors import ConfigError, TrainingError
-from .state import Progress, checkpoint_dirs
+from ..io.atomic import atomic_dir, write_json, write_text
+from ..models.load import load_model, load_tokenizer, resolve_source
+from ..models.quantized import local_model_dir
+from . import step
+from .full import mark_trainable, save_model
+from .loftq import loftq_init_
+from .memory import SavedTensorMeter, breakdown, describe, gradient_bytes, peak_memory_bytes
+from .metrics import MetricsLog
+from .optim import build_optimizer
+from .plot import write_loss_svg
+from .schedule import lr_factor, set_lr, warmup_steps
+from .state import Progress, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -44,19 +61,6 @@ class _Stop(Exception):
 def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] = print,
         stop_after: int | None = None) -> RunResult:
     import torch
-
-    from ..adapters.base import format_trainable
-    from ..checkpoint.atomic import atomic_dir, write_json, write_text
-    from ..data.dataset import batches as plan_batches
-    from ..data.dataset import build as build_data
-    from ..data.tokenize import pad_id_for
-    from ..models.load import load_model, load_tokenizer, pick_dtype, resolve_device
-    from .memory import SavedTensorMeter, breakdown, describe, gradient_bytes, peak_memory_bytes
-    from .metrics import MetricsLog
-    from .optim import build_optimizer
-    from .schedule import lr_factor, set_lr, warmup_steps
-    from .state import load_checkpoint, save_checkpoint
-    from .step import evaluate
 
     run_dir = Path(cfg.output_dir)
     ckpts = _check_run_dir(run_dir, resume)
@@ -82,8 +86,6 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     model.config.use_cache = False
     base_name = cfg.model
     if cfg.model.lower().endswith(".gguf"):  # PEFT and vLLM can't load a .gguf base: record its HF folder
-        from ..models.load import resolve_source
-
         base_name = resolve_source(cfg.model)
         console(f"{cfg.model} is converted to {base_name}; the adapter records that folder as its base")
 
@@ -121,8 +123,6 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     def save_adapter_to(m, folder: Path) -> None:
         if cfg.method in WHOLE_MODEL:  # a checkpoint's trainable.safetensors already holds every trained weight
             return
-        from ..checkpoint.adapter_io import save_adapter
-
         save_adapter(m, folder, base_model_name_or_path=base_name, config=cfg)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +196,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
 
             is_last = progress.step == total_steps
             if eval_plan and ((t.eval_every and progress.step % t.eval_every == 0) or is_last):
-                res = evaluate(model, eval_plan, chunk=t.loss_chunk, limit=t.eval_batches)
+                res = step.evaluate(model, eval_plan, chunk=t.loss_chunk, limit=t.eval_batches)
                 if res:
                     last_eval = res["eval_loss"]
                     log.log(progress.step, **res)
@@ -243,8 +243,6 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     adapter_dir = run_dir / ("model" if cfg.method in WHOLE_MODEL else "adapter")
     with atomic_dir(adapter_dir) as tmp:
         if cfg.method in WHOLE_MODEL:
-            from .full import save_model
-
             save_model(model, tokenizer, tmp)
         else:
             save_adapter_to(model, tmp)
@@ -256,8 +254,6 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         summary["memory"] = memory
         console(describe(memory))
     log.close()
-    from .plot import write_loss_svg
-
     write_loss_svg(run_dir)
     write_json(run_dir / "summary.json", summary)
     loss_text = f"train loss {last_loss:.4f}" if last_loss is not None else "nothing left to train"
@@ -271,8 +267,6 @@ def _accumulate_gradients(model, micro: list[dict], n_tokens: int, *, chunk: int
     the whole step, so k micro-batches of b rows give the gradient of one batch of k*b rows.
     `meter` (a SavedTensorMeter) counts the activations of the first micro-batch."""
     import contextlib
-
-    from . import step
 
     total = 0.0
     for b in micro:
@@ -316,8 +310,6 @@ def _unpack_if_needed(cfg: RunConfig, console: Callable[[str], None]) -> None:
 
     A notice rather than an error: packing is on by default, and for such a method off is the only
     setting that works, so refusing would only make every user type the same override."""
-    from ..adapters.base import ADAPTERS
-
     method = ADAPTERS.get(cfg.method)  # None for full/freeze: they pack like any plain model
     if cfg.data.packing and method is not None and not method.packs:
         cfg.data.packing = False
@@ -333,12 +325,8 @@ def _attach_adapter(model, cfg: RunConfig, tokenizer=None, console: Callable[[st
     import torch
 
     if cfg.method in WHOLE_MODEL:
-        from .full import mark_trainable
-
         mark_trainable(model, cfg.method, cfg.freeze.train_last_layers, cfg.freeze.train_modules)
     else:
-        from ..adapters.base import ADAPTERS, mark_only_adapters_trainable
-
         method = ADAPTERS[cfg.method]
         for p in model.parameters():
             p.requires_grad_(False)
@@ -346,9 +334,6 @@ def _attach_adapter(model, cfg: RunConfig, tokenizer=None, console: Callable[[st
         method.attach(model, getattr(cfg, method.config_section), tokenizer=tokenizer)
         mark_only_adapters_trainable(model)
         if cfg.method == "lora" and cfg.lora.init == "loftq":
-            from ..models.quantized import local_model_dir
-            from .loftq import loftq_init_
-
             stats = loftq_init_(model, local_model_dir(cfg.model))
             (console or print)(f"lora.init loftq: {stats['layers']} layers start at the SVD of their quantization error; "
                     f"relative weight error {stats['error_before']:.4f} -> {stats['error_after']:.4f}")

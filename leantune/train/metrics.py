@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from ..io.atomic import write_text
+
 
 def _records(path: Path):
     """(line, record) for every whole line; a line torn by a crash mid-write is skipped."""
@@ -32,8 +34,6 @@ class MetricsLog:
         if resume_step and self.path.exists():
             # Drop lines past the checkpoint we resume from: they belong to the lost tail of the run.
             kept = [ln for ln, rec in _records(self.path) if rec.get("step", 0) <= resume_step]
-            from ..checkpoint.atomic import write_text
-
             write_text(self.path, "".join(ln + "\n" for ln in kept))
         elif self.path.exists():
             self.path.unlink()

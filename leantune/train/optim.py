@@ -25,21 +25,19 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..adapters.base import trainable_parameters
+from ..adapters.lora import loraplus_param_groups
+from .galore import GaLoreAdamW, galore_param_groups
+
 PAGED_FALLBACK = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw": "adamw"}
 
 
 def param_groups(model: nn.Module, cfg) -> list[dict]:
-    from ..adapters.base import trainable_parameters
-
     t = cfg.train
     if cfg.method in ("lora", "dora") and cfg.lora.lr_ratio is not None:
-        from ..adapters.lora import loraplus_param_groups
-
         return loraplus_param_groups(model, lr=t.lr, lr_ratio=cfg.lora.lr_ratio, weight_decay=t.weight_decay)
     params = [p for _, p in trainable_parameters(model)]
     if t.optimizer == "galore_adamw":
-        from .galore import galore_param_groups
-
         return galore_param_groups(model, params, lr=t.lr, weight_decay=t.weight_decay, rank=cfg.galore.rank,
                                    update_proj_gap=cfg.galore.update_proj_gap, scale=cfg.galore.scale)
     return [{"params": params, "lr": t.lr, "weight_decay": t.weight_decay}]
@@ -71,8 +69,6 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device | str = "cpu",
     if name == "adafactor":
         return torch.optim.Adafactor(groups, lr=t.lr, weight_decay=t.weight_decay)
     if name == "galore_adamw":
-        from .galore import GaLoreAdamW
-
         return GaLoreAdamW(groups, lr=t.lr, betas=betas, weight_decay=t.weight_decay)
     import bitsandbytes as bnb  # imported here: 6 s of import time that only these optimizers pay
 

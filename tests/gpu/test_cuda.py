@@ -22,7 +22,8 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from leantune.config import QuantConfig, from_dict  # noqa: E402
-from leantune.models.load import load_model, pick_dtype, resolve_device  # noqa: E402
+from leantune.device import pick_dtype, resolve_device  # noqa: E402
+from leantune.models.load import load_model  # noqa: E402
 from leantune.models.quantized import save_quantized  # noqa: E402
 from leantune.train.loop import run  # noqa: E402
 from leantune.train.metrics import read_metrics  # noqa: E402
@@ -86,7 +87,7 @@ def test_lora_trains_on_cuda_and_records_the_cuda_peak(tiny_llama_dir, tmp_path)
 
 
 def test_cuda_lora_adapter_loads_in_peft_with_the_same_logits(tiny_llama_dir, tmp_path):
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     data = write_chat_data(tmp_path / "d.jsonl", n=16)
     res = run(cfg(tiny_llama_dir, data, tmp_path / "run", dtype="fp32", train={"max_steps": 3}),
@@ -147,7 +148,7 @@ def test_cuda_4bit_forward_is_the_dequantized_matmul(tiny_llama_dir):
 
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointing"])
 def test_qlora_on_cuda_lowers_loss_and_loads_in_peft(tiny_llama_dir, tmp_path, ckpt):
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     data = write_chat_data(tmp_path / "d.jsonl", n=32)
     res = run(cfg(tiny_llama_dir, data, tmp_path / "run", quant={"bits": 4},

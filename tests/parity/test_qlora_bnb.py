@@ -102,7 +102,7 @@ def train_qlora(model_dir, tmp_path, compute: str, dtype: str):
 
 
 def test_qlora_adapter_trained_in_leantune_loads_in_peft_with_identical_logits(tiny_llama_dir, tmp_path):
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     adapter = train_qlora(tiny_llama_dir, tmp_path, compute="fp32", dtype="fp32")
     mine, _ = load_for_inference(str(tmp_path / "run"), dtype="fp32", device="cpu")
@@ -117,7 +117,7 @@ def test_qlora_adapter_trained_in_leantune_loads_in_peft_with_identical_logits(t
 def test_qlora_adapter_in_peft_bf16_compute(tiny_llama_dir, tmp_path):
     """bf16 compute, fp32 norms on both sides (PEFT's prepare_model_for_kbit_training upcasts them; so does
     leantune's loader): the same bytes through the same kernels, so the logits agree to bf16's resolution."""
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     adapter = train_qlora(tiny_llama_dir, tmp_path, compute="bf16", dtype="fp32")
     mine, _ = load_for_inference(str(tmp_path / "run"), dtype="fp32", device="cpu")
