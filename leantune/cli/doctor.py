@@ -76,7 +76,7 @@ def version_warnings(packages: dict[str, str | None], tested: dict[str, str]) ->
 def device_facts() -> dict:
     import torch
 
-    from ..models.load import cpu_flags, cpu_has_fast_bf16, pick_dtype, resolve_device
+    from ..device import cpu_flags, cpu_has_fast_bf16, pick_dtype, resolve_device
 
     device = resolve_device("auto")
     facts: dict = {"device": str(device), "torch_build": f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU",
