@@ -29,7 +29,7 @@ from pathlib import Path
 from ..config import QuantConfig, RunConfig, load
 from ..errors import ModelError
 from ..io.atomic import write_json
-from .peft_format import read_config
+from .peft_format import CONFIG_NAME, read_config
 
 CONFIG = "config.yaml"
 DATA_REPORT = "data_report.json"
@@ -126,7 +126,10 @@ class RunInfo:
                    trust_remote_code=cfg.trust_remote_code)
 
     def quant_config(self) -> QuantConfig | None:
-        return QuantConfig(**self.quant) if self.quant else None
+        if not self.quant:
+            return None
+        known = {f.name for f in dataclasses.fields(QuantConfig)}
+        return QuantConfig(**{k: v for k, v in self.quant.items() if k in known})
 
 
 def write_run_info(folder: str | os.PathLike, info: RunInfo) -> Path:
@@ -168,17 +171,17 @@ def find_model_and_adapter(source: str, base: str | None = None) -> tuple[str, P
         if run.adapter.is_dir():
             p = run.adapter
         elif ckpts := run.checkpoints():
-            if not (ckpts[-1] / "adapter_config.json").exists():
+            if not (ckpts[-1] / CONFIG_NAME).exists():
                 raise ModelError(f"run folder {p} has no final model yet: full and freeze runs write one at the end; "
                                  f"resume it with `leantune train {run.config} --resume`")
             print(f"note: {p} has no final adapter yet; using its newest checkpoint {ckpts[-1].name}", file=sys.stderr)
             p = ckpts[-1]
         else:
             raise ModelError(f"run folder {p} has no adapter and no checkpoint yet; train it first")
-    if p.is_dir() and (p / "adapter_config.json").exists():
+    if p.is_dir() and (p / CONFIG_NAME).exists():
         model = base or read_config(p).get("base_model_name_or_path")
         if not model:
-            raise ModelError(f"{p}/adapter_config.json names no base model; pass --base MODEL")
+            raise ModelError(f"{p / CONFIG_NAME} names no base model; pass --base MODEL")
         return model, p
     return base or source, None
 
