@@ -12,6 +12,7 @@ compared at bf16 resolution (see test_qlora_adapter_in_peft_bf16_compute).
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import pytest
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 from leantune.config import QuantConfig, from_dict  # noqa: E402
 from leantune.models.load import load_model  # noqa: E402
 from leantune.models.quantized import save_quantized  # noqa: E402
+from leantune.quant import spec_of  # noqa: E402
 from leantune.train.loop import run  # noqa: E402
 
 from e2e.test_train_cli import write_chat_data  # noqa: E402
@@ -86,7 +88,7 @@ def test_saved_by_transformers_loads_in_leantune(tiny_llama_dir, tmp_path, case)
     theirs = hf_quantized(tiny_llama_dir, case)
     theirs.save_pretrained(tmp_path / "hf")
     mine = ours(tmp_path / "hf")
-    assert mine.leantune_quant.bits == case["bits"]
+    assert spec_of(mine).bits == case["bits"]
     torch.testing.assert_close(logits(mine), logits(theirs), atol=1e-6, rtol=0)
 
 
@@ -106,12 +108,18 @@ def test_qlora_adapter_trained_in_leantune_loads_in_peft_with_identical_logits(t
 
     adapter = train_qlora(tiny_llama_dir, tmp_path, compute="fp32", dtype="fp32")
     mine, _ = load_for_inference(str(tmp_path / "run"), dtype="fp32", device="cpu")
-    assert mine.leantune_quant.bits == 4
+    assert spec_of(mine).bits == 4
     base = hf_quantized(tiny_llama_dir, FOUR_BIT["nf4"])
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     ours_logits, peft_logits = logits(mine), logits(peft_model)
     assert (ours_logits - logits(hf_quantized(tiny_llama_dir, FOUR_BIT["nf4"]))).abs().max() > 1e-3  # it trained
     torch.testing.assert_close(ours_logits, peft_logits, atol=1e-6, rtol=0)
+    # the adapter's sidecar carries the quant section: copied out of its run it still loads on the 4-bit base
+    copied = shutil.copytree(adapter, tmp_path / "elsewhere" / "my-adapter")
+    assert not (copied.parent / "config.yaml").exists()
+    moved, _ = load_for_inference(str(copied), dtype="fp32", device="cpu")
+    assert spec_of(moved) == spec_of(mine)
+    torch.testing.assert_close(logits(moved), ours_logits, atol=0, rtol=0)
 
 
 def test_qlora_adapter_in_peft_bf16_compute(tiny_llama_dir, tmp_path):
