@@ -85,7 +85,8 @@ def load_quantized(src: str, quant: QuantConfig | QuantSpec | None, *, dtype: to
     """The model of `src` with quantized Linear layers (see the module docstring), left in train mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..quant import fill_from_safetensors, params_on_meta, quantizable_linears, swap_in_quant_linears
+    from ..quant.loader import (fill_from_safetensors, norm_outputs_in, params_on_meta, quantizable_linears,
+                                swap_in_quant_linears)
 
     try:
         from transformers.initialization import no_init_weights
@@ -115,6 +116,9 @@ def load_quantized(src: str, quant: QuantConfig | QuantSpec | None, *, dtype: to
                          "incomplete or its config.json does not fit them")
     model.to(device)  # buffers built on the CPU (rotary frequencies); quantized weights are there already
     _cast_head_input(model)
+    # The residual stream's dtype is the embeddings' (`dtype`): past fp32 norms it stays there (bf16 q, k, v
+    # for SDPA's fast kernels); an fp32 `dtype` keeps it fp32 (the rotary tables are fp32 too).
+    norm_outputs_in(model, dtype)
     model.leantune_quant = spec
     log.info("loaded %s with a %d-bit base in %.1f s", src, spec.bits, time.perf_counter() - t0)
     return model
