@@ -12,6 +12,12 @@ nothing of size V survives the forward:
 
 `normalizer` is the number of label tokens of the whole optimizer step (all micro-batches), so that
 gradient accumulation over k micro-batches equals one batch k times larger.
+
+Precision: the loss and every reduction accumulate in fp32. With bf16/fp16 hidden states and head the
+chunk's logits stay in that dtype (as a bf16 head outputs them): z - m and exp(z - m) are each computed in
+fp32 inside the op and rounded once, so no (c, V) fp32 copy is made and the probabilities go into the
+gradient GEMMs without a cast (issue 17 measured the old bf16 -> fp32 -> bf16 round trip at 4-12% of a
+bf16 CPU step and ~125 MiB of its peak). fp32/fp64 inputs, and softcapped logits, are computed in fp32/fp64.
 """
 
 from __future__ import annotations
@@ -33,17 +39,29 @@ class _ChunkedLinearCE(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=acc)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        in_place = hidden.dtype != acc and weight.dtype == hidden.dtype and softcap is None  # bf16/fp16
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]                               # (c, H)
             y = labels[s:s + chunk]                               # (c,)
-            z = (h @ weight.t()).to(acc)                          # (c, V): the only tensor of size V
-            if softcap is not None:
-                t = torch.tanh_(z.div_(softcap))
-                z = t * softcap
-            zy = z.gather(1, y[:, None])                          # (c, 1)
-            m = z.amax(dim=-1, keepdim=True)                      # (c, 1)
-            e = torch.exp_(z.sub_(m))                             # exp(z - m), in place: (c, V)
-            denom = e.sum(dim=-1, keepdim=True)                   # (c, 1)
+            z = h @ weight.t()                                    # (c, V): the only tensor of size V
+            if in_place:
+                # bf16 logits stay bf16: max, z - m and exp each run in fp32 inside the op and round once,
+                # the row sums accumulate in fp32, and the probabilities feed the gradient GEMMs as they
+                # are (no fp32 copy of the chunk and no cast back for the GEMM).
+                zy = z.gather(1, y[:, None]).to(acc)              # (c, 1)
+                m = z.amax(dim=-1, keepdim=True)                  # (c, 1), exact in bf16
+                e = torch.exp_(z.sub_(m))                         # exp(z - m): (c, V), bf16
+                denom = e.sum(dim=-1, keepdim=True, dtype=acc)    # (c, 1), fp32
+                m = m.to(acc)
+            else:
+                z = z.to(acc)
+                if softcap is not None:
+                    t = torch.tanh_(z.div_(softcap))
+                    z = t * softcap
+                zy = z.gather(1, y[:, None])                      # (c, 1)
+                m = z.amax(dim=-1, keepdim=True)                  # (c, 1)
+                e = torch.exp_(z.sub_(m))                         # exp(z - m), in place: (c, V)
+                denom = e.sum(dim=-1, keepdim=True)               # (c, 1)
             total += (m + denom.log() - zy).sum()                 # logsumexp(z) - z_y
             if not (need_h or need_w):
                 continue
@@ -56,7 +74,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     grad_h[s:s + chunk] = gh.to(hidden.dtype)
                 if need_w:
                     hs = h.to(acc)
-                    grad_w += (e.div_(denom)).t() @ hs / normalizer
+                    p = e.div_(denom)                             # softmax: (c, V), in e's dtype
+                    grad_w += (p.t() @ h.to(p.dtype)).to(acc).div_(normalizer)
                     grad_w.index_add_(0, y, hs, alpha=-1.0 / normalizer)
             else:
                 dz = e.div_(denom)                                # softmax: (c, V)
