@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .transfer import to_device
+
 IGNORE_INDEX = -100
 
 
@@ -116,14 +118,22 @@ def causal_lm_loss(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, norma
 
     Labels are aligned with input_ids (the HF convention); the shift happens here. Positions whose
     next label is -100 are dropped *before* the head, so prompt tokens cost no head compute at all.
+    `labels` may stay on the host while `hidden` is on a GPU: the positions are then chosen on the host.
     Returns (loss, number of label tokens).
     """
-    h = hidden[:, :-1]                                 # (B, T-1, H): position t predicts token t+1
-    y = labels[:, 1:]                                  # (B, T-1)
+    y = labels[:, 1:]                                  # (B, T-1): position t predicts token t+1
     keep = y != IGNORE_INDEX
-    n = int(keep.sum())
-    # In the head's dtype, labelled positions only: over a 4-bit base the fp32 norms leave the hidden states
+    n = int(keep.sum())  # labels on the host (the train step keeps them there): no device sync
+    if labels.device != hidden.device:  # gather by index, sent without blocking; no boolean mask on the device
+        rows, cols = keep.nonzero(as_tuple=True)                                      # (n,), (n,)
+        idx = to_device(rows * hidden.shape[1] + cols, hidden.device)                 # into (B*T) positions
+        y_kept = to_device(y[rows, cols], hidden.device)                              # (n,)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)                 # (n, H)
+    else:
+        h, y_kept = hidden[:, :-1][keep], y[keep]      # (n, H), (n,)
+    # In the head's dtype, labelled positions only: a 4-bit base with an fp32 `dtype` leaves the hidden states
     # fp32 while a bf16 head stays bf16 (the cast's backward returns fp32 grads).
-    loss = chunked_linear_cross_entropy(h[keep].to(head_weight.dtype), head_weight, y[keep], normalizer=normalizer if normalizer else max(n, 1),
-                                        chunk=chunk, softcap=softcap)
+    loss = chunked_linear_cross_entropy(h.to(head_weight.dtype), head_weight, y_kept,
+                                        normalizer=normalizer if normalizer else max(n, 1), chunk=chunk,
+                                        softcap=softcap)
     return loss, n

@@ -100,3 +100,4 @@ def test_bf16_chunks_stay_bf16_and_match_fp64_to_bf16_resolution():
     assert abs(float(out.detach()) - float(ref.detach())) <= 1e-3 * abs(float(ref.detach()))
     for g, r in ((h.grad, h64.grad), (w.grad, w64.grad)):
         assert (g.double() - r).abs().max() <= 2e-2 * r.abs().max()  # a few bf16 roundings (measured 1%)
+
