@@ -4,7 +4,8 @@ No Trainer and no callbacks: every step is in `run()` or a plain helper beside i
 
     <output_dir>/config.yaml          the fully resolved config (train it again with `leantune train config.yaml`)
     <output_dir>/data_report.json     what the data pipeline read, kept, skipped and why
-    <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s, peak memory, eval),
+    <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s of real tokens, padding
+                                      not counted; peak memory, eval),
                                       and after the first step the memory breakdown (train/memory.py)
     <output_dir>/tensorboard/         the same, for TensorBoard
     <output_dir>/loss.svg             the loss curves, train and eval (open in a browser)
@@ -178,7 +179,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
             progress.tokens_seen += n_tokens
             in_update = False
             boundary = _snapshot(progress)  # weights and optimizer now hold this step: rewind no further
-            tokens_window += sum(int(b["input_ids"].numel()) for b in micro)
+            tokens_window += sum(b.get("num_tokens", int(b["input_ids"].numel())) for b in micro)  # real tokens
             last_loss = step_loss
             if memory is None:  # optimizer state exists only after the first step
                 memory = breakdown(model, optimizer, grad_bytes=grad_bytes, activation_bytes=meter.bytes, device=device)
