@@ -178,7 +178,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
             progress.tokens_seen += n_tokens
             in_update = False
             boundary = _snapshot(progress)  # weights and optimizer now hold this step: rewind no further
-            tokens_window += sum(int(b["input_ids"].numel()) for b in micro)
+            tokens_window += sum(b.get("num_tokens", int(b["input_ids"].numel())) for b in micro)  # real tokens
             last_loss = step_loss
             if memory is None:  # optimizer state exists only after the first step
                 memory = breakdown(model, optimizer, grad_bytes=grad_bytes, activation_bytes=meter.bytes, device=device)
