@@ -6,6 +6,7 @@
 #
 # .whl holds bitsandbytes==0.50.2 and peft==0.21.2 (see docs/benchmarks.md for the download line). Each
 # piece has its own timeout, so one failure does not stop the rest; the markdown table prints last.
+# ROWS=3b:lora,3b:qlora:gc and SKIP_TESTS=1 narrow a second run; STEPS (10) and BUDGET (410 s) are settable.
 set -u
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
@@ -22,13 +23,16 @@ fi
 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
 
+ROWS=${ROWS:-1b:lora,1b:lora:gc,1b:qlora:gc,3b:lora,3b:qlora:gc}
 # tests/gpu: at most 100 s
-timeout 100 python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" > "$OUT/pytest_gpu.txt" 2>&1
-echo "pytest tests/gpu: rc $? ($(tail -1 "$OUT/pytest_gpu.txt"))" | tee -a "$OUT/summary.txt"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout 100 python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" > "$OUT/pytest_gpu.txt" 2>&1
+  echo "pytest tests/gpu: rc $? ($(tail -1 "$OUT/pytest_gpu.txt"))" | tee -a "$OUT/summary.txt"
+fi
 
 # the rows: what is left of ~410 s, each side (or fixture) at most 110 s
-LEFT=$(( 410 - ($(date +%s) - T0) ))
-python3 benchmarks/bench_gpu.py table --rows 1b:lora,1b:lora:gc,1b:qlora:gc,3b:lora,3b:qlora:gc \
-  --work /tmp/leantune-bench --steps 10 --warmup 2 --row-timeout 110 --deadline "$LEFT" \
+LEFT=$(( ${BUDGET:-410} - ($(date +%s) - T0) ))
+python3 benchmarks/bench_gpu.py table --rows "$ROWS" \
+  --work /tmp/leantune-bench --steps "${STEPS:-10}" --warmup 2 --row-timeout 110 --deadline "$LEFT" \
   --json "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench.txt"
 echo "total $(( $(date +%s) - T0 )) s" | tee -a "$OUT/summary.txt"
