@@ -13,7 +13,8 @@ import torch
 
 from ..adapters.base import prepare_inputs
 from ..checkpoint.adapter_io import load_adapter
-from ..checkpoint.run_folder import find_model_and_adapter, run_quant
+from ..checkpoint.run_folder import find_model_and_adapter, run_config, run_quant
+from ..data.tokenize import resolve_chat_template
 from ..device import pick_dtype, resolve_device
 from ..models.load import load_model, load_tokenizer
 
@@ -24,11 +25,15 @@ def load_for_inference(source: str, *, base: str | None = None, dtype: str = "au
     (auto: a GPU when torch sees one, else the CPU).
 
     The base is quantized as the run that trained the adapter had it (its config.yaml `quant`), or to
-    `quant_bits` when given.
+    `quant_bits` when given. The tokenizer carries the run's chat template (data.chat_template) when the
+    run set one: the model is prompted as it was trained.
     """
     model_src, adapter = find_model_and_adapter(source, base)
     device = resolve_device(device)
     tok = load_tokenizer(model_src)
+    cfg = run_config(source) if use_adapter and Path(source).exists() else None
+    if cfg is not None and cfg.data.chat_template:
+        tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
     quant = run_quant(source, quant_bits) if Path(source).exists() or quant_bits else None
     model = load_model(model_src, dtype=pick_dtype(dtype, device), device=device, quant=quant)
     if getattr(model, "leantune_quant", None) is not None:
@@ -38,6 +43,12 @@ def load_for_inference(source: str, *, base: str | None = None, dtype: str = "au
         model.to(device)
     model.eval().requires_grad_(False)
     return model, tok
+
+
+def run_system_prompt(source: str) -> str | None:
+    """The run's data.system_prompt: the system message it trained with, the default for generation."""
+    cfg = run_config(source) if Path(source).exists() else None
+    return cfg.data.system_prompt if cfg is not None else None
 
 
 def build_prompt(tok, messages: list[dict], raw: bool) -> list[int]:
