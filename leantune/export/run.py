@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError, ModelError
-from ..infer.materialize import BaseChoice, Located, locate, materialize
+from ..infer.materialize import BaseChoice, Located, check_mergeable, locate, materialize
 from ..io.outputs import check_output_file
 from ..models.gguf_import import gguf_to_hf
 from .base import ExportOptions, get
@@ -52,6 +52,8 @@ def export(source: str, *, format: str = "gguf", quant: str | None = None, out: 
         raise ConfigError(f"--adapter-only is not available for --format {format}; drop it to export the merged model")
     if adapter_only and found.adapter is None:
         raise ModelError(f"{source} has no adapter; --adapter-only needs a run folder or an adapter folder")
+    if not adapter_only:
+        check_mergeable(found)
     stem = Path(source).resolve().name or "model"
     path = Path(out) if out else default_out(source, exporter.default_name(stem, quant, adapter_only))
     check_output_file(path, overwrite=overwrite)
@@ -60,6 +62,6 @@ def export(source: str, *, format: str = "gguf", quant: str | None = None, out: 
     options.name = options.name or stem
     model, tok, facts = materialize(source, base=merge_base, found=found, merge=not adapter_only)
     if not adapter_only:
-        print(f"exporting {facts.describe()}", file=sys.stderr)
+        print(f"exporting: {facts.describe()}", file=sys.stderr)
         return exporter.write(model, tok, facts, folder, path, quant, options)
     return exporter.write_adapter(model, tok, facts, folder, path, options)

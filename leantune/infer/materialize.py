@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..adapters.base import adapter_modules, unload
+from ..adapters.base import ADAPTERS, adapter_modules, unload
 from ..checkpoint.adapter_io import load_adapter
 from ..checkpoint.peft_format import read_config
 from ..checkpoint.run_folder import find_model_and_adapter, run_config
@@ -66,7 +66,7 @@ class Facts:
             return f"{self.base_model} (no adapter)"
         into = {"16-bit": "its base", "dequantized": f"the dequantized {self.quant_bits}-bit base it was trained against",
                 "original": "the original 16-bit weights (not the 4/8-bit base it was trained against)"}[self.base]
-        return f"{self.method} adapter {self.adapter} merged into {into} ({self.base_model})"
+        return f"{self.method} adapter {self.adapter} folded into {into} ({self.base_model})"
 
 
 @dataclass
@@ -147,6 +147,8 @@ def materialize(source: str, *, base: BaseChoice = "dequantized", base_model: st
     if base not in BASE_CHOICES:
         raise ConfigError(f"--base must be dequantized or original, got {base!r}")
     found = found or locate(source, base_model)
+    if merge:
+        check_mergeable(found)
     facts = facts_for(found, base)
     spec, quant_dtype = run_quant_spec(found.cfg)
     trust = bool(found.cfg and found.cfg.trust_remote_code)
@@ -170,8 +172,18 @@ def _dequantize_in_place(model, spec: QuantSpec, dtype: torch.dtype) -> None:
             layer.weight.copy_(dequantized(layer.weight, spec, dtype))
 
 
+def check_mergeable(found: Located) -> None:
+    """Refuse, before anything is loaded, an adapter whose method cannot fold into the base weights."""
+    cls = ADAPTERS.get(adapter_method(found.adapter_config) or "")
+    if cls is not None and not cls.mergeable:
+        _refuse(found.adapter, cls.method, cls.why_not_mergeable)
+
+
 def _refuse_unmergeable(model, adapter: Path) -> None:
     for adapter_module in adapter_modules(model).values():
         if not adapter_module.mergeable:
-            raise ModelError(f"{adapter} is a {adapter_module.method} adapter, which cannot be folded into its base: "
-                             f"{adapter_module.why_not_mergeable}")
+            _refuse(adapter, adapter_module.method, adapter_module.why_not_mergeable)
+
+
+def _refuse(adapter, method: str, why: str) -> None:
+    raise ModelError(f"{adapter} is a {method} adapter, which cannot be folded into its base: {why}")

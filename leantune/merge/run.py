@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from ..infer.materialize import BaseChoice, Facts, Located, facts_for, locate, materialize, run_quant_spec, run_tokenizer
+from ..infer.materialize import BaseChoice, Facts, Located, check_mergeable, facts_for, locate, materialize, run_quant_spec, run_tokenizer
 from ..io.atomic import atomic_dir, write_json
 from ..io.outputs import check_output_dir, write_manifest
 from .combine import read_adapter
@@ -55,9 +55,10 @@ def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "deq
     if found.adapter is None:
         raise ModelError(f"{source} is neither a run folder nor an adapter folder (no adapter_config.json); pass "
                          "runs/NAME or its adapter/ folder")
+    check_mergeable(found)
     check_output_dir(out, overwrite=overwrite, sources=[found.adapter, found.base_model])
     facts = facts_for(found, base)
-    console(facts.describe())
+    console(f"merging: {facts.describe()}")
     if streams(found, facts):
         written = _fold(found, base, out)
     else:

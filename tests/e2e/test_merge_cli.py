@@ -42,7 +42,8 @@ def runs(tiny_llama_dir, tmp_path_factory):
             "other": _train(tiny_llama_dir, tmp, "other", "--lora.rank", "6", "--lora.targets", "[q_proj, v_proj]"),
             "qlora": _train(tiny_llama_dir, tmp, "qlora", "--quant.bits", "4"),
             "dora": _train(tiny_llama_dir, tmp, "dora", "--method", "dora"),
-            "ia3": _train(tiny_llama_dir, tmp, "ia3", "--method", "ia3", "--train.lr", "0.3")}
+            "ia3": _train(tiny_llama_dir, tmp, "ia3", "--method", "ia3", "--train.lr", "0.3"),
+            "bottleneck": _train(tiny_llama_dir, tmp, "bottleneck", "--method", "bottleneck")}
 
 
 def _logits(model) -> torch.Tensor:
@@ -109,6 +110,15 @@ def test_merge_of_a_plain_model_or_missing_out_is_a_one_line_error(tiny_llama_di
     err = capsys.readouterr().err
     assert "neither a run folder nor an adapter folder" in err and "--out DIR" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_unmergeable_method_is_a_one_line_error_and_writes_nothing(runs, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["merge", str(runs["bottleneck"]), "--out", str(out)]) == 2
+    assert main(["export", str(runs["bottleneck"]), "--out", str(tmp_path / "b.gguf"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("bottleneck adapter, which cannot be folded" in e for e in err)
+    assert not out.exists() and not (tmp_path / "b.gguf").exists()
 
 
 def test_an_output_folder_with_the_users_files_is_never_replaced(runs, tmp_path, capsys):
