@@ -32,11 +32,6 @@ from .report import merge_cost, summary
 REPORT_NAME = "merge_report.json"
 
 
-def tokenizer_for(model: str, cfg):
-    """The base tokenizer with the run's chat template (kept for recipes: `run_tokenizer`)."""
-    return run_tokenizer(model, cfg)
-
-
 def streams(found: Located, facts: Facts) -> bool:
     """Plain LoRA over a base stored as safetensors folds tensor by tensor (`fold.py`); the rest in memory."""
     if facts.method != "lora":
