@@ -89,11 +89,11 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                 bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{tps:.0f}")
             bar.update(1)
             is_last = progress.step == s.total_steps
-            if s.eval_plan and ((t.eval_every and progress.step % t.eval_every == 0) or is_last):
-                if evaluate_and_track(s, bar):
-                    stopped = "early_stopped"
-                    bar.write(f"early stopping: no better eval loss in {t.early_stopping_patience} evaluations")
-                    break
+            eval_due = bool(s.eval_plan) and ((t.eval_every and progress.step % t.eval_every == 0) or is_last)
+            if eval_due and evaluate_and_track(s, bar):
+                stopped = "early_stopped"
+                bar.write(f"early stopping: no better eval loss in {t.early_stopping_patience} evaluations")
+                break
             if t.save_every and progress.step % t.save_every == 0 and not is_last:
                 s.checkpoint()
             if stop_after is not None and progress.step >= stop_after:
