@@ -1,7 +1,7 @@
-"""The training loop, top to bottom: load, inject, plan, step, evaluate, checkpoint, save.
+"""The training loop, top to bottom: step, evaluate, checkpoint, save (train/setup.py loads and plans).
 
-No Trainer and no callbacks: `setup()` (train/setup.py) builds a Session, `run()` below is the loop,
-`train_step()` one optimizer step, `finish()` the final save. The run folder:
+No Trainer and no callbacks: `setup()` builds a Session, `run()` below is the loop, `train_step()` one
+optimizer step, `finish()` the final save; the rest are plain helpers. The run folder:
 
     <output_dir>/config.yaml          the fully resolved config (train it again with `leantune train config.yaml`)
     <output_dir>/data_report.json     what the data pipeline read, kept, skipped and why

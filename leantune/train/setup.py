@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,7 +64,7 @@ class Batches:
 
 @dataclass
 class Session:
-    """A run in progress: what setup() built, and the state the loop moves forward."""
+    """A run in progress: what setup() built, then the state the loop moves forward."""
 
     cfg: RunConfig
     run_dir: Path
@@ -78,10 +78,11 @@ class Session:
     warmup: int
     optimizer: Any
     log: MetricsLog
+    trainable: list  # the parameters that train, for the gradient norm
+    # What the loop moves forward (progress is also what a checkpoint saves, train/state.py).
     progress: Progress
-    trainable: list = field(default_factory=list)  # the parameters that train, for the gradient norm
     # Measured on this process's first step: saved activations of one micro-batch, and the gradients.
-    meter: SavedTensorMeter | None = None
+    meter: SavedTensorMeter
     grad_bytes: int = 0
     memory: dict | None = None  # the memory breakdown, after the first step
     in_update: bool = False  # inside optimizer.step(): the weights may be half-updated
@@ -89,11 +90,11 @@ class Session:
     last_eval: float | None = None
 
     @property
-    def whole_model(self) -> bool:
+    def whole_model(self) -> bool:  # full/freeze: the run saves the whole model, not an adapter
         return self.cfg.method in WHOLE_MODEL
 
     def save_adapter_to(self, model, folder: Path) -> None:
-        if self.cfg.method in WHOLE_MODEL:  # a checkpoint's trainable.safetensors already holds every trained weight
+        if self.whole_model:  # a checkpoint's trainable.safetensors already holds every trained weight
             return
         save_adapter(model, folder, base_model_name_or_path=self.base_name, config=self.cfg)
 
@@ -140,9 +141,11 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
     log = MetricsLog(run_dir, t.tensorboard, resume_step=progress.step if resume else 0)
     if log.tb_note:
         console(log.tb_note)
-    return Session(cfg, run_dir, device, model, tokenizer, base_name, batches, eval_plan, total_steps,
-                   warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio), optimizer, log, progress,
-                   trainable=[p for p in model.parameters() if p.requires_grad], meter=SavedTensorMeter(model))
+    return Session(cfg=cfg, run_dir=run_dir, device=device, model=model, tokenizer=tokenizer, base_name=base_name,
+                   batches=batches, eval_plan=eval_plan, total_steps=total_steps,
+                   warmup=warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio), optimizer=optimizer, log=log,
+                   progress=progress, trainable=[p for p in model.parameters() if p.requires_grad],
+                   meter=SavedTensorMeter(model))
 
 
 def _load(cfg: RunConfig, device: torch.device, console: Callable[[str], None]) -> tuple[Any, Any, str]:
