@@ -1,18 +1,11 @@
 """The training loop, top to bottom: step, evaluate, checkpoint, save (train/setup.py loads and plans).
 
 No Trainer and no callbacks: `setup()` builds a Session, `run()` below is the loop, `train_step()` one
-optimizer step, `finish()` the final save; the rest are plain helpers. The run folder:
-
-    <output_dir>/config.yaml          the fully resolved config (train it again with `leantune train config.yaml`)
-    <output_dir>/data_report.json     what the data pipeline read, kept, skipped and why
-    <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s, peak memory, eval),
-                                      and after the first step the memory breakdown (train/memory.py)
-    <output_dir>/tensorboard/         the same, for TensorBoard
-    <output_dir>/loss.svg             the loss curves, train and eval (open in a browser)
-    <output_dir>/checkpoints/step-N/  resumable checkpoints (each also a PEFT adapter)
-    <output_dir>/adapter/             the final adapter in PEFT's format (appears only when complete)
-    <output_dir>/model/               method full/freeze: the whole model as an HF folder, with the tokenizer
-    <output_dir>/summary.json         written last: the run finished
+optimizer step, `finish()` the final save; the rest are plain helpers. What it writes into the run folder,
+and where, is `checkpoint/run_folder.py`: config.yaml, data_report.json, metrics.jsonl (after the first
+step also the memory breakdown, train/memory.py), tensorboard/, loss.svg, checkpoints/step-N/ (each also a
+PEFT adapter), the final adapter/ (or model/ after full/freeze), each with its leantune.json sidecar, and
+summary.json last.
 """
 
 from __future__ import annotations
@@ -57,7 +50,7 @@ class StepResult:
     loss: float  # the step's mean loss per label token
     grad_norm: float  # before clipping
     label_tokens: int  # over every process (distributed.global_token_count)
-    tokens: int  # input tokens this process ran, padding included (for tokens/s)
+    tokens: int  # real input tokens this process ran, padding not counted (for tokens/s)
 
 
 class _Stop(Exception):
@@ -139,7 +132,8 @@ def train_step(s: Session, micro: list[dict]) -> StepResult:
     if first:
         s.memory = _memory(s)
         s.log.log(progress.step, **s.memory)
-    return StepResult(loss, grad_norm, n_tokens, sum(int(b["input_ids"].numel()) for b in micro))
+    real = sum(b.get("num_tokens", int(b["input_ids"].numel())) for b in micro)  # padding not counted
+    return StepResult(loss, grad_norm, n_tokens, real)
 
 
 def evaluate_and_track(s: Session, bar) -> bool:
@@ -164,12 +158,11 @@ def finish(s: Session, stopped: str, console: Callable[[str], None]) -> RunResul
     """The last checkpoint, the final adapter (or model), loss.svg, and summary.json last of all."""
     progress = s.progress
     s.checkpoint()
-    out = s.run_dir / ("model" if s.whole_model else "adapter")
+    out = s.folder.output(whole_model=s.whole_model)
     with atomic_dir(out) as tmp:
         if s.whole_model:
             save_model(s.model, s.tokenizer, tmp)
-        else:
-            s.save_adapter_to(s.model, tmp)
+        s.save_adapter_to(s.model, tmp)  # the sidecar; the adapter too, unless the whole model was saved
     summary = {"status": stopped, "steps": progress.step, "total_steps": s.total_steps, "train_loss": s.last_loss,
                "eval_loss": s.last_eval, "best_eval_loss": progress.best_eval_loss,
                "label_tokens": progress.tokens_seen, out.name: str(out), "progress": asdict(progress)}
@@ -178,7 +171,7 @@ def finish(s: Session, stopped: str, console: Callable[[str], None]) -> RunResul
         console(describe(s.memory))
     s.log.close()
     write_loss_svg(s.run_dir)
-    write_json(s.run_dir / "summary.json", summary)
+    write_json(s.folder.summary, summary)
     loss_text = f"train loss {s.last_loss:.4f}" if s.last_loss is not None else "nothing left to train"
     console(f"done: {progress.step} steps, {loss_text}"
             + (f", eval loss {s.last_eval:.4f}" if s.last_eval is not None else "") + f"; {out.name} in {out}")
@@ -188,7 +181,7 @@ def finish(s: Session, stopped: str, console: Callable[[str], None]) -> RunResul
 def _interrupted(s: Session, boundary: tuple, console: Callable[[str], None]) -> RunResult:
     """Ctrl-C: save the state at the last step boundary as a checkpoint, unless the weights may be
     half-updated (then the last checkpoint on disk stays the one to resume from)."""
-    resume_hint = f"continue with `leantune train {s.run_dir / 'config.yaml'} --resume`"
+    resume_hint = f"continue with `leantune train {s.folder.config} --resume`"
     if s.in_update:
         console(f"interrupted during an optimizer update; the last checkpoint on disk is kept; {resume_hint}")
         return _result(s, None, "interrupted")

@@ -20,14 +20,16 @@ from transformers.utils import logging as hf_logging
 
 from ..adapters.base import ADAPTERS, format_trainable, mark_only_adapters_trainable
 from ..checkpoint.adapter_io import save_adapter
-from ..checkpoint.run_folder import checkpoint_dirs
+from ..checkpoint.run_folder import RunFolder, RunInfo, write_run_info
 from ..config import RunConfig, dump_yaml
 from ..data.dataset import EpochPlan, Prepared, batch_plan, build as build_data
+from ..data.tokenize import resolve_chat_template
 from ..device import pick_dtype, resolve_device
 from ..errors import ConfigError
 from ..io.atomic import write_json, write_text
-from ..models.load import load_model, load_tokenizer, resolve_source
+from ..models.load import check_vocab, load_model, load_tokenizer, resolve_source
 from ..models.quantized import local_model_dir
+from ..quant import spec_of
 from .full import mark_trainable
 from .loftq import loftq_init_
 from .memory import SavedTensorMeter
@@ -68,10 +70,12 @@ class Session:
 
     cfg: RunConfig
     run_dir: Path
+    folder: RunFolder  # where each file of the run goes (checkpoint/run_folder.py)
     device: torch.device
     model: Any
     tokenizer: Any
     base_name: str  # what the adapter records as its base (a .gguf base: the HF folder it became)
+    info: RunInfo  # the sidecar beside every adapter and checkpoint: how to use it as trained
     batches: Batches
     eval_plan: EpochPlan | list
     total_steps: int
@@ -93,10 +97,11 @@ class Session:
     def whole_model(self) -> bool:  # full/freeze: the run saves the whole model, not an adapter
         return self.cfg.method in WHOLE_MODEL
 
-    def save_adapter_to(self, model, folder: Path) -> None:
+    def save_adapter_to(self, model, out: Path) -> None:
+        write_run_info(out, self.info)
         if self.whole_model:  # a checkpoint's trainable.safetensors already holds every trained weight
             return
-        save_adapter(model, folder, base_model_name_or_path=self.base_name, config=self.cfg)
+        save_adapter(model, out, base_model_name_or_path=self.base_name, config=self.cfg)
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.run_dir, self.model, self.optimizer, self.progress,
@@ -106,6 +111,7 @@ class Session:
 def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] = print) -> Session:
     """Load, prepare and plan the run of `cfg`; with `resume`, from its newest checkpoint."""
     run_dir = Path(cfg.output_dir)
+    folder = RunFolder(run_dir)
     ckpts = check_run_dir(run_dir, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -135,13 +141,15 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
         progress = load_checkpoint(ckpts[-1], model, optimizer)
         console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
 
+    template = resolve_chat_template(tokenizer, cfg.data.chat_template) if cfg.data.chat_template else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    write_json(run_dir / "data_report.json", asdict(data.report))
+    write_text(folder.config, dump_yaml(cfg))
+    write_json(folder.data_report, asdict(data.report))
     log = MetricsLog(run_dir, t.tensorboard, resume_step=progress.step if resume else 0)
     if log.tb_note:
         console(log.tb_note)
-    return Session(cfg=cfg, run_dir=run_dir, device=device, model=model, tokenizer=tokenizer, base_name=base_name,
+    return Session(cfg=cfg, run_dir=run_dir, folder=folder, device=device, model=model, tokenizer=tokenizer,
+                   base_name=base_name, info=RunInfo.of(cfg, chat_template=template),
                    batches=batches, eval_plan=eval_plan, total_steps=total_steps,
                    warmup=warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio), optimizer=optimizer, log=log,
                    progress=progress, trainable=[p for p in model.parameters() if p.requires_grad],
@@ -160,6 +168,7 @@ def _load(cfg: RunConfig, device: torch.device, console: Callable[[str], None]) 
                    if cfg.quant.bits == 4 else ""))
     model = load_model(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
                        trust_remote_code=cfg.trust_remote_code, quant=cfg.quant)
+    check_vocab(model, tokenizer)
     model.config.use_cache = False
     base_name = cfg.model
     if cfg.model.lower().endswith(".gguf"):  # PEFT and vLLM can't load a .gguf base: record its HF folder
@@ -172,12 +181,13 @@ def check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
     """Refuse an output_dir that cannot be written, a run to overwrite, or a resume with nothing to
     resume from; the run's checkpoints, oldest first. Runs before any loading."""
     check_writable(run_dir)
-    ckpts = checkpoint_dirs(run_dir)
-    finished = (run_dir / "summary.json").exists()
+    folder = RunFolder(run_dir)
+    ckpts = folder.checkpoints()
+    finished = folder.summary.exists()
     if resume and (finished or not ckpts):
         raise ConfigError(f"{run_dir} already holds a finished run; nothing to resume" if finished else
                           f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
-    if not resume and (ckpts or (run_dir / "adapter").exists()):
+    if not resume and (ckpts or folder.adapter.exists()):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
                           f"output_dir (e.g. --output_dir {run_dir}-2)")
     return ckpts
@@ -247,7 +257,7 @@ def attach_method(model, cfg: RunConfig, tokenizer=None, console: Callable[[str]
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(model, "leantune_quant", None) is not None and hasattr(model, "enable_input_require_grads"):
+        if spec_of(model) is not None and hasattr(model, "enable_input_require_grads"):
             # As prepare_model_for_kbit_training: embeddings output a grad-requiring tensor, so every
             # checkpointed segment of a quantized base has a differentiable input (needed by reentrant
             # checkpointing and by any wrapper that checks requires_grad on the inputs).
