@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, RunConfig
 from ..errors import DataError
 from .formats import SkipExample, detect_format
 from .packing import Row, collate, join, pack_indices
@@ -229,6 +229,13 @@ def batches(examples: Sequence[Example], batch_size: int, max_length: int, packi
     else:
         groups = _length_grouped(order, [len(e) for e in examples], batch_size, rng)
     return EpochPlan(examples, groups, pad_id, packing)
+
+
+def batch_plan(cfg: RunConfig, examples: Sequence[Example], pad_id: int, epoch: int = 0) -> EpochPlan:
+    """The batch plan a run trains (or evaluates) `examples` with in `epoch`: its batch size, max length,
+    packing and seed, read from `cfg` in this one place. `pad_id` is `Prepared.pad_id`."""
+    return batches(examples, cfg.train.batch_size, cfg.data.max_length, cfg.data.packing, pad_id,
+                   seed=cfg.seed, epoch=epoch)
 
 
 def _length_grouped(order: list[int], lengths: list[int], batch_size: int, rng: random.Random,
