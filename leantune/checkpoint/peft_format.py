@@ -18,7 +18,6 @@ are refused by name rather than loaded wrong.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,10 +28,8 @@ from ..adapters.dora import DoraLinear
 from ..adapters.lora import LoraLinear
 from ..errors import ModelError
 from ..io.atomic import save_safetensors, write_json
+from .format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFormat, read_config, read_weights
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose LoraConfig field set and defaults we write
 
 # PEFT 0.21's LoraConfig fields at their defaults; save_adapter fills in the ones a run decides.
@@ -143,21 +140,6 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
 # Loading
 
 
-def read_config(adapter_dir: str | Path) -> dict:
-    d = Path(adapter_dir)
-    if not d.is_dir():
-        raise ModelError(f"adapter folder {str(d)!r} does not exist; pass the folder holding {CONFIG_NAME}")
-    if not (d / CONFIG_NAME).is_file():
-        raise ModelError(f"{str(d)!r} has no {CONFIG_NAME}; is it an adapter folder (e.g. runs/x/adapter)?")
-    try:
-        config = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{d / CONFIG_NAME} is not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{d / CONFIG_NAME} must hold a JSON object; re-save the adapter")
-    return config
-
-
 def check_config(config: dict, where: Path) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
@@ -177,22 +159,6 @@ def check_config(config: dict, where: Path) -> None:
         raise ModelError(f"{where}: r must be a positive integer, got {r!r}; the adapter config is damaged")
     if not isinstance(config.get("lora_alpha"), (int, float)):
         raise ModelError(f"{where}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
-
-
-def read_weights(adapter_dir: Path) -> dict:
-    """The adapter folder's tensors, from safetensors only (a pickled adapter_model.bin is named, not read)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(adapter_dir) / WEIGHTS_NAME
-    if not path.is_file():
-        bin_hint = " (adapter_model.bin is a pickle, which leantune never loads: re-save it with safetensors)" \
-            if (path.parent / "adapter_model.bin").exists() else ""
-        raise ModelError(f"{str(path.parent)!r} has no {WEIGHTS_NAME}{bin_hint}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ModelError(f"{path} cannot be read as safetensors ({e}); re-save the adapter") from None
 
 
 def _factors_by_module(weights: dict, where: Path, use_dora: bool = False) -> dict[str, dict]:
@@ -279,3 +245,16 @@ def load_adapter(model, adapter_dir: str | Path) -> dict:
             lora.train(model.training)  # a new module trains by default; take the model's mode
             set_module(model, path, lora)
     return config
+
+
+class LoraFormat(AdapterFormat, method=LoraLinear, peft_type="LORA"):
+    """PEFT's LoRA folder; DoRA (a LoraLinear subclass) writes the same with use_dora and its magnitudes."""
+
+    @classmethod
+    def save(cls, model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, section=None) -> Path:
+        targets = section.targets if section is not None else None
+        return save_adapter(model, out_dir, base_model_name_or_path=base_model_name_or_path, targets=targets)
+
+    @classmethod
+    def load(cls, model, adapter_dir: str | Path) -> dict:
+        return load_adapter(model, adapter_dir)

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.base import adapter_modules
-from ..adapters.prefix import inject_prefix, kv_shape
-from ..adapters.prompt import inject_prompt
+from ..adapters.prefix import PrefixTuning, inject_prefix, kv_shape
+from ..adapters.prompt import PromptTuning, inject_prompt
 from ..errors import ModelError
 from ..io.atomic import save_safetensors, write_json
-from .peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION, WEIGHTS_NAME, read_config, read_weights
+from .format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormat, read_config, read_weights
+from .peft_format import PEFT_FORMAT_VERSION
 
 KEY = "prompt_embeddings"
 
@@ -146,3 +147,28 @@ def load_prefix(model, adapter_dir: str | Path) -> dict:
         adapter.embedding.weight.copy_(flat)
         adapter.train(model.training)
     return config
+
+
+class PromptFormat(AdapterFormat, method=PromptTuning, peft_type="PROMPT_TUNING"):
+    """PEFT's prompt-tuning folder."""
+
+    @classmethod
+    def save(cls, model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, section=None) -> Path:
+        init_text = section.init_text if section is not None and section.init == "text" else None
+        return save_prompt(model, out_dir, base_model_name_or_path=base_model_name_or_path, init_text=init_text)
+
+    @classmethod
+    def load(cls, model, adapter_dir: str | Path) -> dict:
+        return load_prompt(model, adapter_dir)
+
+
+class PrefixFormat(AdapterFormat, method=PrefixTuning, peft_type="PREFIX_TUNING"):
+    """PEFT's prefix-tuning folder (the prefix after the projection MLP, if any)."""
+
+    @classmethod
+    def save(cls, model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, section=None) -> Path:
+        return save_prefix(model, out_dir, base_model_name_or_path=base_model_name_or_path)
+
+    @classmethod
+    def load(cls, model, adapter_dir: str | Path) -> dict:
+        return load_prefix(model, adapter_dir)

@@ -19,9 +19,10 @@ import re
 import sys
 from pathlib import Path
 
+from .. import adapters  # noqa: F401  (registers every method's config section, which load() reads)
 from ..config import QuantConfig, RunConfig, load
 from ..errors import ModelError
-from .peft_format import read_config
+from .format import read_config
 
 CKPT_RE = re.compile(r"^step-(\d+)$")
 

@@ -31,17 +31,16 @@ a minimal config file:
 
 
 def _add_config_fields(p: argparse.ArgumentParser) -> None:
-    from ..config import fields_of, type_name
+    """One flag per config field; the method sections are those registered (see `_load_methods`)."""
+    from ..config import fields_of, section_title, type_name
 
     groups: dict[str, argparse._ArgumentGroup] = {}
-    titles = {"": "run", "data": "data (data.*)", "lora": "LoRA and DoRA (lora.*)",
-              "ia3": "IA3 (ia3.*)", "bottleneck": "bottleneck adapters (bottleneck.*)",
-              "prompt": "prompt tuning (prompt.*)", "prefix": "prefix tuning (prefix.*)", "train": "training loop (train.*)",
-              "freeze": "freeze tuning (freeze.*)", "galore": "GaLore optimizer (galore.*)",
-              "quant": "quantized base, QLoRA (quant.*)"}
+    titles = {"": "run", "data": "data (data.*)", "train": "training loop (train.*)",
+              "galore": "GaLore optimizer (galore.*)", "quant": "quantized base, QLoRA (quant.*)"}
     for fi in fields_of():
         section = fi.name.split(".")[0] if "." in fi.name else ""
-        g = groups.get(section) or groups.setdefault(section, p.add_argument_group(titles.get(section, section)))
+        title = titles.get(section) or section_title(section) or section
+        g = groups.get(section) or groups.setdefault(section, p.add_argument_group(title))
         flags = [f"--{fi.name}"]
         if "_" in fi.name:
             flags.append(f"--{fi.name.replace('_', '-')}")
@@ -204,7 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The subcommands that read a run config: they need every method's section, which registers as the methods'
+# files are imported (with torch). The others, and `leantune --help`, never pay that import.
+CONFIG_COMMANDS = ("train", "inspect-data")
+
+
+def _load_methods(argv: list[str]) -> None:
+    if next((a for a in argv if not a.startswith("-")), None) in CONFIG_COMMANDS:
+        from .. import adapters  # noqa: F401  (registration happens on import)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _load_methods(argv)
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..adapters.base import ADAPTERS, format_trainable, mark_only_adapters_trainable
+from ..adapters.base import METHODS, format_trainable
+from ..adapters.whole_model import save_model
 from ..checkpoint.adapter_io import save_adapter
 from ..checkpoint.run_folder import checkpoint_dirs
 from ..config import RunConfig, dump_yaml
@@ -34,8 +35,6 @@ from ..io.atomic import atomic_dir, write_json, write_text
 from ..models.load import load_model, load_tokenizer, resolve_source
 from ..models.quantized import local_model_dir
 from . import step
-from .full import mark_trainable, save_model
-from .loftq import loftq_init_
 from .memory import SavedTensorMeter, breakdown, describe, gradient_bytes, peak_memory_bytes
 from .metrics import MetricsLog
 from .optim import build_optimizer
@@ -121,7 +120,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
 
     def save_adapter_to(m, folder: Path) -> None:
-        if cfg.method in WHOLE_MODEL:  # a checkpoint's trainable.safetensors already holds every trained weight
+        if METHODS[cfg.method].whole_model:  # a checkpoint's trainable.safetensors already holds every trained weight
             return
         save_adapter(m, folder, base_model_name_or_path=base_name, config=cfg)
 
@@ -240,9 +239,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     bar.close()
 
     checkpoint()
-    adapter_dir = run_dir / ("model" if cfg.method in WHOLE_MODEL else "adapter")
+    adapter_dir = run_dir / ("model" if METHODS[cfg.method].whole_model else "adapter")
     with atomic_dir(adapter_dir) as tmp:
-        if cfg.method in WHOLE_MODEL:
+        if METHODS[cfg.method].whole_model:
             save_model(model, tokenizer, tmp)
         else:
             save_adapter_to(model, tmp)
@@ -302,41 +301,29 @@ def _check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
     return ckpts
 
 
-WHOLE_MODEL = ("full", "freeze")  # methods that train the model's own weights and save the whole model
-
-
 def _unpack_if_needed(cfg: RunConfig, console: Callable[[str], None]) -> None:
     """A method that needs one example per row (prompt tuning) turns packing off, with a notice.
 
     A notice rather than an error: packing is on by default, and for such a method off is the only
     setting that works, so refusing would only make every user type the same override."""
-    method = ADAPTERS.get(cfg.method)  # None for full/freeze: they pack like any plain model
-    if cfg.data.packing and method is not None and not method.packs:
+    method = METHODS[cfg.method]
+    if cfg.data.packing and not method.packs:
         cfg.data.packing = False
         console(f"note: data.packing is off for method {cfg.method}: its virtual tokens go in front of each "
                 "example, so every example gets a row of its own")
 
 
 def _attach_adapter(model, cfg: RunConfig, tokenizer=None, console: Callable[[str], None] | None = None) -> None:
-    """Freeze the base, inject the configured method (seeded, so the init is reproducible), train only it;
-    or, for method full/freeze, mark the model's own weights that train (train/full.py).
-
-    An adapter method is found in the registry by name and reads its own config section."""
+    """Apply the configured method, found in the registry by name (adapters/base.py `METHODS`): attach it
+    from its own config section, seeded so the init is reproducible, with exactly its parameters trainable
+    (for full/freeze, the model's own weights), then its extra init if it has one (LoRA's loftq)."""
     import torch
 
-    if cfg.method in WHOLE_MODEL:
-        mark_trainable(model, cfg.method, cfg.freeze.train_last_layers, cfg.freeze.train_modules)
-    else:
-        method = ADAPTERS[cfg.method]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        torch.manual_seed(cfg.seed)
-        method.attach(model, getattr(cfg, method.config_section), tokenizer=tokenizer)
-        mark_only_adapters_trainable(model)
-        if cfg.method == "lora" and cfg.lora.init == "loftq":
-            stats = loftq_init_(model, local_model_dir(cfg.model))
-            (console or print)(f"lora.init loftq: {stats['layers']} layers start at the SVD of their quantization error; "
-                    f"relative weight error {stats['error_before']:.4f} -> {stats['error_after']:.4f}")
+    method = METHODS[cfg.method]
+    section = cfg.sections.get(method.config_section)
+    torch.manual_seed(cfg.seed)
+    method.prepare(model, section, tokenizer=tokenizer)
+    method.init(model, section, weights_dir=lambda: local_model_dir(cfg.model), console=console or print)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so a frozen base works as is.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
