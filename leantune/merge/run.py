@@ -14,14 +14,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
+from ..adapters.base import unload
+from ..checkpoint.adapter_io import load_adapter
+from ..checkpoint.format import read_config
 from ..checkpoint.run_folder import find_model_and_adapter, run_config
 from ..config import RunConfig
 from ..data.tokenize import resolve_chat_template
 from ..device import pick_dtype
 from ..errors import ConfigError, ModelError
-from ..io.atomic import write_json
-from ..models.load import load_tokenizer
+from ..io.atomic import atomic_dir, write_json
+from ..models.load import load_model, load_tokenizer
 from ..quant.spec import resolve_spec
 from .combine import read_adapter
 from .fold import BaseChoice, fold_into_base, model_folder
@@ -49,6 +53,8 @@ def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "deq
         raise ModelError(f"{source} is neither a run folder nor an adapter folder (no adapter_config.json); pass "
                          "runs/NAME or its adapter/ folder")
     cfg = run_config(source)
+    if read_config(adapter_dir).get("peft_type") != "LORA":
+        return _fold_in_memory(model, adapter_dir, out, cfg, console)
     lora = read_adapter(adapter_dir)
     quant = resolve_spec(cfg.quant, _cpu()) if cfg is not None and cfg.quant.bits else None
     quant_dtype = pick_dtype(cfg.dtype, "cpu") if cfg is not None else None
@@ -67,6 +73,24 @@ def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "deq
         write_json(written / REPORT_NAME, result)
         console(summary(result))
     return written
+
+
+def _fold_in_memory(model_src: str, adapter_dir: Path, out, cfg: RunConfig | None, console) -> Path:
+    """Any other registered method: base + adapter loaded through the registry, merged (`unload`), saved
+    in the base's dtype. A stopgap beside the streamed LoRA fold until merge and export share one path."""
+    if cfg is not None and cfg.quant.bits:
+        raise ModelError(f"merging a {cfg.quant.bits}-bit run of this method is not supported yet; merge a run "
+                         "trained on a 16-bit base")
+    stored = AutoConfig.from_pretrained(model_folder(model_src)).dtype  # the base's own dtype, to write back
+    model = load_model(model_src, dtype=torch.float32, device=_cpu())
+    load_adapter(model, adapter_dir)
+    unload(model, merge=True)  # a method that cannot merge says why here
+    model.to(stored if isinstance(stored, torch.dtype) else torch.float32)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer_for(model_src, cfg).save_pretrained(tmp)
+    console(f"merged {adapter_dir} into {model_src}: {out}")
+    return Path(out)
 
 
 def _cpu():
