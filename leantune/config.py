@@ -2,10 +2,12 @@
 
 The schema is a tree of dataclasses. Each field carries its help text in `metadata["help"]`, so the
 same definition drives validation, `leantune train --help` and the resolved `config.yaml` saved into
-every run folder. Validation is strict: an unknown key is an error that names the closest valid key
+every run folder. The sections of the fine-tuning methods (lora, ia3, freeze, ...) are declared in each
+method's own file and registered here as it is imported (`register_method`), with the method names. Validation is strict: an unknown key is an error that names the closest valid key
 ("did you mean lora.rank?"), and a value of the wrong type names the type it should have.
 
-No heavy imports here: the CLI builds its help from this module in milliseconds.
+No heavy imports here: the CLI builds `leantune --help` from this module in milliseconds (`train --help`
+imports the methods first, to show their sections).
 """
 
 from __future__ import annotations
@@ -182,8 +184,10 @@ class FieldInfo:
     help: str
 
 
-def _method_help() -> str:
-    lines = [f"{m.name} ({m.summary}{'; ' + m.section + '.*' if m.section else ''})" for m in METHODS.values()]
+def method_help(infos=None) -> str:
+    """The `method` field's help: every registered method (or those in `infos`) with its line and section."""
+    infos = METHODS.values() if infos is None else infos
+    lines = [f"{m.name} ({m.summary}{'; ' + m.section + '.*' if m.section else ''})" for m in infos]
     return "fine-tuning method: " + (", ".join(lines) or "none registered (import leantune.adapters)")
 
 
@@ -197,7 +201,7 @@ def _schema(cls: type) -> list[tuple[str, Any, Callable[[], Any], str]]:
             continue
         tp, help = hints[f.name], f.metadata.get("help", "")
         if cls is RunConfig and f.name == "method" and METHODS:
-            tp, help = Literal[tuple(METHODS)], _method_help()  # type: ignore[valid-type]
+            tp, help = Literal[tuple(METHODS)], method_help()  # type: ignore[valid-type]
         make = (lambda v=f.default: v) if f.default is not dataclasses.MISSING else f.default_factory
         out.append((f.name, tp, make, help))
         if cls is RunConfig and f.name == "data":

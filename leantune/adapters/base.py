@@ -74,10 +74,10 @@ class Method:
         if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
             raise TypeError(f"method {method!r} is already registered by {known.__qualname__}")
         cls.method = method
-        METHODS[method] = cls
         declares = "config_cls" in cls.__dict__ and cls.config_cls is not None
         section = Section(cls.config_cls, cls.title or f"{method} ({cls.config_section}.*)", cls.check) if declares else None
-        register_method(MethodInfo(method, cls.config_section, cls.summary, cls.whole_model), section)
+        register_method(MethodInfo(method, cls.config_section, cls.summary, cls.whole_model), section)  # may refuse
+        METHODS[method] = cls
 
     @classmethod
     def check(cls, cfg) -> None:

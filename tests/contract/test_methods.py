@@ -93,6 +93,34 @@ def test_every_method_has_a_row():
     assert all(METHODS[m].whole_model == r.whole_model and METHODS[m].mergeable == r.mergeable for m, r in ROWS.items())
 
 
+def test_every_adapter_method_has_a_format_that_reads_what_it_writes():
+    from leantune.checkpoint.format import BY_PEFT_TYPE, format_for
+
+    for name, cls in ADAPTERS.items():
+        fmt = format_for(cls)  # raises, naming the fix, for a method without one
+        assert BY_PEFT_TYPE[fmt.peft_type] is fmt, name
+    assert format_for(ADAPTERS["dora"]) is format_for(ADAPTERS["lora"])  # DoRA is PEFT's LORA with use_dora
+
+
+def test_a_method_cannot_take_a_name_or_section_already_taken():
+    from dataclasses import dataclass
+
+    from leantune.adapters.base import Adapter, Method
+
+    with pytest.raises(TypeError, match="already registered"):
+        class Again(Adapter, method="lora"):
+            pass
+
+    @dataclass
+    class Clash:
+        x: int = 1
+
+    with pytest.raises(TypeError, match="would shadow RunConfig.train"):
+        class Shadow(Method, method="shadow_test"):
+            config_cls, config_section = Clash, "train"
+    assert "shadow_test" not in METHODS  # refused whole: nothing half-registered
+
+
 CASES = [pytest.param(m, ROWS[m], id=m) for m in ROWS] + [pytest.param("bottleneck", PFEIFFER, id="bottleneck-pfeiffer"),
                                                           pytest.param("prefix", PREFIX_MLP, id="prefix-projection")]
 
