@@ -163,6 +163,15 @@ def _check_attention_reads_the_cache(model: nn.Module, adapter: PrefixTuning) ->
 def inject_prefix(model: nn.Module, virtual_tokens: int, projection: bool = False,
                   projection_hidden: int | None = None) -> list[str]:
     """Wrap the model's input embedding in a PrefixTuning adapter; return its path."""
+    path, adapter = prefix_adapter(model, virtual_tokens, projection, projection_hidden)
+    set_module(model, path, adapter)
+    return [path]
+
+
+def prefix_adapter(model: nn.Module, virtual_tokens: int, projection: bool = False,
+                   projection_hidden: int | None = None) -> tuple[str, PrefixTuning]:
+    """(path of the input embedding, a PrefixTuning adapter around it), checked (its cache is read by every
+    layer) but not yet put in place."""
     if not isinstance(virtual_tokens, int) or virtual_tokens <= 0:
         raise ConfigError(f"prefix.virtual_tokens must be a positive integer, got {virtual_tokens!r}; the paper "
                           "uses 10-200")
@@ -178,5 +187,4 @@ def inject_prefix(model: nn.Module, virtual_tokens: int, projection: bool = Fals
         raise ModelError(f"{path} already has a {embedding.method} adapter; unload(model) first")
     adapter = PrefixTuning(embedding, config, virtual_tokens, projection, projection_hidden)
     _check_attention_reads_the_cache(model, adapter)
-    set_module(model, path, adapter)
-    return [path]
+    return path, adapter

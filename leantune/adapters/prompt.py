@@ -132,6 +132,13 @@ class PromptTuning(Adapter, method="prompt"):
 
 def inject_prompt(model: nn.Module, virtual_tokens: int, init_ids: Sequence[int] | None = None) -> list[str]:
     """Wrap the model's input embedding in a PromptTuning adapter; return its path."""
+    path, adapter = prompt_adapter(model, virtual_tokens, init_ids)
+    set_module(model, path, adapter)
+    return [path]
+
+
+def prompt_adapter(model: nn.Module, virtual_tokens: int, init_ids: Sequence[int] | None = None) -> tuple[str, PromptTuning]:
+    """(path of the input embedding, a PromptTuning adapter around it), checked but not yet put in place."""
     if not isinstance(virtual_tokens, int) or virtual_tokens <= 0:
         raise ConfigError(f"prompt.virtual_tokens must be a positive integer, got {virtual_tokens!r}; the paper "
                           "uses 20-100")
@@ -144,5 +151,4 @@ def inject_prompt(model: nn.Module, virtual_tokens: int, init_ids: Sequence[int]
     if not isinstance(embedding, nn.Embedding):
         raise ModelError(f"the input embedding {path} is a {type(embedding).__name__}, not an nn.Embedding; "
                          "prompt tuning needs a plain embedding table")
-    set_module(model, path, PromptTuning(embedding, virtual_tokens, init_ids))
-    return [path]
+    return path, PromptTuning(embedding, virtual_tokens, init_ids)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..adapters.base import ALL_LINEAR, Adapter, _inside_adapters, adapter_modules, set_module
+from ..adapters.base import ALL_LINEAR, Adapter, _inside_adapters, adapter_modules
 from ..adapters.dora import DoraLinear
 from ..adapters.lora import LoraLinear
 from ..errors import ModelError
@@ -227,24 +227,7 @@ def load_adapter(model, adapter_dir: str | Path) -> dict:
     Every check runs before the model is touched, and the global RNG is left as it was (injection
     draws an init that the loaded weights replace).
     """
-    import torch
-
-    config, by_module = read_lora(adapter_dir)
-    use_dora = bool(config.get("use_dora"))
-    r = config["r"]
-    order = _fitting_paths(model, by_module, r, config)
-    cls = DoraLinear if use_dora else LoraLinear
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for path in order:
-            lora = cls(model.get_submodule(path), r, config["lora_alpha"],
-                       float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora", False)))
-            lora.lora_A.weight.copy_(by_module[path]["lora_A"])
-            lora.lora_B.weight.copy_(by_module[path]["lora_B"])
-            if use_dora:
-                lora.magnitude.copy_(by_module[path][MAGNITUDE])
-            lora.train(model.training)  # a new module trains by default; take the model's mode
-            set_module(model, path, lora)
-    return config
+    return LoraFormat.load(model, adapter_dir)
 
 
 class LoraFormat(AdapterFormat, method=LoraLinear, peft_type="LORA"):
@@ -256,5 +239,22 @@ class LoraFormat(AdapterFormat, method=LoraLinear, peft_type="LORA"):
         return save_adapter(model, out_dir, base_model_name_or_path=base_model_name_or_path, targets=targets)
 
     @classmethod
-    def load(cls, model, adapter_dir: str | Path) -> dict:
-        return load_adapter(model, adapter_dir)
+    def check_config(cls, config: dict, where: Path) -> None:
+        check_config(config, where)
+
+    @classmethod
+    def build(cls, model, config: dict, weights: dict, where: Path) -> dict:
+        use_dora = bool(config.get("use_dora"))
+        by_module = _factors_by_module(weights, where / WEIGHTS_NAME, use_dora)
+        r = config["r"]
+        adapter = DoraLinear if use_dora else LoraLinear
+        built = {}
+        for path in _fitting_paths(model, by_module, r, config):
+            lora = adapter(model.get_submodule(path), r, config["lora_alpha"], float(config.get("lora_dropout") or 0.0),
+                           rslora=bool(config.get("use_rslora", False)))
+            lora.lora_A.weight.copy_(by_module[path]["lora_A"])
+            lora.lora_B.weight.copy_(by_module[path]["lora_B"])
+            if use_dora:
+                lora.magnitude.copy_(by_module[path][MAGNITUDE])
+            built[path] = lora
+        return built
