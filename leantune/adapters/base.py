@@ -50,8 +50,9 @@ class Method:
 
     A method's file declares its config section (`config_cls`, a dataclass, and `check`, its range checks),
     how it is applied (`attach`, then `init` for inits that need more than a seed), its optimizer groups
-    (`param_groups`) and its trainable-parameter count (`count_parameters`). Its on-disk format is a
-    `checkpoint.format.AdapterFormat` subclass naming the class (checkpoint/ sits above adapters/).
+    (`param_groups`) and its trainable-parameter count (`count_parameters`). Its on-disk format is an
+    `adapters.format.AdapterFormat` subclass naming the class, in the same file or, for the interop formats
+    with PEFT's key names, in checkpoint/*_format.py.
     Registering also hands the name and the section to the config (`config.register_method`), so the YAML,
     `leantune train --help` and validation know the method without an edit anywhere else.
     """

@@ -1,5 +1,5 @@
 """Save and load any method's adapter folder: the writer is the format registered for the class of the
-model's adapters, the reader the format registered for the folder's `peft_type` (checkpoint/format.py).
+model's adapters, the reader the format registered for the folder's `peft_type` (adapters/format.py).
 
 Importing this module registers the built-in formats: PEFT's LORA (with use_dora for DoRA), IA3,
 PROMPT_TUNING and PREFIX_TUNING, and leantune's BOTTLENECK. A new method's format registers itself the
@@ -13,7 +13,7 @@ from pathlib import Path
 from ..adapters.base import METHODS, adapter_modules
 from ..errors import ModelError
 from . import bottleneck_format, ia3_format, peft_format, prompt_format  # noqa: F401  (registration happens on import)
-from .format import BY_PEFT_TYPE, CONFIG_NAME, format_for, read_config
+from ..adapters.format import BY_PEFT_TYPE, CONFIG_NAME, format_for, read_config
 
 
 def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, config=None) -> Path:

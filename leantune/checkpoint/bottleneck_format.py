@@ -16,7 +16,7 @@ from pathlib import Path
 from ..adapters.base import Adapter, adapter_dtype
 from ..adapters.bottleneck import ACTIVATIONS, BottleneckAdapter
 from ..errors import ModelError
-from .format import WEIGHTS_NAME, AdapterFormat, adapters_of, write_folder
+from ..adapters.format import WEIGHTS_NAME, AdapterFormat, adapters_of, write_folder
 
 PEFT_TYPE = "BOTTLENECK"
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ from typing import Any
 from ..adapters.base import require_linear
 from ..adapters.ia3 import IA3Linear
 from ..errors import ModelError
-from .format import PREFIX, WEIGHTS_NAME, AdapterFormat, adapters_of, write_folder
+from ..adapters.format import PREFIX, WEIGHTS_NAME, AdapterFormat, adapters_of, write_folder
 from .peft_format import PEFT_FORMAT_VERSION, target_modules
 
 KEY_SUFFIX = ".ia3_l"

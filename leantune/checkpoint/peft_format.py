@@ -28,7 +28,7 @@ from ..adapters.dora import DoraLinear
 from ..adapters.lora import LoraLinear
 from ..errors import ModelError
 from ..io.atomic import save_safetensors, write_json
-from .format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFormat, read_config, read_weights
+from ..adapters.format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFormat, read_config, read_weights
 
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose LoraConfig field set and defaults we write
 

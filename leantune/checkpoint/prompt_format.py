@@ -16,7 +16,7 @@ from ..adapters.prefix import PrefixTuning, kv_shape, prefix_adapter
 from ..adapters.prompt import PromptTuning, prompt_adapter
 from ..errors import ModelError
 from ..io.atomic import save_safetensors, write_json
-from .format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormat
+from ..adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormat
 from .peft_format import PEFT_FORMAT_VERSION
 
 KEY = "prompt_embeddings"

@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import adapters  # noqa: F401  (registers every method's config section, which load() reads)
 from ..config import QuantConfig, RunConfig, load
 from ..errors import ModelError
-from .format import read_config
+from ..adapters.format import read_config
 
 CKPT_RE = re.compile(r"^step-(\d+)$")
 

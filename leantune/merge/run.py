@@ -18,7 +18,7 @@ from transformers import AutoConfig
 
 from ..adapters.base import unload
 from ..checkpoint.adapter_io import load_adapter
-from ..checkpoint.format import read_config
+from ..adapters.format import read_config
 from ..checkpoint.run_folder import find_model_and_adapter, run_config
 from ..config import RunConfig
 from ..data.tokenize import resolve_chat_template

@@ -94,7 +94,7 @@ def test_every_method_has_a_row():
 
 
 def test_every_adapter_method_has_a_format_that_reads_what_it_writes():
-    from leantune.checkpoint.format import BY_PEFT_TYPE, format_for
+    from leantune.adapters.format import BY_PEFT_TYPE, format_for
 
     for name, cls in ADAPTERS.items():
         fmt = format_for(cls)  # raises, naming the fix, for a method without one

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from leantune.adapters.base import Adapter, find_targets, require_linear, set_module
-from leantune.checkpoint.format import AdapterFormat, adapters_of, write_folder
+from leantune.adapters.format import AdapterFormat, adapters_of, write_folder
 from leantune.config import need, normalise_targets, option
 from leantune.errors import ModelError
 

@@ -6,8 +6,8 @@ registered against the method class it serves:
 Every folder holds adapter_config.json (its `peft_type` names the format) and adapter_model.safetensors,
 so `leantune generate` finds the base the same way for all of them. Writing is picked by the class of the
 model's adapters (a subclass without a format of its own uses its parent's: DoRA writes LoRA's, with
-use_dora), reading by `peft_type`. Formats live here, above adapters/, because they know file layouts and
-key names that the adapters' math never needs; the dispatch is still by the method's class.
+use_dora), reading by `peft_type`. A method may declare its format in its own file; the built-in ones
+live in checkpoint/*_format.py, where the interop key names (PEFT's lora_A, ...) are kept.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import ClassVar
 
 import torch
 
-from ..adapters.base import Adapter, adapter_modules, set_module
 from ..errors import ModelError
 from ..io.atomic import save_safetensors, write_json
+from .base import Adapter, adapter_modules, set_module
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -85,7 +85,7 @@ def format_for(method: type[Adapter]) -> type[AdapterFormat]:
         if cls in FORMATS:
             return FORMATS[cls]
     raise ModelError(f"method {method.method!r} has no adapter format; declare an AdapterFormat subclass "
-                     f"with method={method.__name__} (see leantune/checkpoint/format.py)")
+                     f"with method={method.__name__} (see leantune/adapters/format.py)")
 
 
 def adapters_of(model, method: type[Adapter], writer: str) -> dict[str, Adapter]:
