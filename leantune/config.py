@@ -3,11 +3,12 @@
 The schema is a tree of dataclasses. Each field carries its help text in `metadata["help"]`, so the
 same definition drives validation, `leantune train --help` and the resolved `config.yaml` saved into
 every run folder. The sections of the fine-tuning methods (lora, ia3, freeze, ...) are declared in each
-method's own file and registered here as it is imported (`register_method`), with the method names. Validation is strict: an unknown key is an error that names the closest valid key
-("did you mean lora.rank?"), and a value of the wrong type names the type it should have.
+method's own file and registered here as it is imported (`register_method`), with the method names.
+Validation is strict: an unknown key is an error that names the closest valid key ("did you mean
+lora.rank?"), and a value of the wrong type names the type it should have.
 
-No heavy imports here: the CLI builds `leantune --help` from this module in milliseconds (`train --help`
-imports the methods first, to show their sections).
+No heavy imports here: the CLI builds its help from this module in milliseconds (the built-in methods'
+sections from a light table, leantune/cli/method_help.py, since importing the methods imports torch).
 """
 
 from __future__ import annotations
