@@ -13,6 +13,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from .checkpoint.run_folder import RunFolder, is_run_folder
 from .config import from_dict
 from .device import pick_dtype, resolve_device
 from .errors import ConfigError
@@ -86,10 +87,10 @@ def _remove_previous_demo(out: Path) -> None:
     """Delete `out` only when it is empty or an earlier demo run: never a folder of the user's."""
     entries = list(out.iterdir()) if out.is_dir() else None
     was_demo = False
-    if out.is_dir() and (out / "config.yaml").exists():
+    if is_run_folder(out):
         import yaml
 
-        cfg = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        cfg = yaml.safe_load(RunFolder(out).config.read_text()) or {}
         data_path = str((cfg.get("data") or {}).get("path", ""))
         was_demo = Path(data_path).parent == demo_assets()[0].parent
     if entries == [] or was_demo:

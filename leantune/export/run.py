@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..adapters.base import unload
 from ..checkpoint.peft_format import load_adapter
-from ..checkpoint.run_folder import find_model_and_adapter
+from ..checkpoint.run_folder import find_model_and_adapter, is_run_folder
 from ..errors import ModelError
 from ..io.atomic import write_json, write_text
 from ..models.gguf_import import gguf_to_hf
@@ -39,7 +39,7 @@ def default_out(source: str, quant: str, adapter_only: bool) -> Path:
     src = Path(source)
     stem = src.resolve().name or "model"
     suffix = "lora-F32" if adapter_only else quant
-    return (src if src.is_dir() and (src / "config.yaml").is_file() else Path.cwd()) / f"{stem}-{suffix}.gguf"
+    return (src if is_run_folder(src) else Path.cwd()) / f"{stem}-{suffix}.gguf"
 
 
 def _load(folder: Path, adapter: Path | None, merge: bool):

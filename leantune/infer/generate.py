@@ -15,7 +15,8 @@ from ..adapters.base import prepare_inputs
 from ..checkpoint.adapter_io import load_adapter
 from ..checkpoint.run_folder import find_model_and_adapter, run_quant
 from ..device import pick_dtype, resolve_device
-from ..models.load import load_model, load_tokenizer
+from ..models.load import check_vocab, load_model, load_tokenizer
+from ..quant import spec_of
 
 
 def load_for_inference(source: str, *, base: str | None = None, dtype: str = "auto", use_adapter: bool = True,
@@ -23,16 +24,17 @@ def load_for_inference(source: str, *, base: str | None = None, dtype: str = "au
     """Return (model, tokenizer) ready for generation, the adapter attached (not merged), on `device`
     (auto: a GPU when torch sees one, else the CPU).
 
-    The base is quantized as the run that trained the adapter had it (its config.yaml `quant`), or to
-    `quant_bits` when given.
+    The base is quantized as the run that trained the adapter had it (the `quant` of its sidecar,
+    checkpoint/run_folder.py), or to `quant_bits` when given.
     """
     model_src, adapter = find_model_and_adapter(source, base)
     device = resolve_device(device)
     tok = load_tokenizer(model_src)
     quant = run_quant(source, quant_bits) if Path(source).exists() or quant_bits else None
     model = load_model(model_src, dtype=pick_dtype(dtype, device), device=device, quant=quant)
-    if getattr(model, "leantune_quant", None) is not None:
-        print(f"note: generating with a {model.leantune_quant.bits}-bit base", file=sys.stderr)
+    check_vocab(model, tok)
+    if (spec := spec_of(model)) is not None:
+        print(f"note: generating with a {spec.bits}-bit base", file=sys.stderr)
     if adapter is not None and use_adapter:
         load_adapter(model, adapter)
         model.to(device)

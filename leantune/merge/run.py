@@ -1,9 +1,10 @@
 """`leantune merge RUN_OR_ADAPTER --out DIR`: one adapter folded into its base, as a plain HF folder.
 
 The source is what `generate` accepts (a run folder, its adapter/ or a checkpoint, an adapter folder).
-When the source belongs to a run (a config.yaml beside or above it), the run says how the base was
-loaded: its dtype, its `quant` section (a QLoRA run), its chat template and its data. For a QLoRA run
-the merge also measures its own cost (`report.py`) into merge_report.json.
+The adapter's sidecar (`leantune.json`, see checkpoint/run_folder.py) says how the base was loaded in
+training: its dtype, its `quant` section (a QLoRA run), its chat template. For a QLoRA run whose run
+folder is at hand, the merge also measures its own cost on the run's data (`report.py`) into
+merge_report.json.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import torch
 from transformers import AutoConfig
 
 from ..adapters.base import unload
-from ..checkpoint.adapter_io import load_adapter
 from ..adapters.format import read_config
-from ..checkpoint.run_folder import find_model_and_adapter, run_config
-from ..config import RunConfig
+from ..checkpoint.adapter_io import load_adapter
+from ..checkpoint.run_folder import RunInfo, find_model_and_adapter, read_run_info, run_config
 from ..data.tokenize import resolve_chat_template
 from ..device import pick_dtype
 from ..errors import ConfigError, ModelError
@@ -35,11 +35,11 @@ REPORT_NAME = "merge_report.json"
 BASE_CHOICES = ("dequantized", "original")
 
 
-def tokenizer_for(model: str, cfg: RunConfig | None):
+def tokenizer_for(model: str, info: RunInfo | None):
     """The base tokenizer, carrying the chat template the run trained with (data.chat_template, if set)."""
-    tok = load_tokenizer(model, trust_remote_code=bool(cfg and cfg.trust_remote_code))
-    if cfg is not None and cfg.data.chat_template:
-        tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
+    tok = load_tokenizer(model, trust_remote_code=bool(info and info.trust_remote_code))
+    if info is not None and info.chat_template:
+        tok.chat_template = resolve_chat_template(tok, info.chat_template)
     return tok
 
 
@@ -52,21 +52,25 @@ def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "deq
     if adapter_dir is None:
         raise ModelError(f"{source} is neither a run folder nor an adapter folder (no adapter_config.json); pass "
                          "runs/NAME or its adapter/ folder")
-    cfg = run_config(source)
+    info = read_run_info(adapter_dir)
+    quant = resolve_spec(info.quant_config(), _cpu()) if info is not None else None
     if read_config(adapter_dir).get("peft_type") != "LORA":
-        return _fold_in_memory(model, adapter_dir, out, cfg, console)
+        return _fold_in_memory(model, adapter_dir, out, info, quant is not None, console)
     lora = read_adapter(adapter_dir)
-    quant = resolve_spec(cfg.quant, _cpu()) if cfg is not None and cfg.quant.bits else None
-    quant_dtype = pick_dtype(cfg.dtype, "cpu") if cfg is not None else None
+    quant_dtype = pick_dtype(info.dtype, "cpu") if info is not None else None
     if quant is not None:
         console(f"the adapter was trained on a {quant.bits}-bit base; merging into the "
                 + ("dequantized base it was trained against" if base == "dequantized"
                    else "original 16-bit weights (not what it was trained against)"))
     folder = model_folder(model)
     written = fold_into_base(folder, lora.factors, lora.scaling, out, quant=quant, quant_dtype=quant_dtype,
-                             base=base, tokenizer=tokenizer_for(model, cfg))
+                             base=base, tokenizer=tokenizer_for(model, info))
     console(f"merged {adapter_dir} into {model}: {written}")
-    if quant is not None and report:
+    cfg = run_config(adapter_dir) if quant is not None and report else None
+    if quant is not None and report and cfg is None:
+        console(f"note: {adapter_dir} is not inside its run folder, so there is no run data to measure the merge "
+                f"on; {REPORT_NAME} is not written")
+    if cfg is not None:
         if cfg.model != model:  # --base-model overrides the run's base for the report too
             cfg.model = model
         result = merge_cost(cfg, adapter_dir, written, base=base, limit=eval_batches)
@@ -75,12 +79,12 @@ def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "deq
     return written
 
 
-def _fold_in_memory(model_src: str, adapter_dir: Path, out, cfg: RunConfig | None, console) -> Path:
+def _fold_in_memory(model_src: str, adapter_dir: Path, out, info: RunInfo | None, quantized: bool, console) -> Path:
     """Any other registered method: base + adapter loaded through the registry, merged (`unload`), saved
     in the base's dtype. A stopgap beside the streamed LoRA fold until merge and export share one path."""
-    if cfg is not None and cfg.quant.bits:
-        raise ModelError(f"merging a {cfg.quant.bits}-bit run of this method is not supported yet; merge a run "
-                         "trained on a 16-bit base")
+    if quantized:
+        raise ModelError("merging a run of this method trained on a quantized base is not supported yet; merge a "
+                         "run trained on a 16-bit base")
     stored = AutoConfig.from_pretrained(model_folder(model_src)).dtype  # the base's own dtype, to write back
     model = load_model(model_src, dtype=torch.float32, device=_cpu())
     load_adapter(model, adapter_dir)
@@ -88,7 +92,7 @@ def _fold_in_memory(model_src: str, adapter_dir: Path, out, cfg: RunConfig | Non
     model.to(stored if isinstance(stored, torch.dtype) else torch.float32)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer_for(model_src, cfg).save_pretrained(tmp)
+        tokenizer_for(model_src, info).save_pretrained(tmp)
     console(f"merged {adapter_dir} into {model_src}: {out}")
     return Path(out)
 

@@ -189,6 +189,16 @@ def _saved_bnb(src: str) -> bool:
     return (saved_quantization(src) or {}).get("quant_method") == "bitsandbytes"
 
 
+def check_vocab(model: Any, tokenizer: Any) -> None:
+    """Refuse a tokenizer whose ids can exceed the model's embedding table (a tokenizer from another
+    model): without this check the first such id fails deep inside the embedding lookup."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: the "
+                         f"tokenizer belongs to another model; use the tokenizer files of this model's folder")
+
+
 def model_info(model: Any) -> dict:
     """A one-line summary for logs: architecture, parameter count, layers, hidden, vocab, dtype, device."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -149,3 +149,16 @@ def storage_bits(layer: nn.Module) -> tuple[int, int]:
         extras = [scb]
     bits += sum(t.numel() * t.element_size() * 8 for t in extras if t is not None)
     return bits, n
+
+
+def spec_of(model: nn.Module) -> QuantSpec | None:
+    """The QuantSpec a model's quantized base was built with, read from its first quantized layer (the
+    loader builds every one alike); None for a model without quantized layers."""
+    layer = next((m for m in model.modules() if is_quantized(m)), None)
+    if layer is None:
+        return None
+    weight = layer.weight
+    if type(weight).__name__ == "Params4bit":
+        return QuantSpec(bits=4, type=weight.quant_type, double_quant=bool(weight.compress_statistics),
+                         compute_dtype=layer.compute_dtype, blocksize=weight.blocksize)
+    return QuantSpec(bits=8, threshold=float(layer.state.threshold))

@@ -1,17 +1,10 @@
 """The training loop, top to bottom: load, inject, plan, step, evaluate, checkpoint, save.
 
-No Trainer and no callbacks: every step is in `run()` or a plain helper beside it. The run folder:
-
-    <output_dir>/config.yaml          the fully resolved config (train it again with `leantune train config.yaml`)
-    <output_dir>/data_report.json     what the data pipeline read, kept, skipped and why
-    <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s, peak memory, eval),
-                                      and after the first step the memory breakdown (train/memory.py)
-    <output_dir>/tensorboard/         the same, for TensorBoard
-    <output_dir>/loss.svg             the loss curves, train and eval (open in a browser)
-    <output_dir>/checkpoints/step-N/  resumable checkpoints (each also a PEFT adapter)
-    <output_dir>/adapter/             the final adapter in PEFT's format (appears only when complete)
-    <output_dir>/model/               method full/freeze: the whole model as an HF folder, with the tokenizer
-    <output_dir>/summary.json         written last: the run finished
+No Trainer and no callbacks: every step is in `run()` or a plain helper beside it. What it writes into
+the run folder, and where, is `checkpoint/run_folder.py`: config.yaml, data_report.json, metrics.jsonl (after
+the first step also the memory breakdown, train/memory.py), tensorboard/, loss.svg, checkpoints/step-N/ (each
+also a PEFT adapter), the final adapter/ (or model/ after full/freeze), each with its leantune.json sidecar,
+and summary.json last.
 """
 
 from __future__ import annotations
@@ -25,15 +18,16 @@ from typing import Callable
 from ..adapters.base import METHODS, format_trainable
 from ..adapters.whole_model import save_model
 from ..checkpoint.adapter_io import save_adapter
-from ..checkpoint.run_folder import checkpoint_dirs
+from ..checkpoint.run_folder import RunFolder, RunInfo, checkpoint_dirs, write_run_info
 from ..config import RunConfig, dump_yaml
 from ..data.dataset import batches as plan_batches, build as build_data
-from ..data.tokenize import pad_id_for
+from ..data.tokenize import pad_id_for, resolve_chat_template
 from ..device import pick_dtype, resolve_device
 from ..errors import ConfigError, TrainingError
 from ..io.atomic import atomic_dir, write_json, write_text
-from ..models.load import load_model, load_tokenizer, resolve_source
+from ..models.load import check_vocab, load_model, load_tokenizer, resolve_source
 from ..models.quantized import local_model_dir
+from ..quant import spec_of
 from . import step
 from .memory import SavedTensorMeter, breakdown, describe, gradient_bytes, peak_memory_bytes
 from .metrics import MetricsLog
@@ -62,6 +56,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     import torch
 
     run_dir = Path(cfg.output_dir)
+    folder = RunFolder(run_dir)
     ckpts = _check_run_dir(run_dir, resume)
 
     t = cfg.train
@@ -82,6 +77,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                    if cfg.quant.bits == 4 else ""))
     model = load_model(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
                        trust_remote_code=cfg.trust_remote_code, quant=cfg.quant)
+    check_vocab(model, tokenizer)
     model.config.use_cache = False
     base_name = cfg.model
     if cfg.model.lower().endswith(".gguf"):  # PEFT and vLLM can't load a .gguf base: record its HF folder
@@ -119,14 +115,18 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         progress = load_checkpoint(ckpts[-1], model, optimizer)
         console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
 
-    def save_adapter_to(m, folder: Path) -> None:
+    template = resolve_chat_template(tokenizer, cfg.data.chat_template) if cfg.data.chat_template else None
+    info = RunInfo.of(cfg, chat_template=template)  # the sidecar beside every adapter: how to use it as trained
+
+    def save_adapter_to(m, out: Path) -> None:
+        write_run_info(out, info)
         if METHODS[cfg.method].whole_model:  # a checkpoint's trainable.safetensors already holds every trained weight
             return
-        save_adapter(m, folder, base_model_name_or_path=base_name, config=cfg)
+        save_adapter(m, out, base_model_name_or_path=base_name, config=cfg)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    write_json(run_dir / "data_report.json", asdict(data.report))
+    write_text(folder.config, dump_yaml(cfg))
+    write_json(folder.data_report, asdict(data.report))
     log = MetricsLog(run_dir, t.tensorboard, resume_step=progress.step if resume else 0)
     if log.tb_note:
         console(log.tb_note)
@@ -177,7 +177,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
             progress.tokens_seen += n_tokens
             in_update = False
             boundary = _snapshot(progress)  # weights and optimizer now hold this step: rewind no further
-            tokens_window += sum(int(b["input_ids"].numel()) for b in micro)
+            tokens_window += sum(b.get("num_tokens", int(b["input_ids"].numel())) for b in micro)  # real tokens
             last_loss = step_loss
             if memory is None:  # optimizer state exists only after the first step
                 memory = breakdown(model, optimizer, grad_bytes=grad_bytes, activation_bytes=meter.bytes, device=device)
@@ -218,7 +218,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     except KeyboardInterrupt:
         bar.close()
         log.close()
-        resume_hint = f"continue with `leantune train {run_dir / 'config.yaml'} --resume`"
+        resume_hint = f"continue with `leantune train {folder.config} --resume`"
         if in_update:  # the weights may be half-updated: keep the last checkpoint on disk instead
             console(f"interrupted during an optimizer update; the last checkpoint on disk is kept; {resume_hint}")
             return RunResult(run_dir, None, progress.step, last_loss, last_eval, "interrupted")
@@ -239,12 +239,11 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     bar.close()
 
     checkpoint()
-    adapter_dir = run_dir / ("model" if METHODS[cfg.method].whole_model else "adapter")
+    adapter_dir = folder.output(whole_model=METHODS[cfg.method].whole_model)
     with atomic_dir(adapter_dir) as tmp:
         if METHODS[cfg.method].whole_model:
             save_model(model, tokenizer, tmp)
-        else:
-            save_adapter_to(model, tmp)
+        save_adapter_to(model, tmp)
     summary = {"status": stopped, "steps": progress.step, "total_steps": total_steps, "train_loss": last_loss,
                "eval_loss": last_eval, "best_eval_loss": progress.best_eval_loss, "label_tokens": progress.tokens_seen,
                adapter_dir.name: str(adapter_dir), "progress": asdict(progress)}
@@ -254,7 +253,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         console(describe(memory))
     log.close()
     write_loss_svg(run_dir)
-    write_json(run_dir / "summary.json", summary)
+    write_json(folder.summary, summary)
     loss_text = f"train loss {last_loss:.4f}" if last_loss is not None else "nothing left to train"
     console(f"done: {progress.step} steps, {loss_text}"
             + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; {adapter_dir.name} in {adapter_dir}")
@@ -290,12 +289,13 @@ def _nan_error(loss: float, step_no: int, run_dir: Path, lr: float, what: str = 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
     """Refuse to overwrite a run, or to resume one that has nothing to resume from."""
-    ckpts = checkpoint_dirs(run_dir)
-    finished = (run_dir / "summary.json").exists()
+    folder = RunFolder(run_dir)
+    ckpts = folder.checkpoints()
+    finished = folder.summary.exists()
     if resume and (finished or not ckpts):
         raise ConfigError(f"{run_dir} already holds a finished run; nothing to resume" if finished else
                           f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
-    if not resume and (ckpts or (run_dir / "adapter").exists()):
+    if not resume and (ckpts or folder.adapter.exists()):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
                           f"output_dir (e.g. --output_dir {run_dir}-2)")
     return ckpts
@@ -330,7 +330,7 @@ def _attach_adapter(model, cfg: RunConfig, tokenizer=None, console: Callable[[st
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(model, "leantune_quant", None) is not None and hasattr(model, "enable_input_require_grads"):
+        if spec_of(model) is not None and hasattr(model, "enable_input_require_grads"):
             # As prepare_model_for_kbit_training: embeddings output a grad-requiring tensor, so every
             # checkpointed segment of a quantized base has a differentiable input (needed by reentrant
             # checkpointing and by any wrapper that checks requires_grad on the inputs).

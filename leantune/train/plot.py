@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint.run_folder import LOSS_SVG, METRICS
 from ..io.atomic import write_text
 from .metrics import read_metrics
 
@@ -56,10 +57,10 @@ def loss_svg(metrics_jsonl: Path) -> str:
 
 
 def write_loss_svg(run_dir: Path) -> Path | None:
-    metrics = Path(run_dir) / "metrics.jsonl"
+    metrics = Path(run_dir) / METRICS
     svg = loss_svg(metrics) if metrics.exists() else ""
     if not svg:
         return None
-    out = Path(run_dir) / "loss.svg"
+    out = Path(run_dir) / LOSS_SVG
     write_text(out, svg)
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint.run_folder import checkpoint_dirs
+from ..checkpoint.run_folder import RunFolder, checkpoint_dirs
 from ..errors import TrainingError
 from ..io.atomic import atomic_dir, save_safetensors, write_json
 
@@ -35,7 +35,7 @@ class Progress:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, *, save_adapter_fn, keep: int) -> Path:
-    final = Path(run_dir) / "checkpoints" / f"step-{progress.step:06d}"
+    final = RunFolder(run_dir).checkpoint(progress.step)
     with atomic_dir(final) as tmp:
         save_adapter_fn(model, tmp)
         trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

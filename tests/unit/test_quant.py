@@ -14,7 +14,15 @@ from leantune.adapters.lora import LoraLinear, inject_lora  # noqa: E402
 from leantune.config import QuantConfig  # noqa: E402
 from leantune.errors import ConfigError, ModelError  # noqa: E402
 from leantune.models.load import load_model  # noqa: E402
-from leantune.quant import QuantSpec, dequantize, is_quantized, new_quant_linear, quantize_weight, storage_bits  # noqa: E402
+from leantune.quant import (  # noqa: E402
+    QuantSpec,
+    dequantize,
+    is_quantized,
+    new_quant_linear,
+    quantize_weight,
+    spec_of,
+    storage_bits,
+)
 from leantune.quant.layers import codebook_decode  # noqa: E402
 
 
@@ -150,6 +158,16 @@ def test_loader_quantizes_decoder_linears_and_keeps_the_rest_high_precision(tiny
     assert not any(p.device.type == "meta" for p in model.parameters())
     inv_freq = model.model.rotary_emb.inv_freq  # a buffer computed at build time, never in the checkpoint
     assert inv_freq.device.type == "cpu" and torch.isfinite(inv_freq).all()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=4, type="fp4", double_quant=False, blocksize=128,
+                                                                 compute_dtype=torch.bfloat16),
+                                  QuantSpec(bits=8, threshold=5.0)], ids=["nf4", "fp4-bf16-128", "int8"])
+def test_the_spec_of_a_model_is_read_back_from_its_layers(spec):
+    """What `save_quantized` writes and `generate` reports comes from the layers, not from a tag on the model."""
+    model = torch.nn.Sequential(torch.nn.LayerNorm(128), quant_layer(torch.randn(64, 128), spec))
+    assert spec_of(model) == spec
+    assert spec_of(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None
 
 
 def test_gradient_checkpointing_on_a_4bit_base_gives_the_same_gradients(tiny_llama_dir):
