@@ -2,10 +2,13 @@
 
 The schema is a tree of dataclasses. Each field carries its help text in `metadata["help"]`, so the
 same definition drives validation, `leantune train --help` and the resolved `config.yaml` saved into
-every run folder. Validation is strict: an unknown key is an error that names the closest valid key
-("did you mean lora.rank?"), and a value of the wrong type names the type it should have.
+every run folder. The sections of the fine-tuning methods (lora, ia3, freeze, ...) are declared in each
+method's own file and registered here as it is imported (`register_method`), with the method names.
+Validation is strict: an unknown key is an error that names the closest valid key ("did you mean
+lora.rank?"), and a value of the wrong type names the type it should have.
 
-No heavy imports here: the CLI builds its help from this module in milliseconds.
+No heavy imports here: the CLI builds its help from this module in milliseconds (the built-in methods'
+sections from a light table, leantune/cli/method_help.py, since importing the methods imports torch).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,10 +26,14 @@ from typing import Any, Literal
 from .errors import ConfigError
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its help text (shown by `leantune train --help`); lists and dicts are copied."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = option
 
 
 @dataclass
@@ -42,55 +50,6 @@ class DataConfig:
     train_on_prompt: bool = _f(False, "also train on prompt/system/user tokens (default: responses only)")
     system_prompt: str | None = _f(None, "system message added to chat/alpaca examples that have none")
     chat_template: str | None = _f(None, "a Jinja chat template (inline or a file path) to use instead of the tokenizer's")
-
-
-@dataclass
-class LoraConfig:
-    rank: int = _f(16, "LoRA rank r; typical 8-64")
-    alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha/rank (alpha/sqrt(rank) with rslora)")
-    dropout: float = _f(0.0, "dropout on the LoRA input")
-    targets: str | list[str] = _f(
-        "all-linear", "modules to adapt: all-linear (every nn.Linear but lm_head), a list of names "
-        "such as [q_proj, v_proj], or a regex over full module paths")
-    rslora: bool = _f(False, "rank-stabilised LoRA: scale by alpha/sqrt(rank) (Kalajdzievski 2023)")
-    lr_ratio: float | None = _f(None, "LoRA+: learning rate of B = lr * lr_ratio (Hayou et al. 2024 suggest 16)")
-    init: Literal["default", "gaussian", "loftq"] = _f(
-        "default", "A init: PEFT's kaiming-uniform (default) or gaussian, B at zero; loftq (4-bit base only): A and B "
-        "start at the rank-r SVD of the quantization error, so the model starts nearer its 16-bit self")
-
-
-@dataclass
-class IA3Config:
-    targets: str | list[str] = _f(
-        "auto", "modules whose output (or input, see feedforward) is rescaled: auto (PEFT's per-architecture "
-        "defaults; Llama: k_proj, v_proj, down_proj), a list of names, or a regex over module paths")
-    feedforward: str | list[str] = _f(
-        "auto", "targets that are scaled on their input, as the paper's feed-forward layer: auto (Llama: down_proj) "
-        "or a list of names among the targets")
-
-
-@dataclass
-class BottleneckConfig:
-    style: Literal["houlsby", "pfeiffer"] = _f(
-        "houlsby", "houlsby: adapters after attention and after the feed-forward; pfeiffer: after the feed-forward only")
-    size: int = _f(64, "bottleneck width: the down-projection's output size (AdapterHub: hidden / reduction_factor)")
-    activation: Literal["relu", "gelu", "silu", "tanh"] = _f("relu", "nonlinearity between the down- and up-projection")
-    attention: list[str] = _f(["self_attn"], "names of the attention sublayers an adapter follows (houlsby)")
-    ffn: list[str] = _f(["mlp"], "names of the feed-forward sublayers an adapter follows")
-
-
-@dataclass
-class PromptConfig:
-    virtual_tokens: int = _f(20, "virtual tokens prepended to every input (the paper uses 20-100)")
-    init: Literal["random", "text"] = _f("random", "start the virtual tokens at random, or at the embeddings of init_text")
-    init_text: str | None = _f(None, "text whose token embeddings start the prompt (repeated or cut to virtual_tokens)")
-
-
-@dataclass
-class PrefixConfig:
-    virtual_tokens: int = _f(20, "key/value prefix length in every layer (the paper uses 10-200)")
-    projection: bool = _f(False, "produce the prefixes through an MLP (the paper's reparameterisation; PEFT's prefix_projection)")
-    projection_hidden: int | None = _f(None, "hidden width of that MLP (null: the key/value width)")
 
 
 @dataclass
@@ -130,13 +89,6 @@ class GaloreConfig:
 
 
 @dataclass
-class FreezeConfig:
-    train_last_layers: int = _f(0, "method freeze: train the last N decoder layers (0: none)")
-    train_modules: list[str] = _f([], "method freeze: also train modules whose path ends with one of these names "
-                                  "(e.g. [norm, embed_tokens, lm_head]) or matches them as a regex")
-
-
-@dataclass
 class QuantConfig:
     bits: int | None = _f(None, "quantize the frozen base through bitsandbytes: 4 (QLoRA, NF4/FP4) or 8 (LLM.int8); "
                                 "null keeps it in `dtype`. Embeddings, lm_head and norms stay high precision")
@@ -151,16 +103,54 @@ class QuantConfig:
 QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' blockwise kernels take
 
 
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning methods and their sections. Each method's own file declares them (leantune/adapters/,
+# `Method.__init_subclass__` calls `register_method` as the file is imported), so a new method's section
+# reaches RunConfig, `leantune train --help` and the YAML with no edit here. This module sits below the
+# methods and imports none of them: whoever builds a RunConfig from a file imports `leantune.adapters`
+# first (the CLI, the train loop and the run folder do).
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    section: str | None   # the RunConfig section it reads (DoRA reads `lora`); None: it has no settings
+    summary: str          # one line for `--help` and errors
+    whole_model: bool     # trains the model's own weights (full, freeze) rather than an added adapter
+
+
+@dataclass(frozen=True)
+class Section:
+    cls: type                                   # the section's dataclass (LoraConfig lives in adapters/lora.py)
+    title: str                                  # its group title in `leantune train --help`
+    check: Callable[[Any], None] | None = None  # range checks over the whole RunConfig, raising ConfigError
+
+
+METHODS: dict[str, MethodInfo] = {}
+SECTIONS: dict[str, Section] = {}
+
+
+def register_method(info: MethodInfo, section: Section | None = None) -> None:
+    """Make a method choosable (`method: NAME`) and, when it brings one, its config section known."""
+    if section is not None:
+        known = SECTIONS.get(info.section)
+        if known is not None and known.cls.__qualname__ != section.cls.__qualname__:
+            raise TypeError(f"config section {info.section!r} is already declared by {known.cls.__qualname__}")
+        if info.section in {f.name for f in dataclasses.fields(RunConfig)}:
+            raise TypeError(f"config section {info.section!r} would shadow RunConfig.{info.section}")
+        SECTIONS[info.section] = section
+    METHODS[info.name] = info
+
+
+def _method_sections() -> dict[str, Any]:
+    return {name: sec.cls() for name, sec in SECTIONS.items()}
+
+
 @dataclass
 class RunConfig:
     model: str | None = _f(None, "base model: a local HF folder, a hub id, or a .gguf file")
     output_dir: str = _f("runs/leantune", "run folder: resolved config, metrics, checkpoints and the final adapter")
-    method: Literal["lora", "dora", "ia3", "bottleneck", "prompt", "prefix", "full", "freeze"] = _f(
-        "lora", "fine-tuning method: lora, dora (LoRA on the weight's direction plus a magnitude; reads lora.*), "
-        "ia3 (learned rescaling vectors; ia3.*), bottleneck (residual adapter MLPs; bottleneck.*), "
-        "prompt (trainable virtual tokens in front of the input; prompt.*), prefix (trainable key/value prefixes in "
-        "every layer; prefix.*), full (every weight trains), freeze (only the parts named in freeze.*); "
-        "prompt and prefix turn data.packing off")
+    method: str = _f("lora", "fine-tuning method")  # its type and help are built from METHODS (_schema)
     seed: int = _f(0, "random seed (data order, init, dropout)")
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", "dtype of the frozen base weights: auto picks bf16 where the hardware runs it fast, else fp32 (never fp16 on CPU)")
@@ -169,15 +159,18 @@ class RunConfig:
     attn_implementation: str = _f("sdpa", "attention kernel passed to transformers (sdpa, eager)")
     trust_remote_code: bool = _f(False, "allow model code from the model folder (only for models you trust)")
     data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    ia3: IA3Config = field(default_factory=IA3Config)
-    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    prefix: PrefixConfig = field(default_factory=PrefixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
     galore: GaloreConfig = field(default_factory=GaloreConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    # The registered methods' sections by name (cfg.lora is cfg.sections["lora"]); in the YAML and on the
+    # command line they are top-level sections like the others.
+    sections: dict[str, Any] = field(default_factory=_method_sections, repr=False)
+
+    def __getattr__(self, name: str) -> Any:  # reached only when no real attribute has the name
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"RunConfig has no field or method section {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,21 +185,45 @@ class FieldInfo:
     help: str
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def method_help(infos=None) -> str:
+    """The `method` field's help: every registered method (or those in `infos`) with its line and section."""
+    infos = METHODS.values() if infos is None else infos
+    lines = [f"{m.name} ({m.summary}{'; ' + m.section + '.*' if m.section else ''})" for m in infos]
+    return "fine-tuning method: " + (", ".join(lines) or "none registered (import leantune.adapters)")
+
+
+def _schema(cls: type) -> list[tuple[str, Any, Callable[[], Any], str]]:
+    """(name, type, default factory, help) of each field of `cls` in order; for RunConfig the method field
+    takes its choices from METHODS and the registered sections stand after `data`."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if cls is RunConfig and f.name == "sections":
+            continue
+        tp, help = hints[f.name], f.metadata.get("help", "")
+        if cls is RunConfig and f.name == "method" and METHODS:
+            tp, help = Literal[tuple(METHODS)], method_help()  # type: ignore[valid-type]
+        make = (lambda v=f.default: v) if f.default is not dataclasses.MISSING else f.default_factory
+        out.append((f.name, tp, make, help))
+        if cls is RunConfig and f.name == "data":
+            out += [(name, sec.cls, sec.cls, "") for name, sec in SECTIONS.items()]
+    return out
 
 
 def fields_of(cls: type = RunConfig, prefix: str = "") -> list[FieldInfo]:
     out: list[FieldInfo] = []
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
+    for name, tp, make, help in _schema(cls):
         if dataclasses.is_dataclass(tp):
-            out.extend(fields_of(tp, f"{prefix}{f.name}."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out.append(FieldInfo(prefix + f.name, tp, default, f.metadata.get("help", "")))
+            out.extend(fields_of(tp, f"{prefix}{name}."))
+        else:
+            out.append(FieldInfo(prefix + name, tp, make(), help))
     return out
+
+
+def section_title(name: str) -> str | None:
+    """The `--help` group title a method section declares, if `name` is one."""
+    sec = SECTIONS.get(name)
+    return sec.title if sec is not None else None
 
 
 def type_name(tp: Any) -> str:
@@ -308,6 +325,9 @@ ALIASES = {
 
 
 def unknown_key_error(name: str) -> ConfigError:
+    if not METHODS:  # a library caller built a config before any method registered its section
+        return ConfigError(f"unknown config key {name!r}: no fine-tuning method is registered yet; "
+                           "`import leantune.adapters` before building a RunConfig")
     names = [fi.name for fi in fields_of()]
     leaf = name.rsplit(".", 1)[-1]
     if leaf in ALIASES:
@@ -326,26 +346,24 @@ def unknown_key_error(name: str) -> ConfigError:
 def _build(cls: type, raw: dict, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys to values, got {raw!r}")
-    hints = _hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {name: tp for name, tp, _, _ in _schema(cls)}
     kwargs = {}
     for key, value in raw.items():
         if key not in known:
             raise unknown_key_error(f"{prefix}{key}")
-        tp = hints[key]
+        tp = known[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
-    obj = cls(**kwargs)
-    if cls is LoraConfig:
-        obj.targets = _normalise_targets(obj.targets)
-    if cls is IA3Config:
-        obj.targets, obj.feedforward = _normalise_targets(obj.targets), _normalise_targets(obj.feedforward)
-    return obj
+    if cls is RunConfig:
+        sections = _method_sections()
+        sections.update({k: kwargs.pop(k) for k in list(kwargs) if k in SECTIONS})
+        kwargs["sections"] = sections
+    return cls(**kwargs)
 
 
-def _normalise_targets(targets: str | list[str]) -> str | list[str]:
+def normalise_targets(targets: str | list[str]) -> str | list[str]:
     """"q_proj,v_proj" and a bare "q_proj" mean module names, as in a list; other strings are regexes
     (all-linear and auto are keywords)."""
     if isinstance(targets, str) and targets not in ("all-linear", "auto"):
@@ -356,27 +374,15 @@ def _normalise_targets(targets: str | list[str]) -> str | list[str]:
     return targets
 
 
-def _check_ranges(cfg: RunConfig) -> None:
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
+def need(cond: bool, msg: str) -> None:
+    """Raise ConfigError(msg) unless `cond`: the one-line range checks of every section use it."""
+    if not cond:
+        raise ConfigError(msg)
 
+
+def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.model is not None, "model is not set: give a local HF folder, a hub id or a .gguf file (model: path/to/model)")
     need(cfg.data.path is not None, "data.path is not set: point it at a .jsonl/.json/.csv/.parquet file (data: {path: train.jsonl})")
-    need(cfg.lora.rank > 0, f"lora.rank must be > 0, got {cfg.lora.rank}; typical values are 8-64")
-    need(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}; a common choice is 2 * rank")
-    need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
-    need(cfg.lora.lr_ratio is None or cfg.lora.lr_ratio > 0, f"lora.lr_ratio must be > 0, got {cfg.lora.lr_ratio}")
-    need(cfg.lora.lr_ratio is None or cfg.method in ("lora", "dora"),
-         f"lora.lr_ratio (LoRA+) sets B's learning rate, which method {cfg.method} does not have; drop it or use lora/dora")
-    need(cfg.prompt.virtual_tokens > 0, f"prompt.virtual_tokens must be > 0, got {cfg.prompt.virtual_tokens}; the paper uses 20-100")
-    need(cfg.prompt.init != "text" or bool(cfg.prompt.init_text),
-         "prompt.init text needs prompt.init_text (e.g. 'Answer the question briefly.'), or use prompt.init random")
-    need(cfg.prefix.virtual_tokens > 0, f"prefix.virtual_tokens must be > 0, got {cfg.prefix.virtual_tokens}; the paper uses 10-200")
-    need(cfg.prefix.projection_hidden is None or cfg.prefix.projection_hidden > 0,
-         f"prefix.projection_hidden must be > 0 or null, got {cfg.prefix.projection_hidden}")
-    need(cfg.bottleneck.size > 0, f"bottleneck.size must be > 0, got {cfg.bottleneck.size}; typical values are 16-256")
-    need(bool(cfg.lora.targets), "lora.targets is empty: use all-linear or a list such as [q_proj, v_proj]")
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1 or null (torch's default), got {cfg.threads}")
     need(cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}")
     need(0.0 <= cfg.data.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
@@ -397,22 +403,19 @@ def _check_ranges(cfg: RunConfig) -> None:
     for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
     need(0.0 <= t.momentum < 1.0, f"train.momentum must be in [0, 1), got {t.momentum}")
-    need(t.optimizer != "galore_adamw" or cfg.method in ("full", "freeze"),
-         "train.optimizer galore_adamw projects full weight gradients; use it with method full or freeze "
-         "(LoRA is already low-rank: use adamw)")
+    whole_model = METHODS[cfg.method].whole_model
+    need(t.optimizer != "galore_adamw" or whole_model,
+         "train.optimizer galore_adamw projects full weight gradients; use it with method "
+         f"{' or '.join(m for m, i in METHODS.items() if i.whole_model)} (LoRA is already low-rank: use adamw)")
     need(cfg.galore.rank > 0, f"galore.rank must be > 0, got {cfg.galore.rank}; the paper uses 128-512")
     need(cfg.galore.update_proj_gap >= 1, f"galore.update_proj_gap must be >= 1, got {cfg.galore.update_proj_gap}")
     need(cfg.galore.scale > 0, f"galore.scale must be > 0, got {cfg.galore.scale}; the paper uses 0.25")
-    need(cfg.freeze.train_last_layers >= 0, f"freeze.train_last_layers must be >= 0, got {cfg.freeze.train_last_layers}")
-    need(cfg.method != "freeze" or cfg.freeze.train_last_layers > 0 or bool(cfg.freeze.train_modules),
-         "method freeze trains nothing as configured: set freeze.train_last_layers (e.g. 2) and/or "
-         "freeze.train_modules (e.g. [norm])")
-    need(cfg.quant.bits is None or cfg.method not in ("full", "freeze"),
+    need(cfg.quant.bits is None or not whole_model,
          f"method {cfg.method} trains the base weights, which a {cfg.quant.bits}-bit base cannot hold; "
          "drop quant.bits, or use method lora (QLoRA)")
-    need(cfg.lora.init != "loftq" or (cfg.quant.bits == 4 and cfg.method == "lora"),
-         f"lora.init loftq corrects a 4-bit base's quantization error; this run has method {cfg.method} and quant.bits "
-         f"{cfg.quant.bits}: set quant.bits 4 with method lora, or use lora.init default")
+    for sec in SECTIONS.values():  # every section is checked, whichever method runs: a bad value is bad anywhere
+        if sec.check is not None:
+            sec.check(cfg)
     check_quant(cfg.quant)
 
 
@@ -510,7 +513,18 @@ def _resolve_relative(raw: dict, base: Path) -> None:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, in the order of `--help`: the method sections are top-level keys."""
+    if not isinstance(cfg, RunConfig):
+        return dataclasses.asdict(cfg)
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name == "sections":
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        if f.name == "data":
+            out.update({name: dataclasses.asdict(sec) for name, sec in cfg.sections.items()})
+    return out
 
 
 def dump_yaml(cfg: RunConfig) -> str:

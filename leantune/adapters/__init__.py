@@ -1,6 +1,8 @@
-"""Adapters injected by module path into any torch model. They never import model code.
+"""Fine-tuning methods, one file each, and the registry they join (base.py: `Method`, `Adapter`).
 
-Importing the package registers every method (each file's Adapter subclass registers itself by name).
+Importing the package registers every built-in method and its config section (each file's class registers
+itself by name); full and freeze train the model's own weights (whole_model.py).
 """
 
-from . import base, bottleneck, dora, ia3, lora, prefix, prompt  # noqa: F401  (registration happens on import)
+# Registration happens on import, in this order: the order of `method:`'s choices and of `train --help`.
+from . import lora, dora, ia3, bottleneck, prompt, prefix, whole_model  # noqa: F401, I001

@@ -12,9 +12,11 @@ The protocol is four members: `base_layer`, `adapter_parameters()` (what trains)
 in this file works through that protocol: the trainable set is the union of `adapter_parameters()`, never
 a test on parameter names.
 
-A method is reached from the config through its class: `ADAPTERS[cfg.method].attach(model, section)`,
-where `config_section` names the config section it reads (DoRA reads `lora`: it is LoRA plus a magnitude)
-and `mergeable` says whether `merge()` can fold it into the base (a bottleneck's nonlinearity can't).
+A method is everything about it on one class (`Method`: config section, attach, init, optimizer groups,
+parameter count), reached from the config by name: `METHODS[cfg.method].prepare(model, section)`, where
+`config_section` names the section it reads (DoRA reads `lora`: it is LoRA plus a magnitude) and
+`mergeable` says whether `merge()` can fold it into the base (a bottleneck's nonlinearity can't). Methods
+that train the model's own weights (full, freeze: adapters/whole_model.py) are Methods but not Adapters.
 
 Targets follow PEFT's `target_modules` (peft/tuners/tuners_utils.py, `check_target_module_exists` and
 `_maybe_include_all_linear_layers`):
@@ -26,30 +28,61 @@ Targets follow PEFT's `target_modules` (peft/tuners/tuners_utils.py, `check_targ
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..config import MethodInfo, Section, register_method
 from ..errors import ConfigError, ModelError
 from ..quant.layers import dequantize
 
-ADAPTERS: dict[str, type[Adapter]] = {}
+METHODS: dict[str, type[Method]] = {}   # every fine-tuning method by name, whole-model ones included
+ADAPTERS: dict[str, type[Adapter]] = {}  # the methods that add modules to the model
 
 ALL_LINEAR = "all-linear"
 
 
-class Adapter(nn.Module):
-    """A trainable add-on around one frozen layer. Subclasses register with `method="name"`."""
+class Method:
+    """Everything about one fine-tuning method, declared on one class; subclasses register with `method="name"`.
+
+    A method's file declares its config section (`config_cls`, a dataclass, and `check`, its range checks),
+    how it is applied (`attach`, then `init` for inits that need more than a seed), its optimizer groups
+    (`param_groups`) and its trainable-parameter count (`count_parameters`). Its on-disk format is an
+    `adapters.format.AdapterFormat` subclass naming the class, in the same file or, for the interop formats
+    with PEFT's key names, in checkpoint/*_format.py.
+    Registering also hands the name and the section to the config (`config.register_method`), so the YAML,
+    `leantune train --help` and validation know the method without an edit anywhere else.
+    """
 
     method: ClassVar[str]
-    config_section: ClassVar[str]
+    config_cls: ClassVar[type | None] = None   # the section this class declares; None: it reads another's, or none
+    config_section: ClassVar[str | None] = None  # the RunConfig section it reads (DoRA: "lora")
+    title: ClassVar[str] = ""                  # the section's group title in `leantune train --help`
+    summary: ClassVar[str] = ""                # one line: what trains
+    whole_model: ClassVar[bool] = False        # trains the model's own weights and saves a whole model
     mergeable: ClassVar[bool] = True
     why_not_mergeable: ClassVar[str] = ""  # the error merge() raises when mergeable is False
     packs: ClassVar[bool] = True  # False: needs one example per row (the prompt goes in front of each)
-    base_layer: nn.Module
-    merged: bool
+
+    def __init_subclass__(cls, method: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is None:  # an abstract intermediate class
+            return
+        known = METHODS.get(method)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"method {method!r} is already registered by {known.__qualname__}")
+        cls.method = method
+        declares = "config_cls" in cls.__dict__ and cls.config_cls is not None
+        section = Section(cls.config_cls, cls.title or f"{method} ({cls.config_section}.*)", cls.check) if declares else None
+        register_method(MethodInfo(method, cls.config_section, cls.summary, cls.whole_model), section)  # may refuse
+        METHODS[method] = cls
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Range checks of the section this class declares, over the whole RunConfig (raise ConfigError)."""
 
     @classmethod
     def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
@@ -57,20 +90,48 @@ class Adapter(nn.Module):
         `tokenizer` is there for methods initialised from text (prompt tuning)."""
         raise NotImplementedError
 
+    @classmethod
+    def prepare(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
+        """Attach the method and leave exactly its parameters trainable (the train loop's entry point)."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        paths = cls.attach(model, section, tokenizer=tokenizer)
+        mark_only_adapters_trainable(model)
+        return paths
+
+    @classmethod
+    def init(cls, model: nn.Module, section, *, weights_dir: Callable[[], Path], console: Callable[[str], None]) -> None:
+        """An init that needs more than the seed (LoRA's loftq reads the 16-bit weights from
+        `weights_dir()`), run once after `prepare`; most methods have none."""
+
+    @classmethod
+    def param_groups(cls, model: nn.Module, train, section) -> list[dict] | None:
+        """Optimizer groups (dicts with params, lr, weight_decay) for this method, or None for the
+        optimizer's own (one group of every trainable parameter; galore_adamw's projection)."""
+        return None
+
+    @classmethod
+    def count_parameters(cls, model: nn.Module, section) -> int:
+        """The trainable parameters `prepare(model, section)` would give, from the model's structure alone
+        (a model on the meta device will do): what a planner needs before loading anything."""
+        raise NotImplementedError
+
+
+class Adapter(nn.Module, Method):
+    """A trainable add-on around one frozen layer. Subclasses register with `method="name"`."""
+
+    base_layer: nn.Module
+    merged: bool
+
     def extend_inputs(self, inputs: dict, generation: bool = False) -> dict:
         """Change the model's inputs before the forward (prompt and prefix tuning add theirs); most
         methods don't. `generation`: the inputs go to `generate()` rather than to a forward."""
         return inputs
 
     def __init_subclass__(cls, method: str | None = None, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if method is None:  # an abstract intermediate class
-            return
-        known = ADAPTERS.get(method)
-        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise TypeError(f"adapter method {method!r} is already registered by {known.__qualname__}")
-        cls.method = method
-        ADAPTERS[method] = cls
+        super().__init_subclass__(method=method, **kwargs)
+        if method is not None:
+            ADAPTERS[method] = cls
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

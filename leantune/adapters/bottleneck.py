@@ -15,10 +15,13 @@ Saved in leantune's own format (leantune/checkpoint/bottleneck_format.py; see do
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ..config import need, option
 from ..errors import ConfigError, ModelError
 from .base import Adapter, adapter_dtype, find_targets, set_module
 
@@ -26,10 +29,25 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tan
 STYLES = ("houlsby", "pfeiffer")
 
 
+@dataclass
+class BottleneckConfig:
+    """The `bottleneck:` section."""
+
+    style: Literal["houlsby", "pfeiffer"] = option(
+        "houlsby", "houlsby: adapters after attention and after the feed-forward; pfeiffer: after the feed-forward only")
+    size: int = option(64, "bottleneck width: the down-projection's output size (AdapterHub: hidden / reduction_factor)")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = option("relu", "nonlinearity between the down- and up-projection")
+    attention: list[str] = option(["self_attn"], "names of the attention sublayers an adapter follows (houlsby)")
+    ffn: list[str] = option(["mlp"], "names of the feed-forward sublayers an adapter follows")
+
+
 class BottleneckAdapter(Adapter, method="bottleneck"):
     """Down-projection, nonlinearity, zero-initialised up-projection, residual; after one sublayer."""
 
+    config_cls = BottleneckConfig
     config_section = "bottleneck"
+    title = "bottleneck adapters (bottleneck.*)"
+    summary = "residual adapter MLPs"
     mergeable = False
     why_not_mergeable = ("bottleneck adapters have a nonlinearity and cannot be merged into the base weights; "
                          "keep them attached (leantune generate does), or train lora/dora/ia3 to merge")
@@ -38,6 +56,17 @@ class BottleneckAdapter(Adapter, method="bottleneck"):
     def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
         return inject_bottleneck(model, section.style, section.size, section.activation,
                                  attention=section.attention, ffn=section.ffn)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        size = cfg.bottleneck.size
+        need(size > 0, f"bottleneck.size must be > 0, got {size}; typical values are 16-256")
+
+    @classmethod
+    def count_parameters(cls, model: nn.Module, section) -> int:
+        """2 * hidden * size + size + hidden per adapted sublayer (both projections carry a bias)."""
+        hidden, size = _hidden_size(model), section.size
+        return len(_plan(model, section.style, section.attention, section.ffn)) * (2 * hidden * size + size + hidden)
 
     def __init__(self, base_layer: nn.Module, hidden: int, size: int, activation: str = "relu",
                  after: str = "ffn", dtype: torch.dtype = torch.float32) -> None:
@@ -103,10 +132,8 @@ def inject_bottleneck(model: nn.Module, style: str = "houlsby", size: int = 64, 
     if not isinstance(size, int) or size <= 0:
         raise ConfigError(f"bottleneck.size must be a positive integer, got {size!r}; typical values are 16-256")
     hidden = _hidden_size(model)
-    after = dict.fromkeys(_sublayers(model, ffn, "bottleneck.ffn"), "ffn")
-    if style == "houlsby":
-        after.update(dict.fromkeys(_sublayers(model, attention, "bottleneck.attention"), "attention"))
-    paths = [p for p, _ in model.named_modules() if p in after]
+    after = _plan(model, style, attention, ffn)
+    paths = list(after)
     for path in paths:
         module = model.get_submodule(path)
         if isinstance(module, Adapter):
@@ -116,3 +143,11 @@ def inject_bottleneck(model: nn.Module, style: str = "houlsby", size: int = 64, 
         dtype = adapter_dtype(next(base.parameters()).dtype)
         set_module(model, path, BottleneckAdapter(base, hidden, size, activation, after[path], dtype=dtype))
     return paths
+
+
+def _plan(model: nn.Module, style: str, attention: Sequence[str], ffn: Sequence[str]) -> dict[str, str]:
+    """{sublayer path: "attention" or "ffn"} in module order."""
+    after = dict.fromkeys(_sublayers(model, ffn, "bottleneck.ffn"), "ffn")
+    if style == "houlsby":
+        after.update(dict.fromkeys(_sublayers(model, attention, "bottleneck.attention"), "attention"))
+    return {p: after[p] for p, _ in model.named_modules() if p in after}

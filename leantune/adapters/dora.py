@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import adapter_dtype, dense_weight
 from ..ops.lora import low_precision
+from .base import adapter_dtype, dense_weight, find_targets, layer_features
 from .lora import LoraLinear
 
 
@@ -38,6 +38,14 @@ def column_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 class DoraLinear(LoraLinear, method="dora"):
     """LoRA on the direction of one nn.Linear's weight, plus a trainable magnitude per output feature."""
+
+    summary = "LoRA on the weight's direction plus a magnitude per output feature"
+
+    @classmethod
+    def count_parameters(cls, model: nn.Module, section) -> int:
+        """LoRA's count plus one magnitude per output feature of each target."""
+        magnitudes = sum(layer_features(model.get_submodule(p))[1] for p in find_targets(model, section.targets))
+        return super().count_parameters(model, section) + magnitudes
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, init: str = "default") -> None:

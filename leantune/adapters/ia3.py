@@ -19,10 +19,12 @@ made here, so a seed means the same state afterwards on both sides.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..config import normalise_targets, option
 from ..errors import ConfigError, ModelError
 from .base import Adapter, adapter_dtype, find_targets, require_linear, set_module
 
@@ -41,6 +43,21 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
 AUTO = "auto"
 
 
+@dataclass
+class IA3Config:
+    """The `ia3:` section."""
+
+    targets: str | list[str] = option(
+        "auto", "modules whose output (or input, see feedforward) is rescaled: auto (PEFT's per-architecture "
+        "defaults; Llama: k_proj, v_proj, down_proj), a list of names, or a regex over module paths")
+    feedforward: str | list[str] = option(
+        "auto", "targets that are scaled on their input, as the paper's feed-forward layer: auto (Llama: down_proj) "
+        "or a list of names among the targets")
+
+    def __post_init__(self) -> None:
+        self.targets, self.feedforward = normalise_targets(self.targets), normalise_targets(self.feedforward)
+
+
 def _matches(path: str, names: Sequence[str]) -> bool:
     return any(path == n or path.endswith("." + n) for n in names)
 
@@ -48,11 +65,20 @@ def _matches(path: str, names: Sequence[str]) -> bool:
 class IA3Linear(Adapter, method="ia3"):
     """A learned scaling vector on the output of one nn.Linear, or on its input (feedforward=True)."""
 
+    config_cls = IA3Config
     config_section = "ia3"
+    title = "IA3 (ia3.*)"
+    summary = "learned rescaling vectors"
 
     @classmethod
     def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
         return inject_ia3(model, section.targets, section.feedforward)
+
+    @classmethod
+    def count_parameters(cls, model: nn.Module, section) -> int:
+        """One scale per output feature of each target, per input feature of a feed-forward one."""
+        layers = [(model.get_submodule(p), ff) for p, ff in _plan(model, section.targets, section.feedforward)]
+        return sum(layer.in_features if ff else layer.out_features for layer, ff in layers)
 
     def __init__(self, base_layer: nn.Linear, feedforward: bool = False) -> None:
         super().__init__(base_layer)
@@ -119,6 +145,16 @@ def inject_ia3(model: nn.Module, targets: str | Sequence[str] = AUTO,
     `auto` takes PEFT's per-architecture defaults. Feed-forward names must be among the targets (as PEFT
     requires). Returns the adapted paths in module order; trainability is left alone.
     """
+    plan = _plan(model, targets, feedforward)
+    paths = [p for p, _ in plan]
+    require_linear(model, paths, "ia3")
+    for path, ff in plan:
+        set_module(model, path, IA3Linear(model.get_submodule(path), feedforward=ff))
+    return paths
+
+
+def _plan(model: nn.Module, targets, feedforward) -> list[tuple[str, bool]]:
+    """(path, scaled on its input) for every target, in module order, with `auto` resolved."""
     auto_targets, auto_ff = default_targets(model) if AUTO in (targets, feedforward) else ([], [])
     targets = auto_targets if targets == AUTO else targets
     feedforward = auto_ff if feedforward == AUTO else ([feedforward] if isinstance(feedforward, str) else feedforward)
@@ -127,7 +163,4 @@ def inject_ia3(model: nn.Module, targets: str | Sequence[str] = AUTO,
     if stray:
         raise ConfigError(f"ia3.feedforward {stray} are not among the modules ia3.targets adapts; add them to "
                           "ia3.targets or drop them from ia3.feedforward")
-    require_linear(model, paths, "ia3")
-    for path in paths:
-        set_module(model, path, IA3Linear(model.get_submodule(path), feedforward=_matches(path, feedforward)))
-    return paths
+    return [(p, _matches(p, feedforward)) for p in paths]

@@ -19,16 +19,41 @@ logits then agree with PEFT's to bf16 resolution (tests/parity), no longer bit f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ..config import METHODS, need, normalise_targets, option
 from ..errors import ConfigError, ModelError
 from ..ops.lora import lora_linear, low_precision
 from .base import Adapter, adapter_dtype, adapter_modules, find_targets, float_dtype, layer_features, require_linear, set_module, trainable_parameters
+from .loftq import loftq_init_
 
-INITS = ("default", "gaussian", "loftq")  # loftq: drawn as default, then set by train/loftq.py
+INITS = ("default", "gaussian", "loftq")  # loftq: drawn as default, then set by loftq.py (LoraLinear.init)
+
+
+@dataclass
+class LoraConfig:
+    """The `lora:` section; DoRA reads it too."""
+
+    rank: int = option(16, "LoRA rank r; typical 8-64")
+    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha/rank (alpha/sqrt(rank) with rslora)")
+    dropout: float = option(0.0, "dropout on the LoRA input")
+    targets: str | list[str] = option(
+        "all-linear", "modules to adapt: all-linear (every nn.Linear but lm_head), a list of names "
+        "such as [q_proj, v_proj], or a regex over full module paths")
+    rslora: bool = option(False, "rank-stabilised LoRA: scale by alpha/sqrt(rank) (Kalajdzievski 2023)")
+    lr_ratio: float | None = option(None, "LoRA+: learning rate of B = lr * lr_ratio (Hayou et al. 2024 suggest 16)")
+    init: Literal["default", "gaussian", "loftq"] = option(
+        "default", "A init: PEFT's kaiming-uniform (default) or gaussian, B at zero; loftq (4-bit base only): A and B "
+        "start at the rank-r SVD of the quantization error, so the model starts nearer its 16-bit self")
+
+    def __post_init__(self) -> None:
+        self.targets = normalise_targets(self.targets)
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -65,12 +90,50 @@ def _new_factors(in_features: int, out_features: int, rank: int, init: str,
 class LoraLinear(Adapter, method="lora"):
     """LoRA around one nn.Linear; A and B are `nn.Linear(bias=False)` in fp32 (fp64 over an fp64 base)."""
 
+    config_cls = LoraConfig
     config_section = "lora"
+    title = "LoRA and DoRA (lora.*)"
+    summary = "low-rank B @ A beside each target Linear"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        lora = cfg.lora
+        need(lora.rank > 0, f"lora.rank must be > 0, got {lora.rank}; typical values are 8-64")
+        need(lora.alpha > 0, f"lora.alpha must be > 0, got {lora.alpha}; a common choice is 2 * rank")
+        need(0.0 <= lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {lora.dropout}")
+        need(lora.lr_ratio is None or lora.lr_ratio > 0, f"lora.lr_ratio must be > 0, got {lora.lr_ratio}")
+        readers = [m for m, info in METHODS.items() if info.section == "lora"]
+        need(lora.lr_ratio is None or cfg.method in readers,
+             f"lora.lr_ratio (LoRA+) sets B's learning rate, which method {cfg.method} does not have; drop it or use "
+             f"{'/'.join(readers)}")
+        need(bool(lora.targets), "lora.targets is empty: use all-linear or a list such as [q_proj, v_proj]")
+        need(lora.init != "loftq" or (cfg.quant.bits == 4 and cfg.method == "lora"),
+             f"lora.init loftq corrects a 4-bit base's quantization error; this run has method {cfg.method} and "
+             f"quant.bits {cfg.quant.bits}: set quant.bits 4 with method lora, or use lora.init default")
 
     @classmethod
     def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
         return _inject(cls, model, section.rank, section.alpha, section.dropout, section.targets,
                        section.rslora, section.init)
+
+    @classmethod
+    def init(cls, model: nn.Module, section, *, weights_dir: Callable[[], Path], console: Callable[[str], None]) -> None:
+        if section.init != "loftq":
+            return
+        stats = loftq_init_(model, weights_dir())
+        console(f"lora.init loftq: {stats['layers']} layers start at the SVD of their quantization error; "
+                f"relative weight error {stats['error_before']:.4f} -> {stats['error_after']:.4f}")
+
+    @classmethod
+    def param_groups(cls, model: nn.Module, train, section) -> list[dict] | None:
+        if section.lr_ratio is None:
+            return None
+        return loraplus_param_groups(model, lr=train.lr, lr_ratio=section.lr_ratio, weight_decay=train.weight_decay)
+
+    @classmethod
+    def count_parameters(cls, model: nn.Module, section) -> int:
+        """r * (in + out) for every target Linear."""
+        return sum(section.rank * sum(layer_features(model.get_submodule(p))) for p in find_targets(model, section.targets))
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, init: str = "default") -> None:

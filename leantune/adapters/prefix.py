@@ -18,12 +18,24 @@ peft/peft_model.py get_prompt), kept exact to it for Llama-style models.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..config import need, option
 from ..errors import ConfigError, ModelError
 from .base import Adapter, set_module
 from .prompt import _input_embedding_path
+
+
+@dataclass
+class PrefixConfig:
+    """The `prefix:` section."""
+
+    virtual_tokens: int = option(20, "key/value prefix length in every layer (the paper uses 10-200)")
+    projection: bool = option(False, "produce the prefixes through an MLP (the paper's reparameterisation; PEFT's prefix_projection)")
+    projection_hidden: int | None = option(None, "hidden width of that MLP (null: the key/value width)")
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -37,7 +49,10 @@ def kv_shape(config) -> tuple[int, int, int]:
 class PrefixTuning(Adapter, method="prefix"):
     """Per-layer key/value prefixes, optionally through a reparameterisation MLP; wraps the input embedding."""
 
+    config_cls = PrefixConfig
     config_section = "prefix"
+    title = "prefix tuning (prefix.*)"
+    summary = "trainable key/value prefixes in every layer; turns data.packing off"
     mergeable = False
     why_not_mergeable = ("a prefix-tuned model cannot be merged: the prefixes are attention inputs, not weights; "
                          "keep the adapter attached (leantune generate does)")
@@ -46,6 +61,24 @@ class PrefixTuning(Adapter, method="prefix"):
     @classmethod
     def attach(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
         return inject_prefix(model, section.virtual_tokens, section.projection, section.projection_hidden)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        p = cfg.prefix
+        need(p.virtual_tokens > 0, f"prefix.virtual_tokens must be > 0, got {p.virtual_tokens}; the paper uses 10-200")
+        need(p.projection_hidden is None or p.projection_hidden > 0,
+             f"prefix.projection_hidden must be > 0 or null, got {p.projection_hidden}")
+
+    @classmethod
+    def count_parameters(cls, model: nn.Module, section) -> int:
+        """n * L * 2 * kv_dim; with the projection, E: (n, kv_dim) and the MLP kv_dim -> hidden -> L * 2 * kv_dim."""
+        layers, kv_heads, head_dim = kv_shape(model.config)
+        kv_dim, n = kv_heads * head_dim, section.virtual_tokens
+        width = layers * 2 * kv_dim
+        if not section.projection:
+            return n * width
+        hidden = section.projection_hidden or kv_dim
+        return n * kv_dim + (kv_dim * hidden + hidden) + (hidden * width + width)
 
     def __init__(self, base_layer: nn.Module, model_config, virtual_tokens: int, projection: bool = False,
                  projection_hidden: int | None = None) -> None:
@@ -130,6 +163,15 @@ def _check_attention_reads_the_cache(model: nn.Module, adapter: PrefixTuning) ->
 def inject_prefix(model: nn.Module, virtual_tokens: int, projection: bool = False,
                   projection_hidden: int | None = None) -> list[str]:
     """Wrap the model's input embedding in a PrefixTuning adapter; return its path."""
+    path, adapter = prefix_adapter(model, virtual_tokens, projection, projection_hidden)
+    set_module(model, path, adapter)
+    return [path]
+
+
+def prefix_adapter(model: nn.Module, virtual_tokens: int, projection: bool = False,
+                   projection_hidden: int | None = None) -> tuple[str, PrefixTuning]:
+    """(path of the input embedding, a PrefixTuning adapter around it), checked (its cache is read by every
+    layer) but not yet put in place."""
     if not isinstance(virtual_tokens, int) or virtual_tokens <= 0:
         raise ConfigError(f"prefix.virtual_tokens must be a positive integer, got {virtual_tokens!r}; the paper "
                           "uses 10-200")
@@ -145,5 +187,4 @@ def inject_prefix(model: nn.Module, virtual_tokens: int, projection: bool = Fals
         raise ModelError(f"{path} already has a {embedding.method} adapter; unload(model) first")
     adapter = PrefixTuning(embedding, config, virtual_tokens, projection, projection_hidden)
     _check_attention_reads_the_cache(model, adapter)
-    set_module(model, path, adapter)
-    return [path]
+    return path, adapter

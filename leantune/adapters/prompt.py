@@ -21,15 +21,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ..config import need, option
 from ..errors import ConfigError, ModelError
 from .base import Adapter, set_module
 
 INITS = ("random", "text")
 IGNORE_INDEX = -100
+
+
+@dataclass
+class PromptConfig:
+    """The `prompt:` section."""
+
+    virtual_tokens: int = option(20, "virtual tokens prepended to every input (the paper uses 20-100)")
+    init: Literal["random", "text"] = option("random", "start the virtual tokens at random, or at the embeddings of init_text")
+    init_text: str | None = option(None, "text whose token embeddings start the prompt (repeated or cut to virtual_tokens)")
 
 
 def _input_embedding_path(model: nn.Module) -> str:
@@ -45,7 +57,10 @@ def _input_embedding_path(model: nn.Module) -> str:
 class PromptTuning(Adapter, method="prompt"):
     """n virtual-token embeddings prepended to every input; wraps the model's input embedding."""
 
+    config_cls = PromptConfig
     config_section = "prompt"
+    title = "prompt tuning (prompt.*)"
+    summary = "trainable virtual tokens in front of the input; turns data.packing off"
     mergeable = False
     why_not_mergeable = ("a prompt-tuned model cannot be merged: the virtual tokens are inputs, not weights; "
                          "keep the adapter attached (leantune generate does)")
@@ -61,6 +76,18 @@ class PromptTuning(Adapter, method="prompt"):
                 raise ConfigError("prompt.init text needs the model's tokenizer to read prompt.init_text")
             init_ids = tokenizer(section.init_text)["input_ids"]
         return inject_prompt(model, section.virtual_tokens, init_ids)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        p = cfg.prompt
+        need(p.virtual_tokens > 0, f"prompt.virtual_tokens must be > 0, got {p.virtual_tokens}; the paper uses 20-100")
+        need(p.init != "text" or bool(p.init_text),
+             "prompt.init text needs prompt.init_text (e.g. 'Answer the question briefly.'), or use prompt.init random")
+
+    @classmethod
+    def count_parameters(cls, model: nn.Module, section) -> int:
+        """n * hidden: one embedding row per virtual token."""
+        return section.virtual_tokens * model.get_submodule(_input_embedding_path(model)).weight.shape[1]
 
     def __init__(self, base_layer: nn.Embedding, virtual_tokens: int, init_ids: Sequence[int] | None = None) -> None:
         super().__init__(base_layer)
@@ -105,6 +132,13 @@ class PromptTuning(Adapter, method="prompt"):
 
 def inject_prompt(model: nn.Module, virtual_tokens: int, init_ids: Sequence[int] | None = None) -> list[str]:
     """Wrap the model's input embedding in a PromptTuning adapter; return its path."""
+    path, adapter = prompt_adapter(model, virtual_tokens, init_ids)
+    set_module(model, path, adapter)
+    return [path]
+
+
+def prompt_adapter(model: nn.Module, virtual_tokens: int, init_ids: Sequence[int] | None = None) -> tuple[str, PromptTuning]:
+    """(path of the input embedding, a PromptTuning adapter around it), checked but not yet put in place."""
     if not isinstance(virtual_tokens, int) or virtual_tokens <= 0:
         raise ConfigError(f"prompt.virtual_tokens must be a positive integer, got {virtual_tokens!r}; the paper "
                           "uses 20-100")
@@ -117,5 +151,4 @@ def inject_prompt(model: nn.Module, virtual_tokens: int, init_ids: Sequence[int]
     if not isinstance(embedding, nn.Embedding):
         raise ModelError(f"the input embedding {path} is a {type(embedding).__name__}, not an nn.Embedding; "
                          "prompt tuning needs a plain embedding table")
-    set_module(model, path, PromptTuning(embedding, virtual_tokens, init_ids))
-    return [path]
+    return path, PromptTuning(embedding, virtual_tokens, init_ids)

@@ -1,52 +1,37 @@
-"""Save and load any method's adapter folder: the writer is picked by the model's adapters, the reader by
-the folder's `peft_type` (LORA, with or without use_dora; IA3; PROMPT_TUNING; PREFIX_TUNING; leantune's BOTTLENECK).
+"""Save and load any method's adapter folder: the writer is the format registered for the class of the
+model's adapters, the reader the format registered for the folder's `peft_type` (adapters/format.py).
 
-Every folder holds adapter_config.json + adapter_model.safetensors, so `leantune generate` finds the base
-model the same way for all of them.
+Importing this module registers the built-in formats: PEFT's LORA (with use_dora for DoRA), IA3,
+PROMPT_TUNING and PREFIX_TUNING, and leantune's BOTTLENECK. A new method's format registers itself the
+same way, wherever its class is defined.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..adapters.base import adapter_modules
+from ..adapters.base import METHODS, adapter_modules
 from ..errors import ModelError
-from .bottleneck_format import PEFT_TYPE as BOTTLENECK, load_bottleneck, save_bottleneck
-from .ia3_format import load_ia3, save_ia3
-from .peft_format import CONFIG_NAME, load_adapter as load_lora, read_config, save_adapter as save_lora
-from .prompt_format import load_prefix, load_prompt, save_prefix, save_prompt
+from . import bottleneck_format, ia3_format, peft_format, prompt_format  # noqa: F401  (registration happens on import)
+from ..adapters.format import BY_PEFT_TYPE, CONFIG_NAME, format_for, read_config
 
 
 def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, config=None) -> Path:
-    """Write the model's adapters in their method's format; `config` (a RunConfig) supplies the targets
-    asked for, which decide between writing a regex and module names."""
-    methods = sorted({a.method for a in adapter_modules(model).values()})
-    if len(methods) != 1:
-        raise ModelError(f"an adapter folder holds one method; this model holds {', '.join(methods) or 'no adapters'}")
-    method = methods[0]
-    if method in ("lora", "dora"):
-        targets = config.lora.targets if config is not None else None
-        return save_lora(model, out_dir, base_model_name_or_path=base_model_name_or_path, targets=targets)
-    if method == "ia3":
-        targets = config.ia3.targets if config is not None else None
-        return save_ia3(model, out_dir, base_model_name_or_path=base_model_name_or_path, targets=targets)
-    if method == "bottleneck":
-        return save_bottleneck(model, out_dir, base_model_name_or_path=base_model_name_or_path)
-    if method == "prefix":
-        return save_prefix(model, out_dir, base_model_name_or_path=base_model_name_or_path)
-    if method == "prompt":
-        init_text = config.prompt.init_text if config is not None and config.prompt.init == "text" else None
-        return save_prompt(model, out_dir, base_model_name_or_path=base_model_name_or_path, init_text=init_text)
-    raise ModelError(f"no adapter format for method {method!r} yet")
+    """Write the model's adapters in their method's format; `config` (a RunConfig) supplies the method's
+    section (the targets asked for decide between writing a regex and module names, ...)."""
+    kinds = {type(a) for a in adapter_modules(model).values()}
+    if len(kinds) != 1:
+        names = sorted({k.method for k in kinds})
+        raise ModelError(f"an adapter folder holds one method; this model holds {', '.join(names) or 'no adapters'}")
+    (kind,) = kinds
+    section = config.sections.get(METHODS[kind.method].config_section) if config is not None else None
+    return format_for(kind).save(model, out_dir, base_model_name_or_path=base_model_name_or_path, section=section)
 
 
 def load_adapter(model, adapter_dir: str | Path) -> dict:
     """Attach a saved adapter (ours or PEFT's) to `model`; return its config."""
-    config = read_config(adapter_dir)
-    readers = {"LORA": load_lora, "IA3": load_ia3, "PROMPT_TUNING": load_prompt,
-               "PREFIX_TUNING": load_prefix, BOTTLENECK: load_bottleneck}
-    peft_type = config.get("peft_type")
-    if peft_type not in readers:
+    peft_type = read_config(adapter_dir).get("peft_type")
+    if peft_type not in BY_PEFT_TYPE:
         raise ModelError(f"{Path(adapter_dir) / CONFIG_NAME} is a {peft_type} adapter; leantune loads "
-                         f"{', '.join(readers)} (LORA with use_dora for DoRA)")
-    return readers[peft_type](model, adapter_dir)
+                         f"{', '.join(BY_PEFT_TYPE)} (LORA with use_dora for DoRA)")
+    return BY_PEFT_TYPE[peft_type].load(model, adapter_dir)

@@ -14,19 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..adapters.base import adapter_modules, require_linear, set_module
+from ..adapters.base import require_linear
 from ..adapters.ia3 import IA3Linear
 from ..errors import ModelError
-from ..io.atomic import save_safetensors, write_json
-from .peft_format import (
-    CONFIG_NAME,
-    PEFT_FORMAT_VERSION,
-    PREFIX,
-    WEIGHTS_NAME,
-    read_config,
-    read_weights,
-    target_modules,
-)
+from ..adapters.format import PREFIX, WEIGHTS_NAME, AdapterFormat, adapters_of, write_folder
+from .peft_format import PEFT_FORMAT_VERSION, target_modules
 
 KEY_SUFFIX = ".ia3_l"
 
@@ -39,25 +31,51 @@ PEFT_IA3_DEFAULTS: dict[str, Any] = {
 }
 
 
-def save_ia3(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, targets=None) -> Path:
-    adapters = adapter_modules(model)
-    if not adapters or {a.method for a in adapters.values()} != {"ia3"}:
-        raise ModelError(f"save_ia3 writes IA3 adapters only; this model holds "
-                         f"{', '.join(sorted({a.method for a in adapters.values()})) or 'none'}")
-    targets_out, feedforward = _names(model, adapters, None if targets == "auto" else targets)
-    config = dict(PEFT_IA3_DEFAULTS)
-    config.update(
-        base_model_name_or_path=None if base_model_name_or_path is None else str(base_model_name_or_path),
-        target_modules=targets_out, feedforward_modules=feedforward,
-    )
-    tensors = {}
-    for path, a in adapters.items():
-        vector = a.scale.detach().cpu()
-        tensors[f"{PREFIX}{path}{KEY_SUFFIX}"] = vector.view(1, -1) if a.feedforward else vector.view(-1, 1)
-    out = Path(out_dir)
-    save_safetensors(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
-    write_json(out / CONFIG_NAME, config)  # last: a folder with a config is complete
-    return out
+class IA3Format(AdapterFormat, method=IA3Linear, peft_type="IA3"):
+    """PEFT's IA3 folder."""
+
+    @classmethod
+    def save(cls, model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, section=None) -> Path:
+        adapters = adapters_of(model, IA3Linear, "the IA3 writer")
+        targets = section.targets if section is not None else None
+        targets_out, feedforward = _names(model, adapters, None if targets == "auto" else targets)
+        config = dict(PEFT_IA3_DEFAULTS)
+        config.update(
+            base_model_name_or_path=None if base_model_name_or_path is None else str(base_model_name_or_path),
+            target_modules=targets_out, feedforward_modules=feedforward,
+        )
+        tensors = {}
+        for path, a in adapters.items():
+            vector = a.scale.detach().cpu()
+            tensors[f"{PREFIX}{path}{KEY_SUFFIX}"] = vector.view(1, -1) if a.feedforward else vector.view(-1, 1)
+        return write_folder(out_dir, tensors, config)
+
+    @classmethod
+    def check_config(cls, config: dict, where: Path) -> None:
+        super().check_config(config, where)
+        if config.get("modules_to_save") or config.get("fan_in_fan_out"):
+            raise ModelError(f"{where} uses modules_to_save or fan_in_fan_out, which leantune does not load")
+
+    @classmethod
+    def build(cls, model, config: dict, weights: dict, where: Path) -> dict:
+        vectors = _vectors(weights, where / WEIGHTS_NAME)
+        modules = dict(model.named_modules())
+        missing = sorted(p for p in vectors if p not in modules)
+        if missing:
+            raise ModelError(f"adapter was trained for a different base: this {type(model).__name__} has no module {missing[0]}")
+        order = [p for p in modules if p in vectors]
+        require_linear(model, order, "ia3")
+        built = {}
+        for path in order:
+            base, vector = modules[path], vectors[path]
+            feedforward = _is_feedforward(path, config.get("feedforward_modules"))
+            want = (1, base.in_features) if feedforward else (base.out_features, 1)
+            if tuple(vector.shape) != want:
+                raise ModelError(f"adapter was trained for a different base: {path} has an IA3 vector of shape "
+                                 f"{tuple(vector.shape)}, this layer needs {want}")
+            built[path] = IA3Linear(base, feedforward=feedforward)
+            built[path].scale.copy_(vector.flatten())
+        return built
 
 
 def _names(model, adapters: dict, targets) -> tuple:
@@ -90,35 +108,3 @@ def _is_feedforward(path: str, names) -> bool:
     if isinstance(names, str):
         return re.fullmatch(names, path) is not None
     return any(path.endswith(n) for n in names or [])
-
-
-def load_ia3(model, adapter_dir: str | Path) -> dict:
-    """Inject a PEFT IA3 adapter (ours or PEFT's) into `model` and load its vectors; return its config."""
-    import torch
-
-    d = Path(adapter_dir)
-    config = read_config(d)
-    if config.get("peft_type") != "IA3":
-        raise ModelError(f"{d / CONFIG_NAME} is a {config.get('peft_type')} adapter, not IA3")
-    if config.get("modules_to_save") or config.get("fan_in_fan_out"):
-        raise ModelError(f"{d / CONFIG_NAME} uses modules_to_save or fan_in_fan_out, which leantune does not load")
-    vectors = _vectors(read_weights(d), d / WEIGHTS_NAME)
-    modules = dict(model.named_modules())
-    missing = sorted(p for p in vectors if p not in modules)
-    if missing:
-        raise ModelError(f"adapter was trained for a different base: this {type(model).__name__} has no module {missing[0]}")
-    order = [p for p in modules if p in vectors]
-    require_linear(model, order, "ia3")
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for path in order:
-            base, vector = modules[path], vectors[path]
-            feedforward = _is_feedforward(path, config.get("feedforward_modules"))
-            want = (1, base.in_features) if feedforward else (base.out_features, 1)
-            if tuple(vector.shape) != want:
-                raise ModelError(f"adapter was trained for a different base: {path} has an IA3 vector of shape "
-                                 f"{tuple(vector.shape)}, this layer needs {want}")
-            adapter = IA3Linear(base, feedforward=feedforward)
-            adapter.scale.copy_(vector.flatten())
-            adapter.train(model.training)  # a new module trains by default; take the model's mode
-            set_module(model, path, adapter)
-    return config

@@ -18,21 +18,18 @@ are refused by name rather than loaded wrong.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..adapters.base import ALL_LINEAR, Adapter, _inside_adapters, adapter_modules, set_module
+from ..adapters.base import ALL_LINEAR, Adapter, _inside_adapters, adapter_modules
 from ..adapters.dora import DoraLinear
 from ..adapters.lora import LoraLinear
 from ..errors import ModelError
 from ..io.atomic import save_safetensors, write_json
+from ..adapters.format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFormat, read_config, read_weights
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose LoraConfig field set and defaults we write
 
 # PEFT 0.21's LoraConfig fields at their defaults; save_adapter fills in the ones a run decides.
@@ -143,21 +140,6 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
 # Loading
 
 
-def read_config(adapter_dir: str | Path) -> dict:
-    d = Path(adapter_dir)
-    if not d.is_dir():
-        raise ModelError(f"adapter folder {str(d)!r} does not exist; pass the folder holding {CONFIG_NAME}")
-    if not (d / CONFIG_NAME).is_file():
-        raise ModelError(f"{str(d)!r} has no {CONFIG_NAME}; is it an adapter folder (e.g. runs/x/adapter)?")
-    try:
-        config = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{d / CONFIG_NAME} is not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{d / CONFIG_NAME} must hold a JSON object; re-save the adapter")
-    return config
-
-
 def check_config(config: dict, where: Path) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
@@ -177,22 +159,6 @@ def check_config(config: dict, where: Path) -> None:
         raise ModelError(f"{where}: r must be a positive integer, got {r!r}; the adapter config is damaged")
     if not isinstance(config.get("lora_alpha"), (int, float)):
         raise ModelError(f"{where}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
-
-
-def read_weights(adapter_dir: Path) -> dict:
-    """The adapter folder's tensors, from safetensors only (a pickled adapter_model.bin is named, not read)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(adapter_dir) / WEIGHTS_NAME
-    if not path.is_file():
-        bin_hint = " (adapter_model.bin is a pickle, which leantune never loads: re-save it with safetensors)" \
-            if (path.parent / "adapter_model.bin").exists() else ""
-        raise ModelError(f"{str(path.parent)!r} has no {WEIGHTS_NAME}{bin_hint}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ModelError(f"{path} cannot be read as safetensors ({e}); re-save the adapter") from None
 
 
 def _factors_by_module(weights: dict, where: Path, use_dora: bool = False) -> dict[str, dict]:
@@ -261,21 +227,34 @@ def load_adapter(model, adapter_dir: str | Path) -> dict:
     Every check runs before the model is touched, and the global RNG is left as it was (injection
     draws an init that the loaded weights replace).
     """
-    import torch
+    return LoraFormat.load(model, adapter_dir)
 
-    config, by_module = read_lora(adapter_dir)
-    use_dora = bool(config.get("use_dora"))
-    r = config["r"]
-    order = _fitting_paths(model, by_module, r, config)
-    cls = DoraLinear if use_dora else LoraLinear
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for path in order:
-            lora = cls(model.get_submodule(path), r, config["lora_alpha"],
-                       float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora", False)))
+
+class LoraFormat(AdapterFormat, method=LoraLinear, peft_type="LORA"):
+    """PEFT's LoRA folder; DoRA (a LoraLinear subclass) writes the same with use_dora and its magnitudes."""
+
+    @classmethod
+    def save(cls, model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, section=None) -> Path:
+        targets = section.targets if section is not None else None
+        return save_adapter(model, out_dir, base_model_name_or_path=base_model_name_or_path, targets=targets)
+
+    @classmethod
+    def check_config(cls, config: dict, where: Path) -> None:
+        check_config(config, where)
+
+    @classmethod
+    def build(cls, model, config: dict, weights: dict, where: Path) -> dict:
+        use_dora = bool(config.get("use_dora"))
+        by_module = _factors_by_module(weights, where / WEIGHTS_NAME, use_dora)
+        r = config["r"]
+        adapter = DoraLinear if use_dora else LoraLinear
+        built = {}
+        for path in _fitting_paths(model, by_module, r, config):
+            lora = adapter(model.get_submodule(path), r, config["lora_alpha"], float(config.get("lora_dropout") or 0.0),
+                           rslora=bool(config.get("use_rslora", False)))
             lora.lora_A.weight.copy_(by_module[path]["lora_A"])
             lora.lora_B.weight.copy_(by_module[path]["lora_B"])
             if use_dora:
                 lora.magnitude.copy_(by_module[path][MAGNITUDE])
-            lora.train(model.training)  # a new module trains by default; take the model's mode
-            set_module(model, path, lora)
-    return config
+            built[path] = lora
+        return built

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.base import adapter_modules
-from ..adapters.prefix import inject_prefix, kv_shape
-from ..adapters.prompt import inject_prompt
+from ..adapters.prefix import PrefixTuning, kv_shape, prefix_adapter
+from ..adapters.prompt import PromptTuning, prompt_adapter
 from ..errors import ModelError
 from ..io.atomic import save_safetensors, write_json
-from .peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION, WEIGHTS_NAME, read_config, read_weights
+from ..adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormat
+from .peft_format import PEFT_FORMAT_VERSION
 
 KEY = "prompt_embeddings"
 
@@ -57,33 +58,6 @@ def save_prompt(model, out_dir: str | Path, *, base_model_name_or_path: str | No
     return out
 
 
-def load_prompt(model, adapter_dir: str | Path) -> dict:
-    """Attach a PEFT prompt-tuning adapter (ours or PEFT's) to `model`; return its config."""
-    import torch
-
-    d = Path(adapter_dir)
-    config = read_config(d)
-    if config.get("peft_type") != "PROMPT_TUNING":
-        raise ModelError(f"{d / CONFIG_NAME} is a {config.get('peft_type')} adapter, not PROMPT_TUNING")
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise ModelError(f"{d / CONFIG_NAME} is for an encoder-decoder (num_transformer_submodules=2); leantune "
-                         "trains decoder-only models")
-    weights = read_weights(d)
-    if set(weights) != {KEY}:
-        raise ModelError(f"{d / WEIGHTS_NAME} holds {sorted(weights)}, a prompt-tuning adapter holds only {KEY}")
-    embeddings = weights[KEY]
-    hidden = model.get_input_embeddings().weight.shape[1]
-    if embeddings.ndim != 2 or embeddings.shape[1] != hidden:
-        raise ModelError(f"adapter was trained for a different base: its prompt is {tuple(embeddings.shape)}, this "
-                         f"model's embeddings are {hidden} wide")
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        (path,) = inject_prompt(model, int(embeddings.shape[0]))
-        adapter = model.get_submodule(path)
-        adapter.prompt_embeddings.copy_(embeddings)
-        adapter.train(model.training)
-    return config
-
-
 # ---------------------------------------------------------------------------------------------
 # Prefix tuning: the same single tensor, holding every layer's keys and values.
 #   prompt_embeddings   (num_virtual_tokens, num_layers * 2 * token_dim), token_dim = kv heads * head_dim
@@ -122,27 +96,63 @@ def save_prefix(model, out_dir: str | Path, *, base_model_name_or_path: str | No
     return out
 
 
-def load_prefix(model, adapter_dir: str | Path) -> dict:
-    """Attach a PEFT prefix-tuning adapter (ours or PEFT's) to `model`; return its config."""
-    import torch
+class PromptFormat(AdapterFormat, method=PromptTuning, peft_type="PROMPT_TUNING"):
+    """PEFT's prompt-tuning folder."""
 
-    d = Path(adapter_dir)
-    config = read_config(d)
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise ModelError(f"{d / CONFIG_NAME} is for an encoder-decoder (num_transformer_submodules=2); leantune "
-                         "trains decoder-only models")
-    weights = read_weights(d)
-    if set(weights) != {KEY}:
-        raise ModelError(f"{d / WEIGHTS_NAME} holds {sorted(weights)}, a prefix-tuning adapter holds only {KEY}")
-    flat = weights[KEY]
-    layers, kv_heads, head_dim = kv_shape(model.config)
-    width = layers * 2 * kv_heads * head_dim
-    if flat.ndim != 2 or flat.shape[1] != width:
-        raise ModelError(f"adapter was trained for a different base: its prefix is {tuple(flat.shape)}, this model "
-                         f"needs (n, {width}) = (n, layers * 2 * kv heads * head_dim)")
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        (path,) = inject_prefix(model, int(flat.shape[0]))
-        adapter = model.get_submodule(path)
+    @classmethod
+    def save(cls, model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, section=None) -> Path:
+        init_text = section.init_text if section is not None and section.init == "text" else None
+        return save_prompt(model, out_dir, base_model_name_or_path=base_model_name_or_path, init_text=init_text)
+
+    @classmethod
+    def check_config(cls, config: dict, where: Path) -> None:
+        super().check_config(config, where)
+        _decoder_only(config, where)
+
+    @classmethod
+    def build(cls, model, config: dict, weights: dict, where: Path) -> dict:
+        embeddings = _the_tensor(weights, where, "prompt-tuning")
+        hidden = model.get_input_embeddings().weight.shape[1]
+        if embeddings.ndim != 2 or embeddings.shape[1] != hidden:
+            raise ModelError(f"adapter was trained for a different base: its prompt is {tuple(embeddings.shape)}, this "
+                             f"model's embeddings are {hidden} wide")
+        path, adapter = prompt_adapter(model, int(embeddings.shape[0]))
+        adapter.prompt_embeddings.copy_(embeddings)
+        return {path: adapter}
+
+
+class PrefixFormat(AdapterFormat, method=PrefixTuning, peft_type="PREFIX_TUNING"):
+    """PEFT's prefix-tuning folder (the prefix after the projection MLP, if any)."""
+
+    @classmethod
+    def save(cls, model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, section=None) -> Path:
+        return save_prefix(model, out_dir, base_model_name_or_path=base_model_name_or_path)
+
+    @classmethod
+    def check_config(cls, config: dict, where: Path) -> None:
+        super().check_config(config, where)
+        _decoder_only(config, where)
+
+    @classmethod
+    def build(cls, model, config: dict, weights: dict, where: Path) -> dict:
+        flat = _the_tensor(weights, where, "prefix-tuning")
+        layers, kv_heads, head_dim = kv_shape(model.config)
+        width = layers * 2 * kv_heads * head_dim
+        if flat.ndim != 2 or flat.shape[1] != width:
+            raise ModelError(f"adapter was trained for a different base: its prefix is {tuple(flat.shape)}, this model "
+                             f"needs (n, {width}) = (n, layers * 2 * kv heads * head_dim)")
+        path, adapter = prefix_adapter(model, int(flat.shape[0]))
         adapter.embedding.weight.copy_(flat)
-        adapter.train(model.training)
-    return config
+        return {path: adapter}
+
+
+def _decoder_only(config: dict, where: Path) -> None:
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise ModelError(f"{where} is for an encoder-decoder (num_transformer_submodules=2); leantune "
+                         "trains decoder-only models")
+
+
+def _the_tensor(weights: dict, where: Path, what: str):
+    if set(weights) != {KEY}:
+        raise ModelError(f"{where / WEIGHTS_NAME} holds {sorted(weights)}, a {what} adapter holds only {KEY}")
+    return weights[KEY]

@@ -26,10 +26,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import adapters  # noqa: F401  (registers every method's config section, which load() reads)
+from ..adapters.format import CONFIG_NAME, read_config
 from ..config import QuantConfig, RunConfig, load
 from ..errors import ModelError
 from ..io.atomic import write_json
-from .peft_format import CONFIG_NAME, read_config
 
 CONFIG = "config.yaml"
 DATA_REPORT = "data_report.json"

@@ -31,24 +31,24 @@ a minimal config file:
 
 
 def _add_config_fields(p: argparse.ArgumentParser) -> None:
-    from ..config import fields_of, type_name
+    """One flag per config field; the methods' sections are those registered, or for `--help` alone
+    the light table of the built-in ones (cli/method_help.py), so help never waits for torch."""
+    from .method_help import help_fields
 
+    fields, section_titles = help_fields()
     groups: dict[str, argparse._ArgumentGroup] = {}
-    titles = {"": "run", "data": "data (data.*)", "lora": "LoRA and DoRA (lora.*)",
-              "ia3": "IA3 (ia3.*)", "bottleneck": "bottleneck adapters (bottleneck.*)",
-              "prompt": "prompt tuning (prompt.*)", "prefix": "prefix tuning (prefix.*)", "train": "training loop (train.*)",
-              "freeze": "freeze tuning (freeze.*)", "galore": "GaLore optimizer (galore.*)",
-              "quant": "quantized base, QLoRA (quant.*)"}
-    for fi in fields_of():
-        section = fi.name.split(".")[0] if "." in fi.name else ""
+    titles = {"": "run", "data": "data (data.*)", "train": "training loop (train.*)",
+              "galore": "GaLore optimizer (galore.*)", "quant": "quantized base, QLoRA (quant.*)", **section_titles}
+    for name, tname, default, help in fields:
+        section = name.split(".")[0] if "." in name else ""
         g = groups.get(section) or groups.setdefault(section, p.add_argument_group(titles.get(section, section)))
-        flags = [f"--{fi.name}"]
-        if "_" in fi.name:
-            flags.append(f"--{fi.name.replace('_', '-')}")
-        default = "null" if fi.default is None else fi.default
-        g.add_argument(*flags, dest=f"cfg:{fi.name}", metavar=type_name(fi.type).upper().replace(" ", "_")
-                       if "|" not in type_name(fi.type) else "{" + type_name(fi.type).replace("|", ",") + "}",
-                       default=argparse.SUPPRESS, help=f"{fi.help} (default: {default})".replace("%", "%%"))
+        flags = [f"--{name}"]
+        if "_" in name:
+            flags.append(f"--{name.replace('_', '-')}")
+        default = "null" if default is None else default
+        g.add_argument(*flags, dest=f"cfg:{name}", metavar=tname.upper().replace(" ", "_")
+                       if "|" not in tname else "{" + tname.replace("|", ",") + "}",
+                       default=argparse.SUPPRESS, help=f"{help} (default: {default})".replace("%", "%%"))
 
 
 def _overrides(ns: argparse.Namespace) -> dict:
@@ -212,7 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The subcommands that read a run config: they need every method's section, which registers as the methods'
+# files are imported (with torch). The others, and `leantune --help`, never pay that import.
+CONFIG_COMMANDS = ("train", "inspect-data")
+
+
+def _load_methods(argv: list[str]) -> None:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in CONFIG_COMMANDS and not {"-h", "--help"} & set(argv):  # help reads the light table
+        from .. import adapters  # noqa: F401  (registration happens on import)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _load_methods(argv)
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)

@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from ..adapters.base import ADAPTERS, adapter_modules, unload
+from ..adapters.format import BY_PEFT_TYPE, read_config
 from ..checkpoint.adapter_io import load_adapter
-from ..checkpoint.peft_format import read_config
+
 from ..checkpoint.run_folder import RunInfo, find_model_and_adapter, run_config, run_info
 from ..config import RunConfig
 from ..data.tokenize import resolve_chat_template
@@ -87,12 +88,14 @@ def locate(source: str, base_model: str | None = None) -> Located:
 
 
 def adapter_method(adapter_config: dict) -> str | None:
+    """The registered method that an adapter_config.json holds (by its peft_type: adapters/format.py)."""
     kind = adapter_config.get("peft_type")
     if kind is None:
         return None
     if kind == "LORA":
         return "dora" if adapter_config.get("use_dora") else "lora"
-    return {"IA3": "ia3", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}.get(kind, str(kind).lower())
+    fmt = BY_PEFT_TYPE.get(kind)
+    return fmt.method.method if fmt is not None else str(kind).lower()
 
 
 def run_quant_spec(info: RunInfo | None) -> tuple[QuantSpec | None, torch.dtype]:

@@ -26,7 +26,7 @@ from ..errors import TrainingError
 from ..io.atomic import atomic_dir, write_json
 from . import step
 from .distributed import global_token_count
-from .full import save_model
+from ..adapters.whole_model import save_model
 from .memory import breakdown, describe, gradient_bytes, peak_memory_bytes
 from .metrics import Throughput
 from .plot import write_loss_svg

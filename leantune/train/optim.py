@@ -22,9 +22,9 @@ small updates accumulate; the forward and backward keep running in the compute d
 is in the base's dtype. Cost: 4 bytes per trained value (counted with the optimizer state). Adapters
 already keep fp32 masters of their own and are left alone.
 
-Parameter groups are the same for every optimizer: LoRA+ groups when `lora.lr_ratio` is set (method
-lora), otherwise one group; galore_adamw splits the 2-D Linear weights into a projected group. Every group
-carries `initial_lr`, which the schedule scales.
+Parameter groups are the same for every optimizer: the method's own when it declares some
+(`Method.param_groups`: LoRA+ when `lora.lr_ratio` is set), otherwise one group; galore_adamw splits the
+2-D Linear weights into a projected group. Every group carries `initial_lr`, which the schedule scales.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..adapters.base import trainable_parameters
-from ..adapters.lora import loraplus_param_groups
+from ..adapters.base import METHODS, trainable_parameters
 from .galore import GaLoreAdamW, galore_param_groups
 
 PAGED_FALLBACK = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw": "adamw"}
@@ -43,8 +42,10 @@ PAGED_FALLBACK = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw": "adamw"}
 
 def param_groups(model: nn.Module, cfg) -> list[dict]:
     t = cfg.train
-    if cfg.method in ("lora", "dora") and cfg.lora.lr_ratio is not None:
-        return loraplus_param_groups(model, lr=t.lr, lr_ratio=cfg.lora.lr_ratio, weight_decay=t.weight_decay)
+    method = METHODS[cfg.method]
+    groups = method.param_groups(model, t, cfg.sections.get(method.config_section))
+    if groups is not None:
+        return groups
     params = [p for _, p in trainable_parameters(model)]
     if t.optimizer == "galore_adamw":
         return galore_param_groups(model, params, lr=t.lr, weight_decay=t.weight_decay, rank=cfg.galore.rank,

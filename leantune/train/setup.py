@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from transformers.utils import logging as hf_logging
 
-from ..adapters.base import ADAPTERS, format_trainable, mark_only_adapters_trainable
+from ..adapters.base import METHODS, format_trainable
 from ..checkpoint.adapter_io import save_adapter
 from ..checkpoint.run_folder import RunFolder, RunInfo, write_run_info
 from ..config import RunConfig, dump_yaml
@@ -30,16 +30,11 @@ from ..io.atomic import write_json, write_text
 from ..models.load import check_vocab, load_model, load_tokenizer, resolve_source
 from ..models.quantized import local_model_dir
 from ..quant import spec_of
-from .full import mark_trainable
-from .loftq import loftq_init_
 from .memory import SavedTensorMeter
 from .metrics import MetricsLog
 from .optim import build_optimizer
 from .schedule import warmup_steps
 from .state import Progress, load_checkpoint, save_checkpoint
-
-WHOLE_MODEL = ("full", "freeze")  # methods that train the model's own weights and save the whole model
-
 
 class Batches:
     """The training micro-batches in order, from where `progress` points (epoch, index in its plan).
@@ -95,7 +90,7 @@ class Session:
 
     @property
     def whole_model(self) -> bool:  # full/freeze: the run saves the whole model, not an adapter
-        return self.cfg.method in WHOLE_MODEL
+        return METHODS[self.cfg.method].whole_model
 
     def save_adapter_to(self, model, out: Path) -> None:
         write_run_info(out, self.info)
@@ -226,31 +221,22 @@ def unpack_if_needed(cfg: RunConfig, console: Callable[[str], None]) -> None:
 
     A notice rather than an error: packing is on by default, and for such a method off is the only
     setting that works, so refusing would only make every user type the same override."""
-    method = ADAPTERS.get(cfg.method)  # None for full/freeze: they pack like any plain model
-    if cfg.data.packing and method is not None and not method.packs:
+    method = METHODS[cfg.method]
+    if cfg.data.packing and not method.packs:
         cfg.data.packing = False
         console(f"note: data.packing is off for method {cfg.method}: its virtual tokens go in front of each "
                 "example, so every example gets a row of its own")
 
 
 def attach_method(model, cfg: RunConfig, tokenizer=None, console: Callable[[str], None] | None = None) -> None:
-    """Freeze the base, inject the configured method (seeded, so the init is reproducible), train only it;
-    or, for method full/freeze, mark the model's own weights that train (train/full.py).
-
-    An adapter method is found in the registry by name and reads its own config section."""
-    if cfg.method in WHOLE_MODEL:
-        mark_trainable(model, cfg.method, cfg.freeze.train_last_layers, cfg.freeze.train_modules)
-    else:
-        method = ADAPTERS[cfg.method]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        torch.manual_seed(cfg.seed)
-        method.attach(model, getattr(cfg, method.config_section), tokenizer=tokenizer)
-        mark_only_adapters_trainable(model)
-        if cfg.method == "lora" and cfg.lora.init == "loftq":
-            stats = loftq_init_(model, local_model_dir(cfg.model))
-            (console or print)(f"lora.init loftq: {stats['layers']} layers start at the SVD of their quantization error; "
-                    f"relative weight error {stats['error_before']:.4f} -> {stats['error_after']:.4f}")
+    """Apply the configured method, found in the registry by name (adapters/base.py `METHODS`): attach it
+    from its own config section, seeded so the init is reproducible, with exactly its parameters trainable
+    (for full/freeze, the model's own weights), then its extra init if it has one (LoRA's loftq)."""
+    method = METHODS[cfg.method]
+    section = cfg.sections.get(method.config_section)
+    torch.manual_seed(cfg.seed)
+    method.prepare(model, section, tokenizer=tokenizer)
+    method.init(model, section, weights_dir=lambda: local_model_dir(cfg.model), console=console or print)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so a frozen base works as is.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x

@@ -1,16 +1,17 @@
-"""The contract every fine-tuning method keeps, as one table run over every method the config offers.
+"""The contract every fine-tuning method keeps, as one table run over every registered method.
 
 A method that `method:` accepts but that has no row here fails `test_every_method_has_a_row`. Each row
 states the method's trainable-parameter formula on the tiny Llama (hidden h, intermediate i, key/value
-width kv, L layers) and what it promises: the untrained adapter leaves the output unchanged, and merging
-folds it into the base weights. Rows build the method from its config section exactly as `leantune
-train` does (config.from_dict, then ADAPTERS[method].attach).
+width kv, L layers), which must equal both the count the method itself declares
+(`Method.count_parameters`, from the model's structure on the meta device) and the count after attaching,
+and what it promises: the untrained adapter leaves the output unchanged, and merging folds it into the
+base weights. Rows build the method from its config section exactly as `leantune train` does
+(config.from_dict, then METHODS[method].prepare). The toy method (toy_method.py, one file) has its row too.
 """
 
 from __future__ import annotations
 
 import copy
-import typing
 from dataclasses import dataclass, field
 
 import pytest
@@ -18,16 +19,18 @@ import torch
 
 from leantune.adapters.base import (
     ADAPTERS,
+    METHODS,
     adapter_modules,
     format_trainable,
-    mark_only_adapters_trainable,
     merge_adapters,
     prepare_inputs,
     unmerge_adapters,
 )
 from leantune.checkpoint.adapter_io import load_adapter, save_adapter
-from leantune.config import RunConfig, from_dict
+from leantune.config import from_dict
 from leantune.errors import ModelError
+
+from . import toy_method
 
 RANK, SIZE = 4, 8
 
@@ -71,6 +74,8 @@ ROWS: dict[str, Row] = {
     "full": Row({}, lambda h, i, L, kv: None, mergeable=False, whole_model=True),
     "freeze": Row({"train_last_layers": 1, "train_modules": ["model.norm"]},
                   lambda h, i, L, kv: 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h + h, mergeable=False, whole_model=True),
+    # The toy (toy_method.py): one scale per output feature of o_proj (h) and down_proj (h) in each layer.
+    toy_method.NAME: Row({"targets": ["o_proj", "down_proj"]}, lambda h, i, L, kv: L * 2 * h),
 }
 # With the reparameterisation MLP: E (n, kv), then kv -> hidden -> L*2*kv, both Linears with a bias.
 PREFIX_MLP = Row({"virtual_tokens": 5, "projection": True, "projection_hidden": 16},
@@ -79,34 +84,67 @@ PREFIX_MLP = Row({"virtual_tokens": 5, "projection": True, "projection_hidden": 
 PFEIFFER = Row({"style": "pfeiffer", "size": SIZE}, lambda h, i, L, kv: L * (2 * h * SIZE + SIZE + h), mergeable=False)
 
 
-def config_methods() -> set[str]:
-    return set(typing.get_args(typing.get_type_hints(RunConfig)["method"]))
-
-
 def test_every_method_has_a_row():
-    assert config_methods() == set(ROWS), "each method in config.method needs exactly one row in ROWS"
-    assert set(ADAPTERS) <= config_methods(), "a registered adapter that the config cannot choose"
+    from leantune.config import METHODS as CONFIG_METHODS
+
+    assert set(METHODS) == set(ROWS), "each registered method needs exactly one row in ROWS"
+    assert set(CONFIG_METHODS) == set(METHODS), "a registered method that the config cannot choose"
     assert {m for m, r in ROWS.items() if not r.whole_model} == set(ADAPTERS), "an adapter row without an adapter"
+    assert all(METHODS[m].whole_model == r.whole_model and METHODS[m].mergeable == r.mergeable for m, r in ROWS.items())
+
+
+def test_every_adapter_method_has_a_format_that_reads_what_it_writes():
+    from leantune.adapters.format import BY_PEFT_TYPE, format_for
+
+    for name, cls in ADAPTERS.items():
+        fmt = format_for(cls)  # raises, naming the fix, for a method without one
+        assert BY_PEFT_TYPE[fmt.peft_type] is fmt, name
+    assert format_for(ADAPTERS["dora"]) is format_for(ADAPTERS["lora"])  # DoRA is PEFT's LORA with use_dora
+
+
+def test_a_method_cannot_take_a_name_or_section_already_taken():
+    from dataclasses import dataclass
+
+    from leantune.adapters.base import Adapter, Method
+
+    with pytest.raises(TypeError, match="already registered"):
+        class Again(Adapter, method="lora"):
+            pass
+
+    @dataclass
+    class Clash:
+        x: int = 1
+
+    with pytest.raises(TypeError, match="would shadow RunConfig.train"):
+        class Shadow(Method, method="shadow_test"):
+            config_cls, config_section = Clash, "train"
+    assert "shadow_test" not in METHODS  # refused whole: nothing half-registered
 
 
 CASES = [pytest.param(m, ROWS[m], id=m) for m in ROWS] + [pytest.param("bottleneck", PFEIFFER, id="bottleneck-pfeiffer"),
                                                           pytest.param("prefix", PREFIX_MLP, id="prefix-projection")]
 
 
+def section_of(method: str, row: Row):
+    """The method's config section as `leantune train` builds it from YAML (None: it has none)."""
+    cls = METHODS[method]
+    raw = {"method": method, **row.extra, **({cls.config_section: row.section} if cls.config_section else {})}
+    return from_dict(raw, validate=False).sections.get(cls.config_section)
+
+
 def attach(model, method: str, row: Row):
     """Build the method from its config section, as the train loop does."""
-    if row.whole_model:
-        from leantune.train.full import mark_trainable
-
-        cfg = from_dict({"method": method, "freeze": row.section}, validate=False)
-        mark_trainable(model, method, cfg.freeze.train_last_layers, cfg.freeze.train_modules)
-        return model
-    cls = ADAPTERS[method]
-    cfg = from_dict({"method": method, cls.config_section: row.section, **row.extra}, validate=False)
     torch.manual_seed(0)
-    cls.attach(model, getattr(cfg, cls.config_section))
-    mark_only_adapters_trainable(model)
+    METHODS[method].prepare(model, section_of(method, row))
     return model
+
+
+def on_meta(model):
+    """The same architecture with no weights: what a planner sees before loading anything."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model.config)
 
 
 def forward(model, ids, labels=None):
@@ -159,6 +197,7 @@ def test_trainable_count_is_the_formula_and_is_printed(tiny_llama, method, row, 
     total_before = sum(p.numel() for p in tiny_llama.parameters())
     expected = row.formula(**dims(tiny_llama))
     expected = total_before if expected is None else expected  # full: every parameter
+    assert METHODS[method].count_parameters(on_meta(tiny_llama), section_of(method, row)) == expected
     model = attach(tiny_llama, method, row)
     line = format_trainable(model)
     print(line)
@@ -174,7 +213,7 @@ def test_save_and_load_round_trip_gives_equal_logits(tiny_llama, tiny_tokenizer,
     if row.whole_model:  # saved as a whole HF folder, read back by plain transformers
         from transformers import AutoModelForCausalLM
 
-        from leantune.train.full import save_model
+        from leantune.adapters.whole_model import save_model
 
         model = attach(tiny_llama, method, row)
         perturb(model)

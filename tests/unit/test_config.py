@@ -2,6 +2,7 @@
 
 import pytest
 
+import leantune.adapters  # noqa: F401  (registers every method's config section)
 from leantune import config as C
 from leantune.errors import ConfigError
 

@@ -23,7 +23,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from leantune.adapters.base import ADAPTERS, mark_only_adapters_trainable
-from leantune.config import LoraConfig, QuantConfig
+from leantune.adapters.lora import LoraConfig
+from leantune.config import QuantConfig
 from leantune.models.load import load_model
 from leantune.train.step import micro_batch_loss
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import leantune.adapters  # noqa: F401  (registers every method's config section)
 from leantune import config as C
 from leantune.cli.main import _overrides, build_parser
 

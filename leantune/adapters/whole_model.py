@@ -1,5 +1,6 @@
 """Full and freeze fine-tuning: the model's own weights train, with no adapter; the result is a whole
 Hugging Face checkpoint (config, safetensors weights, tokenizer) that `from_pretrained` loads as is.
+They are registered methods like the adapters (`Method`, whole_model = True), but add no module.
 
     method full     every parameter trains
     method freeze   only the last N decoder layers (`freeze.train_last_layers`) and the modules named in
@@ -9,17 +10,77 @@ Hugging Face checkpoint (config, safetensors weights, tokenizer) that `from_pret
 "Freeze tuning" is LLaMA-Factory's name for the old practice of training the top of a network: the last
 layers carry the most task-specific features (Yosinski et al. 2014, https://arxiv.org/abs/1411.1792).
 The decoder stack is found structurally, never by model class: the ModuleList that holds
-`config.num_hidden_layers` blocks.
+`config.num_hidden_layers` blocks. They live with the adapters rather than in train/ because they are
+methods like them: one registry, one config section each, one parameter count.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from ..config import need, option
 from ..errors import ModelError
+from .base import Method
+
+
+@dataclass
+class FreezeConfig:
+    """The `freeze:` section."""
+
+    train_last_layers: int = option(0, "method freeze: train the last N decoder layers (0: none)")
+    train_modules: list[str] = option([], "method freeze: also train modules whose path ends with one of these names "
+                                      "(e.g. [norm, embed_tokens, lm_head]) or matches them as a regex")
+
+
+class FullFineTuning(Method, method="full"):
+    """Every parameter of the model trains."""
+
+    summary = "every weight trains"
+    whole_model = True
+    mergeable = False
+    why_not_mergeable = "a fully fine-tuned model has nothing held apart to merge: its model/ folder is the result"
+
+    @classmethod
+    def prepare(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
+        return mark_trainable(model, "full")
+
+    @classmethod
+    def count_parameters(cls, model: nn.Module, section) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+
+class FreezeTuning(Method, method="freeze"):
+    """The last decoder layers and the named modules train; everything else stays frozen."""
+
+    config_cls = FreezeConfig
+    config_section = "freeze"
+    title = "freeze tuning (freeze.*)"
+    summary = "only the named layers and modules train"
+    whole_model = True
+    mergeable = False
+    why_not_mergeable = FullFineTuning.why_not_mergeable
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        f = cfg.freeze
+        need(f.train_last_layers >= 0, f"freeze.train_last_layers must be >= 0, got {f.train_last_layers}")
+        need(cfg.method != "freeze" or f.train_last_layers > 0 or bool(f.train_modules),
+             "method freeze trains nothing as configured: set freeze.train_last_layers (e.g. 2) and/or "
+             "freeze.train_modules (e.g. [norm])")
+
+    @classmethod
+    def prepare(cls, model: nn.Module, section, tokenizer=None) -> list[str]:
+        return mark_trainable(model, "freeze", section.train_last_layers, section.train_modules)
+
+    @classmethod
+    def count_parameters(cls, model: nn.Module, section) -> int:
+        chosen = _chosen(model, section.train_last_layers, section.train_modules)
+        params = {id(p): p for path in chosen for p in model.get_submodule(path).parameters()}
+        return sum(p.numel() for p in params.values())
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -58,7 +119,15 @@ def mark_trainable(model: nn.Module, method: str, train_last_layers: int = 0,
     if method == "full":
         model.requires_grad_(True)
         return [""]
+    chosen = _chosen(model, train_last_layers, train_modules)
     model.requires_grad_(False)
+    for path in chosen:
+        model.get_submodule(path).requires_grad_(True)
+    return chosen
+
+
+def _chosen(model: nn.Module, train_last_layers: int, train_modules) -> list[str]:
+    """The module paths freeze tuning trains."""
     chosen: list[str] = []
     if train_last_layers:
         path, layers = decoder_layers(model)
@@ -72,8 +141,6 @@ def mark_trainable(model: nn.Module, method: str, train_last_layers: int = 0,
             raise ModelError(f"freeze.train_modules {name!r} matches no module of {type(model).__name__}; modules "
                              f"with weights are named: {_module_names(model)}")
         chosen += found
-    for path in chosen:
-        model.get_submodule(path).requires_grad_(True)
     return chosen
 
 

@@ -1,4 +1,4 @@
-"""LoftQ initialisation of LoRA over a 4-bit base (`lora.init: loftq`).
+"""LoftQ initialisation of LoRA over a 4-bit base (`lora.init: loftq`; LoraLinear.init calls it).
 
 LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659) starts each adapter at the best rank-r
 approximation of what quantization took from its weight, so base + adapter begins near the 16-bit model
@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.base import adapter_modules
-from ..adapters.lora import LoraLinear
 from ..errors import ModelError
 from ..io.tensor_file import tensor_index
 from ..quant import dequantize
+from .base import adapter_modules
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def loftq_init_(model: nn.Module, model_dir: str | Path) -> dict:
     index = _float_weights(Path(model_dir))
     before, after = [], []
     for path, adapter in adapter_modules(model).items():
-        if type(adapter) is not LoraLinear:
+        if adapter.method != "lora":  # LoRA only (DoRA's magnitude would need its own correction)
             continue
         base = adapter.base_layer
         if type(base.weight).__name__ != "Params4bit":  # LoftQ here is for NF4/FP4 bases
