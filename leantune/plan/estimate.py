@@ -162,6 +162,13 @@ def optimizer_bytes(s: Setup, trained: Trainable, vocab: int) -> int:
     return total
 
 
+def _act_bytes(s: Setup) -> int:
+    """Bytes of an activation element. Over a quantized base the norms stay fp32 (as PEFT's
+    prepare_model_for_kbit_training leaves them); their fp32 output makes every layer's outputs fp32 (the
+    4-bit layers answer in their input's dtype), so the whole stream is fp32 in a bf16 run."""
+    return 4 if s.quant else s.dtype_bytes
+
+
 def _norms_per_layer(shape: ModelShape) -> int:
     per_layer = (shape.norm_params - shape.hidden) / max(shape.hidden * shape.layers, 1)
     return max(2, round(per_layer))  # Gemma-2 has four (pre/post attention and MLP), most have two
@@ -170,20 +177,22 @@ def _norms_per_layer(shape: ModelShape) -> int:
 def layer_activation_bytes(shape: ModelShape, s: Setup, trained: Trainable, kind: str) -> tuple[float, float]:
     """(bytes per token, bytes per layer independent of tokens) saved by one decoder layer, for `kind`:
     "full" (its weights train), "frozen" (on the gradient path, nothing of its own trains) or the method."""
-    a, h, q, kv, i = s.dtype_bytes, shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
+    a, h, q, kv, i = _act_bytes(s), shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
     norms = _norms_per_layer(shape)
     per_token = norms * (4 * h + 4) + a * (2 * q + 2 * kv) + 4 * shape.heads + 3 * a * i
     per_layer = 0.0
     if kind == "full":
         return per_token + norms * a * h + a * (2 * h + i), 0.0
-    fused = a == 4 and s.quant is None  # ops/lora.py's one node: plain fp32 base, one saved input per group
+    # In fp32 the adapters' cast of their input is a no-op, so Linears reading one input share its storage
+    # (ops/lora.py's fused node, and the module path over a quantized base alike); in bf16 each casts its own.
+    shared = a == 4
     groups: set[str] = set()
     for leaf, fin, fout in trained.adapted:
         if kind in ("lora", "dora"):
             g = input_group(leaf)
-            if not fused or g not in groups:
-                # the o_proj input is the attention output, already saved, when it is shared (fused)
-                per_token += 0 if (fused and leaf in ("o_proj", "dense", "out_proj")) else 4 * fin
+            if not shared or g not in groups:
+                # the o_proj input is the attention output, already saved, when it is shared
+                per_token += 0 if (shared and leaf in ("o_proj", "dense", "out_proj")) else 4 * fin
             groups.add(g)
             per_token += 4 * s.rank
             if kind == "dora":
@@ -211,7 +220,7 @@ def activation_bytes(shape: ModelShape, s: Setup, trained: Trainable) -> tuple[i
     """(saved activations of one micro-batch, one layer's recomputation when checkpointing)."""
     T = tokens(s, trained)
     a, h = s.dtype_bytes, shape.hidden
-    res = 4 if (s.quant and a < 4) else a
+    res = _act_bytes(s)
     kind = "full" if s.method in ("full", "freeze") else s.method
     kind = "frozen" if kind in ("prompt", "prefix") else kind
     trained_layers = shape.layers
@@ -260,20 +269,33 @@ def step_flops(shape: ModelShape, s: Setup, trained: Trainable) -> float:
     return float(total)
 
 
+# Resident memory that importing bitsandbytes adds (its native library and its own imports), measured on
+# the 2-core CPU machine of docs/plan.md: 241 -> 357 MiB after torch + transformers + leantune.
+BNB_IMPORT = 116 * MiB
+
+
+def uses_bitsandbytes(s: Setup) -> bool:
+    return bool(s.quant) or s.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw")
+
+
 def runtime_bytes(s: Setup) -> int:
     """What the process holds besides the model. On CPU the peak is the resident set: the interpreter,
-    torch and transformers, read from this process (it has imported them); on CUDA the peak is
-    max_memory_allocated, which holds no runtime (the CUDA context comes on top: see devices.py)."""
+    torch and transformers, read from this process (it has imported them), plus bitsandbytes where the
+    run imports it; on CUDA the peak is max_memory_allocated, which holds no runtime (the CUDA context comes
+    on top: see devices.py)."""
     if s.device != "cpu":
         return 0
+    import sys
+
+    rss = 400 * MiB
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+                    rss = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 400 * MiB
+    return rss + (BNB_IMPORT if uses_bitsandbytes(s) and "bitsandbytes" not in sys.modules else 0)
 
 
 def estimate(shape: ModelShape, s: Setup, trained: Trainable, runtime: int | None = None) -> Estimate:
@@ -287,7 +309,7 @@ def estimate(shape: ModelShape, s: Setup, trained: Trainable, runtime: int | Non
     logits = logits_bytes(shape, s, trained)
     # torch's foreach AdamW forms the denominators of every tensor at once: about one copy of the weights
     opt_step = 0 if s.optimizer == "sgd" else (train_b if s.optimizer in ("adamw", "galore_adamw", "adafactor") else 0)
-    dequant = shape.largest_linear * s.dtype_bytes if s.quant else 0  # one weight dequantized per matmul
+    dequant = shape.largest_quantized * 4 if s.quant else 0  # one weight dequantized per matmul (fp32 worst case)
     temporaries = recompute + dequant
     runtime = runtime_bytes(s) if runtime is None else runtime
     peak = weights + train_b + opt + max(acts + logits + recompute, grads + opt_step) + dequant + runtime

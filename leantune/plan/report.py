@@ -217,10 +217,12 @@ def recommend(plan: Plan, trained: dict[str, Trainable]) -> tuple[Estimate | Non
     # loss on a 135M model), and its time price here is a bandwidth floor, not a measurement.
     fits.sort(key=lambda t: (t[2].setup.quant is not None and not base.quant, t[0], t[1]))
     _, _, e = fits[0]
-    asked = next((x for x in (estimate(shape, base, trained[base.method]),)), None)
+    asked = estimate(shape, base, trained[base.method])
     why = f"{_describe(e.setup)}: peak {_gib(e.peak)} of {_gib(device.usable)} usable"
-    if asked is not None and not plan.fits(asked):
+    if not plan.fits(asked):
         why += f"; as configured ({_describe(base)}) it needs {_gib(asked.peak)}"
+    if e.setup.quant and not base.quant:
+        why += "; no 16-bit base fits"
     else:
         why += "; the fastest that fits"
     return e, why

@@ -66,6 +66,7 @@ class ModelShape:
     norm_params: int            # kept fp32 under a quantized base, as PEFT's prepare_model_for_kbit_training does
     experts: int = 1            # routed experts per MoE layer (1: dense); every expert is counted in the weights
     largest_linear: int = 0     # elements of the largest weight (export/merge work tensor by tensor)
+    largest_quantized: int = 0  # elements of the largest weight a quantized base dequantizes per matmul
     trainable: dict[str, Trainable] = field(default_factory=dict)
 
     @property
@@ -174,7 +175,8 @@ def shape_of(config, name: str = "model") -> ModelShape:
         vocab=int(text.vocab_size), tied=tied, total_params=_count(model),
         linear_params=sum(m.weight.numel() for m in linears), linear_out_rows=sum(m.out_features for m in linears),
         linear_layers=len(linears), norm_params=norms, experts=experts,
-        largest_linear=max([m.weight.numel() for m in linears] + [head.weight.numel() if head is not None else 0]))
+        largest_linear=max([m.weight.numel() for m in linears] + [head.weight.numel() if head is not None else 0]),
+        largest_quantized=max([m.weight.numel() for m in linears], default=0))
 
 
 def trainable_of(config, method: str, run_cfg=None) -> Trainable:
