@@ -206,8 +206,8 @@ def recommend(plan: Plan, trained: dict[str, Trainable]) -> tuple[Estimate | Non
                     e = estimate(shape, s, trained[base.method])
                     if smallest is None or e.peak < smallest.peak:
                         smallest = e
-                    if plan.fits(e):
-                        fits.append((step_seconds(e, shape, device) or 0.0, e.peak, e))
+                    if plan.fits(e):  # without a throughput, FLOPs order the same way
+                        fits.append((step_seconds(e, shape, device) or e.flops, e.peak, e))
     if not fits:
         need = smallest.peak + (CUDA_OVERHEAD if device.kind == "cuda" else 0) if smallest else 0
         return None, (f"nothing fits: the smallest {base.method} configuration ({_describe(smallest.setup)}) needs "
@@ -215,7 +215,9 @@ def recommend(plan: Plan, trained: dict[str, Trainable]) -> tuple[Estimate | Non
                       f"{device.name} has {_gib(device.memory)}; try a shorter --seq, a smaller model or a bigger device")
     # A 16-bit base before a 4-bit one, then the fastest: 4-bit costs quality (docs/qlora.md measured +9% held-out
     # loss on a 135M model), and its time price here is a bandwidth floor, not a measurement.
-    fits.sort(key=lambda t: (t[2].setup.quant is not None and not base.quant, t[0], t[1]))
+    # Equal times (FLOPs do not see a device's worse use of small micro-batches): the larger micro-batch.
+    fits.sort(key=lambda t: (t[2].setup.quant is not None and not base.quant, round(t[0], 6), -t[2].setup.batch,
+                             t[2].setup.optimizer != base.optimizer, t[1]))
     _, _, e = fits[0]
     asked = estimate(shape, base, trained[base.method])
     why = f"{_describe(e.setup)}: peak {_gib(e.peak)} of {_gib(device.usable)} usable"
@@ -287,7 +289,9 @@ def render(plan: Plan, fit: bool = False) -> str:
     lines.append(f"  outside the step: first eval {_gib(o['eval_device'])} on the device; checkpoint save "
                  f"{_gib(o['save_host'])} host RAM; merge {_gib(o['merge_host'])} host; GGUF export "
                  f"{_gib(o['export_host'])} host")
-    lines.append(f"  step: {_secs(plan.step_s.get(id(e)))} per optimizer step ({e.flops / 1e12:.1f} TFLOP)")
+    t = plan.step_s.get(id(e))
+    lines.append(f"  step: {e.flops / 1e12:.1f} TFLOP per optimizer step" +
+                 (f", {_secs(t)}" if t else " (for a time, name the GPU or pass --tflops)"))
     q4 = next((pair for pair in plan.rows if pair[0].setup.quant == 4 and pair[0].setup.optimizer == "adamw"), None)
     l16 = next((pair for pair in plan.rows if pair[0].setup.method == "lora" and pair[0].setup.quant is None), None)
     if q4 and l16:
