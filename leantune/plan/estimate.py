@@ -269,33 +269,22 @@ def step_flops(shape: ModelShape, s: Setup, trained: Trainable) -> float:
     return float(total)
 
 
-# Resident memory that importing bitsandbytes adds (its native library and its own imports), measured on
-# the 2-core CPU machine of docs/plan.md: 241 -> 357 MiB after torch + transformers + leantune.
-BNB_IMPORT = 116 * MiB
-
-
-def uses_bitsandbytes(s: Setup) -> bool:
-    return bool(s.quant) or s.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw")
-
-
 def runtime_bytes(s: Setup) -> int:
     """What the process holds besides the model. On CPU the peak is the resident set: the interpreter,
-    torch and transformers, read from this process (it has imported them), plus bitsandbytes where the
-    run imports it; on CUDA the peak is max_memory_allocated, which holds no runtime (the CUDA context comes
-    on top: see devices.py)."""
+    torch and transformers, read from this process (it has imported them); on CUDA the peak is
+    max_memory_allocated, which holds no runtime (the CUDA context comes on top: see devices.py).
+    Importing bitsandbytes adds ~116 MiB of RSS to a bare process, but the measured peaks of runs that use
+    it do not show it (docs/plan.md), so it is not added."""
     if s.device != "cpu":
         return 0
-    import sys
-
-    rss = 400 * MiB
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return rss + (BNB_IMPORT if uses_bitsandbytes(s) and "bitsandbytes" not in sys.modules else 0)
+    return 400 * MiB
 
 
 def estimate(shape: ModelShape, s: Setup, trained: Trainable, runtime: int | None = None) -> Estimate:

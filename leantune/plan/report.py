@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from ..errors import ConfigError
+from .. import config as config_mod
+from ..errors import ConfigError, LeantuneError
+from ..models.demo_model import demo_model_dir
 from .devices import CUDA_OVERHEAD, Device, cpu_device, parse_gpu
 from .estimate import GiB, MiB, Estimate, Setup, estimate
 from .shape import ModelShape, Trainable, read_config, shape_of, trainable_of
@@ -76,8 +78,6 @@ def _trainables(config, run_cfg, methods, needed: str) -> tuple[dict[str, Traina
     """What each method trains here; a method that cannot attach to this architecture (IA3 without default
     targets for it, prefix tuning without a cache) is left out with its one-line reason, unless it is the
     method asked for, whose error is the answer."""
-    from ..errors import LeantuneError
-
     out, failed = {}, {}
     for m in methods:
         try:
@@ -123,15 +123,11 @@ def load_source(source: str):
     run_cfg = None
     model = source
     if source.endswith((".yaml", ".yml")):
-        from .. import config as config_mod
-
         run_cfg = config_mod.load(source, validate=False)
         if not run_cfg.model:
             raise ConfigError(f"{source} names no model: add `model: <folder or hub id>` to plan it")
         model = run_cfg.model
     elif source == "demo":
-        from ..models.demo_model import demo_model_dir
-
         model = str(demo_model_dir())
     config = read_config(model)
     name = str(model).rstrip("/").rsplit("/", 1)[-1] if "/" in str(model) else str(model)

@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import adapters  # noqa: F401  (importing the package registers every method)
+from ..adapters.base import ADAPTERS, adapter_modules, mark_only_adapters_trainable
+from ..config import RunConfig
 from ..errors import ConfigError
+from ..models.load import resolve_source
+from ..quant.loader import quantizable_linears
+from ..train.full import mark_trainable
 
 # The config fields the activation terms need; every AutoConfig decoder names them this way (text_config
 # for multimodal wrappers is read instead of the wrapper).
@@ -97,8 +103,6 @@ def read_config(source: str | Path):
         except ValueError as e:
             raise ConfigError(f"{text}: transformers does not know model_type {kind!r} ({e}); upgrade transformers "
                               "or pass a supported model") from None
-    from ..models.load import resolve_source
-
     resolved = resolve_source(text, need_weights=False)  # a hub id offline fails here with one line
     try:
         return AutoConfig.from_pretrained(resolved)
@@ -148,8 +152,6 @@ def _count(model: nn.Module, trainable_only: bool = False) -> int:
 
 def shape_of(config, name: str = "model") -> ModelShape:
     """The shape of `config` (an AutoConfig), counted on a meta-device instance."""
-    from ..quant.loader import quantizable_linears
-
     text = _text_config(config)
     missing = [f for f in NEEDED if getattr(text, f, None) in (None, 0)]
     if missing:
@@ -182,12 +184,6 @@ def shape_of(config, name: str = "model") -> ModelShape:
 def trainable_of(config, method: str, run_cfg=None) -> Trainable:
     """What `method` trains on this architecture with the sections of `run_cfg` (a RunConfig; defaults when
     None), found by attaching it to a meta-device model exactly as a run does."""
-    from .. import adapters  # noqa: F401  (importing the package registers every method)
-    from ..adapters.base import ADAPTERS
-    from ..adapters.base import adapter_modules, mark_only_adapters_trainable  # noqa: I001
-    from ..config import RunConfig
-    from ..train.full import mark_trainable
-
     cfg = run_cfg or RunConfig()
     model = _meta_model(config)
     # attach inside the meta context too: the adapters' own tensors (and DoRA's weight norms, prefix

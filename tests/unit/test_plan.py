@@ -130,8 +130,6 @@ def _long_text_data(path: Path) -> Path:
 
 @pytest.mark.parametrize("method,extra", [("lora", []), ("full", []), ("lora", ["--train.gradient_checkpointing", "true"])])
 def test_prediction_matches_a_measured_tiny_cpu_run(tiny_llama_dir, tmp_path, method, extra):
-    from leantune.plan import make_plan
-
     data = _long_text_data(tmp_path / "d.jsonl")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "leantune.cli.main", "train", "--model", str(tiny_llama_dir), "--data.path", str(data),
@@ -142,12 +140,16 @@ def test_prediction_matches_a_measured_tiny_cpu_run(tiny_llama_dir, tmp_path, me
     assert run.returncode == 0, run.stderr[-2000:]
     measured = json.loads((out / "summary.json").read_text())["memory"]
 
-    plan = make_plan(str(tiny_llama_dir), seq=SEQ, batch=BATCH, method=method, tflops=0.05)
+    # the plan as a user gets it: `leantune plan --json` in its own process (its RSS is the CPU runtime it adds)
+    planned = subprocess.run([sys.executable, "-m", "leantune.cli.main", "plan", str(tiny_llama_dir), "--seq", str(SEQ),
+                              "--batch", str(BATCH), "--method", method, "--tflops", "0.05", "--json"],
+                             capture_output=True, text=True, timeout=300)
+    assert planned.returncode == 0, planned.stderr[-2000:]
     ckpt = bool(extra)
-    e = next(x for pair in plan.rows for x in pair if x.setup.method == method and x.setup.quant is None
-             and x.setup.optimizer == "adamw" and x.setup.checkpointing == ckpt)
-    predicted = {"base_weights": e.weights, "trainable": e.trainable, "gradients": e.gradients,
-                 "optimizer_state": e.optimizer, "activations": e.activations, "peak": e.peak}
+    e = next(r for r in json.loads(planned.stdout)["rows"] if r["setup"]["method"] == method
+             and r["setup"]["quant"] is None and r["setup"]["optimizer"] == "adamw" and r["setup"]["checkpointing"] == ckpt)
+    predicted = {"base_weights": e["weights"], "trainable": e["trainable"], "gradients": e["gradients"],
+                 "optimizer_state": e["optimizer"], "activations": e["activations"], "peak": e["peak"]}
     for key, tol in TOLERANCE.items():
         got = measured[f"mem_{key}_bytes"]
         if key == "base_weights" and method == "full":
