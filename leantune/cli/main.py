@@ -294,7 +294,7 @@ def _plan(ns: argparse.Namespace) -> int:
     from ..plan import make_plan, render
 
     plan = make_plan(ns.source, gpu=ns.gpu, seq=ns.seq, batch=ns.batch, method=ns.method, tflops=ns.tflops)
-    print(json.dumps(plan.as_dict(), indent=1) if ns.json else render(plan, fit=ns.fit))
+    print(json.dumps(plan.as_dict(), indent=1) if ns.json else render(plan, fit=ns.fit, source=ns.source))
     return 0
 
 

@@ -317,13 +317,12 @@ def estimate(shape: ModelShape, s: Setup, trained: Trainable, runtime: int | Non
     T = tokens(s, trained)
     eval_peak = weights + train_b + opt + T * (3 * shape.intermediate + 4 * shape.hidden) * s.dtype_bytes \
         + logits + dequant + runtime
-    full_16 = shape.total_params * 2
     outside = {
         "eval_device": eval_peak,
         # a checkpoint copies what trains and the optimizer state to host memory before writing it
         "save_host": train_b + opt + (runtime if s.device == "cpu" else runtime_bytes(replace(s, device="cpu"))),
-        # merge folds the adapter into a 16-bit base on the host (a QLoRA base is dequantized first)
-        "merge_host": full_16 + 4 * shape.largest_linear,
+        # merge folds the adapter into the base in the run's dtype on the host (a QLoRA base dequantized first)
+        "merge_host": shape.total_params * s.dtype_bytes + 4 * shape.largest_linear,
         # GGUF export loads the model in float32 and quantizes tensor by tensor
         "export_host": shape.total_params * 4 + 2 * 4 * shape.largest_linear,
     }

@@ -130,6 +130,8 @@ def load_source(source: str):
     elif source == "demo":
         model = str(demo_model_dir())
     config = read_config(model)
+    if source == "demo":
+        return config, run_cfg, "SmolLM2-135M-Instruct (the demo model)"
     name = str(model).rstrip("/").rsplit("/", 1)[-1] if "/" in str(model) else str(model)
     if name == "config.json":
         name = str(model).rstrip("/").rsplit("/", 2)[-2]
@@ -252,7 +254,7 @@ def _secs(t: float | None) -> str:
     return f"{t * 1e3:.0f} ms" if t < 1 else f"{t:.1f} s"
 
 
-def render(plan: Plan, fit: bool = False) -> str:
+def render(plan: Plan, fit: bool = False, source: str = "CONFIG") -> str:
     sh, d, b = plan.shape, plan.device, plan.base
     rate = f"{d.tflops:.0f} TFLOP/s ({d.source})" if d.tflops and d.tflops >= 1 else \
         (f"{d.tflops * 1e3:.0f} GFLOP/s ({d.source})" if d.tflops else "throughput unknown: pass --gpu NAME or --tflops")
@@ -302,5 +304,6 @@ def render(plan: Plan, fit: bool = False) -> str:
         flags = [f"--method {s.method}", f"--train.batch_size {s.batch}", f"--train.grad_accum {s.grad_accum}",
                  f"--train.gradient_checkpointing {str(s.checkpointing).lower()}", f"--train.optimizer {s.optimizer}"]
         flags.append(f"--quant.bits {s.quant}" if s.quant else "--quant.bits null")
-        lines.append("fit: leantune train CONFIG " + " ".join(flags))
+        config = source if source.endswith((".yaml", ".yml")) else "CONFIG"
+        lines.append(f"fit: leantune train {config} " + " ".join(flags))
     return "\n".join(lines)

@@ -40,7 +40,7 @@ def test_yaml_config_supplies_model_seq_batch_and_fit_prints_flags(tiny_llama_di
     plan = json.loads(capsys.readouterr().out)
     assert (plan["seq"], plan["batch"]) == (96, 3)
     assert main(["plan", str(cfg), "--gpu", "8GB", "--fit"]) == 0
-    assert "fit: leantune train CONFIG --method lora --train.batch_size 3" in capsys.readouterr().out
+    assert f"fit: leantune train {cfg} --method lora --train.batch_size 3" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,message", [
