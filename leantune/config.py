@@ -113,7 +113,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, ~30% slower")
     loss_chunk: int = _f(256, "tokens per chunk of the cross-entropy; full-vocabulary fp32 logits never exist for the whole batch")
     eval_every: int = _f(50, "evaluate held-out loss every N steps (0: only at the end)")
-    eval_batches: int | None = _f(None, "cap on eval micro-batches per evaluation (null: the whole eval set)")
+    eval_batches: int | None = _f(None, "cap on eval micro-batches per evaluation, >= 1 (null: the whole eval set)")
     save_every: int = _f(100, "write a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep (0 keeps all; the final adapter is always kept)")
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without a better eval loss")
@@ -165,7 +165,7 @@ class RunConfig:
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", "dtype of the frozen base weights: auto picks bf16 where the hardware runs it fast, else fp32 (never fp16 on CPU)")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
-    threads: int | None = _f(None, "CPU threads for torch (null: torch's default)")
+    threads: int | None = _f(None, "CPU threads for torch, >= 1 (null: torch's default)")
     attn_implementation: str = _f("sdpa", "attention kernel passed to transformers (sdpa, eager)")
     trust_remote_code: bool = _f(False, "allow model code from the model folder (only for models you trust)")
     data: DataConfig = field(default_factory=DataConfig)
@@ -377,6 +377,7 @@ def _check_ranges(cfg: RunConfig) -> None:
          f"prefix.projection_hidden must be > 0 or null, got {cfg.prefix.projection_hidden}")
     need(cfg.bottleneck.size > 0, f"bottleneck.size must be > 0, got {cfg.bottleneck.size}; typical values are 16-256")
     need(bool(cfg.lora.targets), "lora.targets is empty: use all-linear or a list such as [q_proj, v_proj]")
+    need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1 or null (torch's default), got {cfg.threads}")
     need(cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}")
     need(0.0 <= cfg.data.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     t = cfg.train
@@ -390,6 +391,9 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(t.warmup_steps is None or t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     need(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     need(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm must be > 0 or null, got {t.max_grad_norm}")
+    need(t.eval_batches is None or t.eval_batches >= 1,
+         f"train.eval_batches must be >= 1 or null (the whole eval set), got {t.eval_batches}; to train without "
+         "evaluation set data.eval_fraction 0 (and no data.eval_path)")
     for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
     need(0.0 <= t.momentum < 1.0, f"train.momentum must be in [0, 1), got {t.momentum}")

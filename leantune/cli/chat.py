@@ -8,14 +8,15 @@ import torch
 from transformers import TextStreamer
 
 from ..errors import ModelError
-from ..infer.generate import generate_text, load_for_inference
+from ..infer.generate import generate_text, load_for_inference, run_system_prompt
 
 
 def main(ns) -> int:
     torch.manual_seed(ns.seed)
     model, tok = load_for_inference(ns.source, base=ns.base, dtype=ns.dtype, use_adapter=not ns.no_adapter,
                                     quant_bits=getattr(ns, "quant_bits", None))
-    system = [{"role": "system", "content": ns.system}] if ns.system else []
+    system_text = ns.system or (None if ns.no_adapter else run_system_prompt(ns.source))
+    system = [{"role": "system", "content": system_text}] if system_text else []
     opts = dict(raw=ns.raw, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p)
     if not ns.chat:
         if not ns.prompt:

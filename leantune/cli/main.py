@@ -154,15 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the base to 4 or 8 bits (default: as the run that trained the adapter)")
 
     p = sub.add_parser("merge", help="fold an adapter into its base (an HF model folder), or merge adapters by a recipe",
-                       description="Fold a run's adapter into its base and write a plain Hugging Face model folder, "
-                       "or combine several adapters as a YAML recipe says (linear, cat, svd, ties, dare_linear, "
+                       description="Fold a run's adapter (LoRA, DoRA or IA3) into its base and write a plain Hugging "
+                       "Face model folder with merge_report.json, or combine several adapters as a YAML recipe says (linear, cat, svd, ties, dare_linear, "
                        "dare_ties, magnitude_prune).",
                        epilog="examples:\n  leantune merge runs/first --out merged/first\n"
                        "  leantune merge runs/qlora --out merged/q --base original   # the 16-bit weights\n"
                        "  leantune merge recipe.yaml                                # see docs/merging.md",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run folder, an adapter folder, or a recipe .yaml")
-    p.add_argument("--out", help="output folder (replaced if it exists); a recipe may name it instead")
+    p.add_argument("--out", help="output folder, new or empty; a recipe may name it instead")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier leantune output "
+                   "(a folder with any other file in it is never replaced)")
     p.add_argument("--base", choices=["dequantized", "original"], default="dequantized",
                    help="QLoRA runs: merge into dequant(4-bit weights), what the adapter trained against, or into "
                    "the original 16-bit weights (default: dequantized)")
@@ -189,20 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="cfg:data.format", default=argparse.SUPPRESS, help="data format (default: auto)")
     p.add_argument("--max-length", dest="cfg:data.max_length", default=argparse.SUPPRESS, help="max tokens per example")
 
-    p = sub.add_parser("export", help="write a model or a run (LoRA merged, or alone) as GGUF, with a fidelity report",
-                       description="Write one GGUF file for llama.cpp / Ollama / LM Studio (k-quants in pure Python) "
-                       "and <file>.fidelity.json: per-tensor error, held-out perplexity and top-1 agreement.",
+    from ..export.base import available, quant_help
+
+    p = sub.add_parser("export", help="write a model or a run (its adapter merged, or alone) as GGUF, with a fidelity report",
+                       description="Write a model or a run (LoRA, DoRA or IA3 merged into its base) in a serving "
+                       "format: GGUF for llama.cpp / Ollama / LM Studio (k-quants in pure Python), with "
+                       "<file>.fidelity.json: per-tensor error, held-out perplexity and top-1 agreement.",
                        epilog="examples:\n  leantune export runs/first --quant Q4_K_M --modelfile\n"
                        "  leantune export ./SmolLM2-135M --quant Q8_0 --out smol.gguf\n"
                        "  leantune export runs/first --adapter-only     # a GGUF LoRA for llama.cpp --lora",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run folder, an adapter folder, an HF model folder or a .gguf file")
-    p.add_argument("--format", choices=["gguf"], default="gguf", help="output format (default: gguf)")
-    p.add_argument("--quant", default="Q4_K_M", type=str.upper,
-                   choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"],
-                   help="GGUF file type; _M types use llama.cpp's per-tensor mix (default: Q4_K_M)")
+    p.add_argument("--format", choices=available(), default="gguf", help="output format (default: gguf)")
+    p.add_argument("--quant", default=None, type=str.upper, metavar="TYPE",
+                   help=f"the format's quant type ({quant_help()}); GGUF _M types use llama.cpp's per-tensor mix")
     p.add_argument("--out", help="output file (default: <source name>-<quant>.gguf, in the run folder for a run)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and the Modelfile) when they exist")
     p.add_argument("--base", help="base model, when it differs from the one recorded in the adapter")
+    p.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
+                   help="QLoRA runs: fold the adapter into dequant(4/8-bit weights), what it trained against, or into "
+                   "the original 16-bit weights (default: dequantized)")
     p.add_argument("--adapter-only", action="store_true", help="write the LoRA alone as a GGUF LoRA (llama.cpp --lora)")
     p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile beside the file")
     p.add_argument("--no-eval", action="store_true", help="skip the model-level check (perplexity, top-1 agreement)")
@@ -302,7 +310,7 @@ def _merge(ns: argparse.Namespace) -> int:
     if ns.source.endswith((".yaml", ".yml")):
         from ..merge.recipe import run_recipe
 
-        run_recipe(ns.source, out=ns.out)
+        run_recipe(ns.source, out=ns.out, overwrite=ns.overwrite)
         return 0
     from ..errors import ConfigError
     from ..merge.run import main as merge_main
@@ -332,7 +340,8 @@ def _inspect(ns: argparse.Namespace) -> int:
 
 def _export(ns: argparse.Namespace) -> int:
     from ..errors import DataError
-    from ..export.run import export_gguf
+    from ..export.base import ExportOptions
+    from ..export.run import export
 
     texts = None
     if ns.eval_text:
@@ -341,8 +350,9 @@ def _export(ns: argparse.Namespace) -> int:
                 texts = [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise DataError(f"cannot read --eval-text {ns.eval_text!r}: {e.strerror}; pass a UTF-8 text file") from None
-    result = export_gguf(ns.source, quant=ns.quant, out=ns.out, base=ns.base, adapter_only=ns.adapter_only,
-                         modelfile=ns.modelfile, evaluate=not ns.no_eval, texts=texts, progress=not ns.quiet)
+    options = ExportOptions(modelfile=ns.modelfile, evaluate=not ns.no_eval, texts=texts, progress=not ns.quiet)
+    result = export(ns.source, format=ns.format, quant=ns.quant, out=ns.out, base_model=ns.base,
+                    merge_base=ns.merge_base, adapter_only=ns.adapter_only, overwrite=ns.overwrite, options=options)
     if ns.adapter_only:
         print(f"wrote {result['file']}: {result['tensors']} LoRA tensors, alpha {result['alpha']:g}")
     return 0

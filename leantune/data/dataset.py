@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, RunConfig
 from ..errors import DataError
 from .formats import SkipExample, detect_format
 from .packing import Row, collate, join, pack_indices
@@ -183,7 +183,8 @@ class EpochPlan(Sequence):
 
     Behaves like a read-only list of batch dicts (len, indexing, slicing, iteration). Each dict holds
     LongTensors (B, T) input_ids, labels and position_ids (packed) or attention_mask (unpacked), and
-    "num_label_tokens": the number of targets after the causal shift, (labels[:, 1:] != -100).sum().
+    "num_label_tokens": the number of targets after the causal shift, (labels[:, 1:] != -100).sum(), and
+    "num_tokens": the real (non-padding) tokens of the batch.
     """
 
     def __init__(self, examples: Sequence[Example], groups: list[list[list[int]]], pad_id: int, packing: bool):
@@ -198,6 +199,7 @@ class EpochPlan(Sequence):
         rows: list[Row] = [join([self._examples[i] for i in members]) for members in self._groups[k]]
         batch: dict[str, Any] = collate(rows, self._pad_id, self._packing)
         batch["num_label_tokens"] = shift_count(batch["labels"])
+        batch["num_tokens"] = sum(len(r) for r in rows)  # real tokens, padding not counted
         return batch
 
     @property
@@ -227,6 +229,13 @@ def batches(examples: Sequence[Example], batch_size: int, max_length: int, packi
     else:
         groups = _length_grouped(order, [len(e) for e in examples], batch_size, rng)
     return EpochPlan(examples, groups, pad_id, packing)
+
+
+def batch_plan(cfg: RunConfig, examples: Sequence[Example], pad_id: int, epoch: int = 0) -> EpochPlan:
+    """The batch plan a run trains (or evaluates) `examples` with in `epoch`: its batch size, max length,
+    packing and seed, read from `cfg` in this one place. `pad_id` is `Prepared.pad_id`."""
+    return batches(examples, cfg.train.batch_size, cfg.data.max_length, cfg.data.packing, pad_id,
+                   seed=cfg.seed, epoch=epoch)
 
 
 def _length_grouped(order: list[int], lengths: list[int], batch_size: int, rng: random.Random,

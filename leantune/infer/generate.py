@@ -13,7 +13,8 @@ import torch
 
 from ..adapters.base import prepare_inputs
 from ..checkpoint.adapter_io import load_adapter
-from ..checkpoint.run_folder import find_model_and_adapter, run_quant
+from ..checkpoint.run_folder import find_model_and_adapter, run_info, run_quant
+from ..data.tokenize import resolve_chat_template
 from ..device import pick_dtype, resolve_device
 from ..models.load import check_vocab, load_model, load_tokenizer
 from ..quant import spec_of
@@ -25,11 +26,15 @@ def load_for_inference(source: str, *, base: str | None = None, dtype: str = "au
     (auto: a GPU when torch sees one, else the CPU).
 
     The base is quantized as the run that trained the adapter had it (the `quant` of its sidecar,
-    checkpoint/run_folder.py), or to `quant_bits` when given.
+    checkpoint/run_folder.py), or to `quant_bits` when given. The tokenizer carries the run's chat template
+    (data.chat_template, resolved in the sidecar) when the run set one: the model is prompted as it was trained.
     """
     model_src, adapter = find_model_and_adapter(source, base)
     device = resolve_device(device)
-    tok = load_tokenizer(model_src)
+    info = run_info(source) if use_adapter else None
+    tok = load_tokenizer(model_src, trust_remote_code=bool(info and info.trust_remote_code))
+    if info is not None and info.chat_template:
+        tok.chat_template = resolve_chat_template(tok, info.chat_template)
     quant = run_quant(source, quant_bits) if Path(source).exists() or quant_bits else None
     model = load_model(model_src, dtype=pick_dtype(dtype, device), device=device, quant=quant)
     check_vocab(model, tok)
@@ -40,6 +45,12 @@ def load_for_inference(source: str, *, base: str | None = None, dtype: str = "au
         model.to(device)
     model.eval().requires_grad_(False)
     return model, tok
+
+
+def run_system_prompt(source: str) -> str | None:
+    """The run's data.system_prompt: the system message it trained with, the default for generation."""
+    info = run_info(source)
+    return info.system_prompt if info is not None else None
 
 
 def build_prompt(tok, messages: list[dict], raw: bool) -> list[int]:

@@ -23,9 +23,10 @@ from typing import Any
 
 from ..config import load_yaml
 from ..errors import ConfigError, ModelError
+from ..infer.materialize import run_tokenizer
+from ..io.outputs import check_output_dir
 from .combine import adapter_config, check_request, combine, read_adapter, write_adapter
 from .fold import fold_into_base, model_folder, module_layout
-from .run import tokenizer_for
 
 OUTPUTS = ("adapter", "model")
 
@@ -79,12 +80,13 @@ def _relative(p: str, here: Path) -> Path:
     return q if q.is_absolute() else here / q
 
 
-def run_recipe(path: str | os.PathLike, out: str | None = None, console=print) -> Path:
+def run_recipe(path: str | os.PathLike, out: str | None = None, console=print, overwrite: bool = False) -> Path:
     """Combine the recipe's adapters and write the result (adapter or model) to `out` (or the recipe's `out`)."""
     recipe = read_recipe(path)
     target = out or recipe.out
     if not target:
         raise ConfigError(f"recipe {path} names no output folder: add out: DIR to it, or pass --out DIR")
+    check_output_dir(target, overwrite=overwrite, sources=recipe.adapters)
     adapters = [read_adapter(a) for a in recipe.adapters]
     check_request(adapters, recipe.weights, recipe.method, recipe.density, recipe.rank)
     base = recipe.base or next((a.base for a in adapters if a.base), None)
@@ -100,7 +102,7 @@ def run_recipe(path: str | os.PathLike, out: str | None = None, console=print) -
             config["base_model_name_or_path"] = recipe.base
         written = write_adapter(target, factors, config)
     else:
-        written = fold_into_base(folder, factors, 1.0, target, tokenizer=tokenizer_for(base, None))
+        written = fold_into_base(folder, factors, 1.0, target, tokenizer=run_tokenizer(base, None))
     console(f"merged {len(adapters)} adapters ({used}, rank {rank}) into {written}")
     return written
 

@@ -25,7 +25,7 @@ import torch
 from ..adapters.base import adapter_modules
 from ..errors import ConfigError, ModelError
 from ..io.atomic import atomic_dir, save_safetensors, write_text
-from ..quant import fill_from_safetensors, params_on_meta, quantizable_linears, spec_of, swap_in_quant_linears
+from ..quant import fill_from_safetensors, norm_outputs_in, params_on_meta, quantizable_linears, spec_of, swap_in_quant_linears
 from ..quant.spec import QuantSpec, quantization_config_dict, require_bitsandbytes, resolve_spec, spec_from_saved
 
 if TYPE_CHECKING:
@@ -75,6 +75,9 @@ def load_quantized(src: str, quant: QuantConfig | QuantSpec | None, *, dtype: to
                          "incomplete or its config.json does not fit them")
     model.to(device)  # buffers built on the CPU (rotary frequencies); quantized weights are there already
     _cast_head_input(model)
+    # The residual stream's dtype is the embeddings' (`dtype`): past fp32 norms it stays there (bf16 q, k, v
+    # for SDPA's fast kernels); an fp32 `dtype` keeps it fp32 (the rotary tables are fp32 too).
+    norm_outputs_in(model, dtype)
     log.info("loaded %s with a %d-bit base in %.1f s", src, spec.bits, time.perf_counter() - t0)
     return model
 

@@ -11,11 +11,11 @@ from .layers import (
     spec_of,
     storage_bits,
 )
-from .loader import fill_from_safetensors, params_on_meta, quantizable_linears, swap_in_quant_linears
+from .loader import fill_from_safetensors, norm_outputs_in, params_on_meta, quantizable_linears, swap_in_quant_linears
 from .spec import QuantSpec, require_bitsandbytes
 
 __all__ = [
     "QuantSpec", "dequantize", "fill_from_safetensors", "is_quantized", "load_prequantized", "new_quant_linear",
-    "params_on_meta", "quantizable_linears", "quantize_weight", "require_bitsandbytes", "spec_of", "storage_bits",
+    "norm_outputs_in", "params_on_meta", "quantizable_linears", "quantize_weight", "require_bitsandbytes", "spec_of", "storage_bits",
     "swap_in_quant_linears",
 ]

@@ -63,3 +63,19 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+class Throughput:
+    """Tokens per second since the last read (the first read counts from construction)."""
+
+    def __init__(self) -> None:
+        self._since, self._tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def read(self) -> float:
+        now = time.perf_counter()
+        rate = self._tokens / max(now - self._since, 1e-9)
+        self._since, self._tokens = now, 0
+        return rate

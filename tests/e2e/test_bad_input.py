@@ -132,6 +132,29 @@ def case_resume_without_checkpoint(t, m):
     return _train(t, m, "--resume"), ["--resume"]
 
 
+def case_threads_negative(t, m):
+    return _train(t, m, "--threads", "-1"), ["threads", ">= 1"]
+
+
+def case_eval_batches_zero(t, m):  # 0 used to turn evaluation off without a word
+    return _train(t, m, "--train.eval_batches", "0"), ["train.eval_batches", "data.eval_fraction 0"]
+
+
+def case_output_dir_is_a_file(t, m):
+    return _train(t, m, "--output_dir", str(_write(t / "notes.txt", "mine"))), ["notes.txt", "is a file"]
+
+
+def case_output_dir_inside_a_file(t, m):
+    return _train(t, m, "--output_dir", str(_write(t / "notes.txt", "mine") / "run")), ["notes.txt", "a file"]
+
+
+def case_examples_longer_than_the_model_positions(t, m):
+    long = {"messages": [{"role": "user", "content": "one two " * 400}, {"role": "assistant", "content": "ok"}]}
+    data = _jsonl(t / "long.jsonl", [long] + [GOOD_CHAT] * 3)
+    return _train(t, m, "--data.max_length", "2048", data=data), ["data.max_length 2048", "512 positions",
+                                                                  "--data.max_length 512"]
+
+
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
 
 
@@ -158,3 +181,23 @@ def test_bad_input_one_line_error_exit_2(case, tmp_path, tiny_llama_dir, capsys)
 
 def test_there_are_at_least_15_cases():
     assert len(CASES) >= 15
+
+
+@pytest.mark.parametrize("where", ["file", "inside-a-file", "read-only"])
+def test_unusable_output_dir_is_refused_before_the_model_loads(where, tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    """Found before loading (minutes for a real model), not when the first file is written."""
+    import os
+
+    from leantune.train import setup
+
+    if where == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    monkeypatch.setattr(setup, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(setup, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer was loaded first"))
+    if where == "read-only":
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out = tmp_path / "ro" / "run"
+    else:
+        out = _write(tmp_path / "f", "x") / ("run" if where == "inside-a-file" else "")
+    assert main(_train(tmp_path, tiny_llama_dir, "--output_dir", str(out))) == 2
+    assert "output_dir" in capsys.readouterr().err

@@ -138,3 +138,19 @@ def test_ctrl_c_during_evaluation_keeps_the_finished_step(tiny_llama_dir, data, 
     a, b = adapter(out), adapter(tmp_path / "ref")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_the_step_is_normalised_by_the_global_token_count(tiny_llama_dir, data, tmp_path, monkeypatch):
+    """distributed.global_token_count is the one normaliser of a step's loss (the all-reduce point
+    under torchrun): a count twice as large halves the loss and counts twice the tokens."""
+    from leantune.train import loop
+
+    def first_step(out):
+        run(make_cfg(tiny_llama_dir, data, out, max_steps=1, save_every=0), console=quiet)
+        return next(m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m)
+
+    one = first_step(tmp_path / "one")
+    monkeypatch.setattr(loop, "global_token_count", lambda n: 2 * n)  # as if a second process had as many
+    two = first_step(tmp_path / "two")
+    assert two["label_tokens"] == 2 * one["label_tokens"]
+    assert two["loss"] == pytest.approx(one["loss"] / 2, rel=1e-6)

@@ -41,10 +41,10 @@ def cfg(model_dir, tmp_path, steps=1, rank=8, alpha=8, **over):
 def attached(c):
     """The model exactly as the loop builds it, before any step: load, quantize, inject, LoftQ."""
     from leantune.models.load import load_model
-    from leantune.train.loop import _attach_adapter
+    from leantune.train.setup import attach_method
 
     model = load_model(c.model, dtype=torch.float32, device=torch.device("cpu"), quant=c.quant)
-    _attach_adapter(model, c, console=lambda s: None)
+    attach_method(model, c, console=lambda s: None)
     return model
 
 

@@ -115,7 +115,7 @@ def test_forward_and_gradients_match_peft(tiny_llama, case):
         assert a.lora_A.weight.grad.abs().sum() > 0
 
 
-def test_bf16_base_matches_peft(tiny_llama):
+def test_bf16_base_matches_peft_to_bf16_resolution(tiny_llama):
     ours, theirs = build_both(tiny_llama.to(torch.bfloat16), targets="all-linear")
     set_same_b(ours, theirs)
     pl = peft_layers(theirs)
@@ -126,7 +126,11 @@ def test_bf16_base_matches_peft(tiny_llama):
     with torch.no_grad():
         ours_logits, theirs_logits = ours(ids).logits, theirs(ids).logits
     assert ours_logits.dtype == torch.bfloat16
-    torch.testing.assert_close(ours_logits, theirs_logits, atol=0, rtol=0)
+    # Our update runs in bf16 (A and B cast per call, as autocast would), PEFT's in fp32 over upcast
+    # activations: a few bf16 roundings apart (2^-8 = 0.4% each), far below what a wrong update would cost
+    # (B is non-zero here: the update moves the logits).
+    scale = theirs_logits.float().abs().max()
+    assert (ours_logits.float() - theirs_logits.float()).abs().max() <= 2e-2 * scale
 
 
 @pytest.mark.parametrize("case", ["all-linear", "rslora", "target-list", "regex"])

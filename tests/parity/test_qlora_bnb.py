@@ -42,12 +42,12 @@ def bnb_config(case: dict, compute=torch.float32) -> BitsAndBytesConfig:
                               bnb_4bit_use_double_quant=case["double_quant"], bnb_4bit_compute_dtype=compute)
 
 
-def hf_quantized(folder, case=None, compute=torch.float32):
+def hf_quantized(folder, case=None, compute=torch.float32, dtype=torch.float32):
     kwargs = {"quantization_config": bnb_config(case, compute)} if case else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # on the CPU even where torch sees a GPU: these are the CPU kernels' parity tests (tests/gpu has CUDA's)
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": "cpu"},
                                                     **kwargs).eval()
 
 
@@ -122,15 +122,21 @@ def test_qlora_adapter_trained_in_leantune_loads_in_peft_with_identical_logits(t
     torch.testing.assert_close(logits(moved), ours_logits, atol=0, rtol=0)
 
 
-def test_qlora_adapter_in_peft_bf16_compute(tiny_llama_dir, tmp_path):
-    """bf16 compute, fp32 norms on both sides (PEFT's prepare_model_for_kbit_training upcasts them; so does
-    leantune's loader): the same bytes through the same kernels, so the logits agree to bf16's resolution."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_qlora_adapter_in_peft_bf16_compute(tiny_llama_dir, tmp_path, dtype):
+    """bf16 compute, fp32 norm weights on both sides (PEFT's prepare_model_for_kbit_training upcasts them; so
+    does leantune's loader): the logits agree to bf16's resolution. With a bf16 `dtype` leantune keeps the
+    activations bf16 past the norms (so attention takes SDPA's bf16 kernels) while PEFT's upcast model runs
+    them in fp32: a few more bf16 roundings, still at bf16 resolution."""
     from leantune.infer.generate import load_for_inference
 
-    adapter = train_qlora(tiny_llama_dir, tmp_path, compute="bf16", dtype="fp32")
-    mine, _ = load_for_inference(str(tmp_path / "run"), dtype="fp32", device="cpu")
-    base = prepare_model_for_kbit_training(hf_quantized(tiny_llama_dir, FOUR_BIT["nf4"], torch.bfloat16),
+    adapter = train_qlora(tiny_llama_dir, tmp_path, compute="bf16", dtype=dtype)
+    mine, _ = load_for_inference(str(tmp_path / "run"), dtype=dtype, device="cpu")
+    # loaded in the same dtype, so both sides start from the same rounded embeddings and head (PEFT then
+    # upcasts them to fp32)
+    hf_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    base = prepare_model_for_kbit_training(hf_quantized(tiny_llama_dir, FOUR_BIT["nf4"], torch.bfloat16, hf_dtype),
                                            use_gradient_checkpointing=False)
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
-    a, b = logits(mine), logits(peft_model)
+    a, b = logits(mine).float(), logits(peft_model).float()
     assert (a - b).abs().max() <= 1e-2 * b.abs().max()  # bf16 keeps 8 mantissa bits: 2^-8 = 0.4% per rounding

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters.base import adapter_modules
-from ..errors import ModelError
-from ..io.atomic import atomic_path
-from .gguf import _text_config, gguf_name, rope_permute
+from ...adapters.base import adapter_modules
+from ...errors import ModelError
+from ...io.atomic import atomic_path
+from .writer import _text_config, gguf_name, rope_permute
 
 
 def lora_pairs(model, arch: str) -> tuple[list[tuple[str, np.ndarray]], float]:

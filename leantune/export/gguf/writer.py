@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ModelError
-from ..io.atomic import atomic_path
+from ...errors import ModelError
+from ...io.atomic import atomic_path
 from . import quant_mix
 from .vocab import add_tokenizer
 
