@@ -49,14 +49,17 @@ CPU_ROWS = [
     ("QLoRA nf4 + dq", "lora", 4, True, "adamw", True, 901, 15.1),
     ("LoRA + 8-bit AdamW", "lora", None, True, "adamw_8bit", True, 1135, 15.1),
 ]
+# The H100 rows of the current (bf16) code path: docs/benchmarks.md "Measured: 2026-11-26" (benchmarks/bench_gpu.py:
+# random-init Llama shapes, full rows, LoRA r16 all-linear over a bf16 base; peak = max_memory_allocated, GiB).
+# (shape, hidden, layers, heads, kv heads, intermediate, vocab, batch, seq, label, quant, optimizer, ckpt, peak GiB)
 H100_ROWS = [
-    ("LoRA", "lora", None, True, "adamw", False, 2882, 2176),
-    ("LoRA", "lora", None, True, "adamw", True, 579, 68),
-    ("QLoRA nf4 + dq", "lora", 4, True, "adamw", False, 3025, 2480),
-    ("QLoRA nf4 + dq", "lora", 4, True, "adamw", True, 495, 128),
-    ("LoRA + 8-bit AdamW", "lora", None, True, "adamw_8bit", False, 2856, 2176),
-    ("LoRA + 8-bit AdamW", "lora", None, True, "adamw_8bit", True, 552, 68),
-    ("full", "full", None, True, "adamw", False, 2838, 1595),
+    ("1.1B (TinyLlama shape)", 2048, 22, 32, 4, 5632, 32000, 8, 1024, "LoRA", None, "adamw", False, 15.9),
+    ("1.1B (TinyLlama shape)", 2048, 22, 32, 4, 5632, 32000, 8, 1024, "LoRA", None, "adamw", True, 3.8),
+    ("1.1B (TinyLlama shape)", 2048, 22, 32, 4, 5632, 32000, 8, 1024, "QLoRA nf4+dq, paged_adamw_8bit", 4,
+     "paged_adamw_8bit", True, 2.4),
+    ("3.2B (Llama-3.2-3B shape)", 3072, 28, 24, 8, 8192, 128256, 4, 1024, "LoRA", None, "adamw", False, 20.1),
+    ("3.2B (Llama-3.2-3B shape)", 3072, 28, 24, 8, 8192, 128256, 4, 1024, "QLoRA nf4+dq, paged_adamw_8bit", 4,
+     "paged_adamw_8bit", True, 4.3),
 ]
 
 # The seeds' figures (GB as they print them) and the setting we read them at.
@@ -78,21 +81,35 @@ def err(pred: float, meas: float) -> float:
 
 
 def published_rows(demo_dir: Path) -> list[dict]:
+    from transformers import AutoConfig
+
     config = read_config(demo_dir)
     shape = shape_of(config, "SmolLM2-135M")
     trained = {m: trainable_of(config, m) for m in ("lora", "full")}
     runtime = plan_runtime(demo_dir)
     out = []
-    for device, rows, base in (("CPU (2 cores), peak RSS", CPU_ROWS, Setup(batch=2, seq=128, dtype_bytes=4, device="cpu")),
-                               ("H100, max_memory_allocated", H100_ROWS, Setup(batch=4, seq=512, dtype_bytes=2, device="cuda"))):
-        for label, method, quant, dq, opt, ckpt, peak, acts in rows:
-            s = replace(base, method=method, quant=quant, double_quant=dq, optimizer=opt, checkpointing=ckpt)
-            e = estimate(shape, s, trained[method], runtime=runtime if s.device == "cpu" else 0)
-            out.append({"source": device, "config": label, "checkpointing": ckpt, "measured_peak_mib": peak,
-                        "predicted_peak_mib": round(e.peak / MiB, 1), "peak_error_pct": round(err(e.peak / MiB, peak), 1),
-                        "measured_activations_mib": acts, "predicted_activations_mib": round(e.activations / MiB, 1),
-                        "activations_error_pct": round(err(e.activations / MiB, acts), 1),
-                        "runtime_mib": round(e.runtime / MiB)})
+    base = Setup(batch=2, seq=128, dtype_bytes=4, device="cpu")
+    for label, method, quant, dq, opt, ckpt, peak, acts in CPU_ROWS:
+        s = replace(base, method=method, quant=quant, double_quant=dq, optimizer=opt, checkpointing=ckpt)
+        e = estimate(shape, s, trained[method], runtime=runtime)
+        out.append({"source": "CPU (2 cores), peak RSS", "model": "SmolLM2-135M, 2 x 128", "config": label,
+                    "checkpointing": ckpt, "measured_peak_mib": peak, "predicted_peak_mib": round(e.peak / MiB, 1),
+                    "peak_error_pct": round(err(e.peak / MiB, peak), 1), "measured_activations_mib": acts,
+                    "predicted_activations_mib": round(e.activations / MiB, 1),
+                    "activations_error_pct": round(err(e.activations / MiB, acts), 1), "runtime_mib": round(runtime / MiB)})
+    for name, h, layers, heads, kv, inter, vocab, batch, seq, label, quant, opt, ckpt, peak in H100_ROWS:
+        config = AutoConfig.for_model("llama", hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
+                                      tie_word_embeddings=False)
+        shape = shape_of(config, name)
+        s = Setup(method="lora", quant=quant, optimizer=opt, checkpointing=ckpt, batch=batch, seq=seq, dtype_bytes=2,
+                  device="cuda")
+        e = estimate(shape, s, trainable_of(config, "lora"))
+        out.append({"source": "H100, max_memory_allocated", "model": f"{name}, {batch} x {seq}", "config": label,
+                    "checkpointing": ckpt, "measured_peak_mib": peak * 1024, "predicted_peak_mib": round(e.peak / MiB, 1),
+                    "peak_error_pct": round(err(e.peak / MiB, peak * 1024), 1), "measured_activations_mib": None,
+                    "predicted_activations_mib": round(e.activations / MiB, 1), "activations_error_pct": None,
+                    "runtime_mib": 0})
     return out
 
 
@@ -224,13 +241,19 @@ def render(pub: list[dict], runs: list[dict], seeds: list[dict], seq: int, batch
              "            + one dequantized weight (4/8-bit base) + runtime (CPU: the process's own RSS)", "",
              "because backward frees each layer's activations as it makes that layer's gradients. The goal the issue",
              "sets is +-10% of the measured peak on every row; where a row misses it, the reason is given below.", "",
-             "## 1. The published measured rows (SmolLM2-135M, docs/memory.md and docs/qlora.md)", "",
-             "| device, peak measured as | configuration | ckpt | peak measured | predicted | error | saved activations measured | predicted | error |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "## 1. The published measured rows (docs/memory.md on CPU; docs/benchmarks.md on an H100)", "",
+             "The CPU rows were measured before the bf16 path landed; in fp32 (what a CPU without native bf16 runs)",
+             "that path changes nothing. The H100 rows of docs/qlora.md (2026-11-22) are left out: they measured the",
+             "code before the bf16 path (fp32 copies of every LoRA input, an fp32 stream over a 4-bit base), which",
+             "the planner no longer models; the H100 rows here are docs/benchmarks.md's of the current code.", "",
+             "| device, peak measured as | model, batch x seq | configuration | ckpt | peak measured (MiB) | predicted | error | saved activations measured | predicted | error |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in pub:
-        lines.append(f"| {r['source']} | {r['config']} | {'on' if r['checkpointing'] else 'off'} | {r['measured_peak_mib']:.0f} | "
-                     f"{r['predicted_peak_mib']:.0f} | {r['peak_error_pct']:+.1f}% | {r['measured_activations_mib']} | "
-                     f"{r['predicted_activations_mib']} | {r['activations_error_pct']:+.1f}% |")
+        acts = "-" if r["measured_activations_mib"] is None else r["measured_activations_mib"]
+        acts_err = "-" if r["activations_error_pct"] is None else f"{r['activations_error_pct']:+.1f}%"
+        lines.append(f"| {r['source']} | {r['model']} | {r['config']} | {'on' if r['checkpointing'] else 'off'} | "
+                     f"{r['measured_peak_mib']:.0f} | {r['predicted_peak_mib']:.0f} | {r['peak_error_pct']:+.1f}% | {acts} | "
+                     f"{r['predicted_activations_mib']} | {acts_err} |")
     worst = max(pub, key=lambda r: abs(r["peak_error_pct"]))
     within = sum(abs(r["peak_error_pct"]) <= 10 for r in pub)
     lines += ["", f"Peak within +-10% on {within} of {len(pub)} rows; the worst is {worst['config']} "
@@ -241,7 +264,8 @@ def render(pub: list[dict], runs: list[dict], seeds: list[dict], seq: int, batch
     if runs:
         lines += ["", "## 2. Every method on CPU, per component (new runs)", "",
                   f"The demo model cut to its first 4 layers, batch {RUN_SETTING[0]} x {RUN_SETTING[1]} tokens (every row full), "
-                  f"fp32, 2 steps, each in its own process on the 2-core CPU (measured {when}, with other jobs running); "
+                  f"fp32, 2 steps, each in its own process on the 2-core CPU (measured {when} on the code before main's bf16 "
+                  "path, which does not change fp32 runs; other jobs were running); "
                   "measured = the run's summary.json. MiB, measured / predicted (error).", "",
                   "| configuration | base weights | trainable | gradients | optimizer state | saved activations | peak RSS |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
@@ -269,42 +293,39 @@ RUN_SETTING = (2, 128)
 WHAT_THE_ROWS_SAY = [
     "What the rows say:",
     "",
+    "- **On the H100 every row is within +-7%** (-6.6% to +1.3%), with and without checkpointing, LoRA and",
+    "  QLoRA, at 1.1B and 3.2B parameters.",
     "- **Weights, trainable, gradients and optimizer state are exact** wherever a run reports them (part 2 and",
     "  tests/unit/test_plan.py): they are byte counts of known tensors, including the 4-bit block statistics",
     "  (4.5 bits per weight, 4.127 with double quantization), bitsandbytes' 8-bit rules (tensors under 4096",
     "  values keep fp32 moments) and GaLore's rank-r moments and projections.",
     "- **Saved activations** follow per-layer terms read from what leantune's modules save (estimate.py's",
-    "  docstring): within 1-2% in part 2 for LoRA, full, IA3 and prompt tuning, within 10% on the H100. The",
-    "  CPU rows of part 1 are over by 7%: that run's packed rows were not all full (15.1 MiB measured against",
-    "  16.9 for full rows with checkpointing), while the planner plans full rows.",
-    "- One term is a cost of the code rather than a formula: in a bf16 run each LoRA layer casts its input to",
-    "  fp32 for itself, so q, k and v each keep their own fp32 copy of the same input (gate and up theirs). That",
-    "  is about half of LoRA's saved activations on a GPU without checkpointing. In fp32 (the CPU rows) the cast",
-    "  is a no-op and the copies are one.",
-    "- **Over a 4-bit base the whole stream is fp32** in a bf16 run: the norms stay fp32 (as PEFT keeps them), so",
-    "  the 4-bit layers, which answer in their input's dtype, do too. That is why QLoRA saves more activations than",
-    "  LoRA on the H100 (2480 against 2176 MiB).",
+    "  docstring): within 1-2% in part 2 for LoRA, full, IA3 and prompt tuning. The CPU rows of part 1 are",
+    "  over by 7%: that run's packed rows were not all full (15.1 MiB measured against 16.9 for full rows with",
+    "  checkpointing), while the planner plans full rows.",
     "",
     "Where the peak is off by more than 10%, and why it is left so:",
     "",
-    "- **H100 rows without checkpointing: -9 to -14%** (250-390 MiB under) while their saved activations match",
-    "  within 5%. The rest is outside the saved tensors: candidates are the CUDA caching allocator (its allocated",
-    "  bytes count a whole block when less than 1 MiB would remain after a split) and backward's transient",
-    "  gradients. No GPU was lent to this session to take a torch.cuda.memory_snapshot; the next one should.",
-    "- **CPU QLoRA rows: -10 to -24%** (120-240 MiB under). In part 2 (4 layers) QLoRA is within 1%, so the",
-    "  gap grows with the number of 4-bit layers (~0.6 MiB per layer over the 210 here). bitsandbytes' CPU path",
+    "- **CPU QLoRA rows: -15 to -29%** (160-290 MiB under). In part 2 (4 layers) QLoRA is within 1-2%, so the",
+    "  gap grows with the number of 4-bit layers (~1 MiB per layer over the 210 here). bitsandbytes' CPU path",
     "  dequantizes each weight to fp32 for every matmul; the allocator keeping some of those buffers would give",
     "  this. The two QLoRA rows with checkpointing also differ by 82 MiB between nf4 and nf4 + dq for 4.5 MiB of",
     "  weights: the measurement varies by that much (docs/memory.md: 30-50 MiB between runs of one configuration).",
+    "  These rows were measured before the bf16 path and the new chunked loss; a re-measurement",
+    "  (`benchmarks/memory.py`) would say how much of the gap is the old code's.",
+    "- **LoRA + 8-bit AdamW with checkpointing, CPU: -10.5%**; the same +40 MiB shows at 30 layers and not at 4",
+    "  (part 2): about 0.1 MiB per optimizer tensor that bitsandbytes' step holds outside optimizer.state.",
     "- **Full fine-tuning on CPU, part 2: -12% (-21% with GaLore).** The first step's peak is within 4% (1208 MiB",
     "  measured in metrics.jsonl, 1157 predicted); the second step adds ~108 MiB, one fp32 copy of the tied",
     "  embedding (49152 x 576). The planner plans the steady step and does not have that term yet.",
     "- **Step time** is FLOPs (6N per token for full fine-tuning, 4N plus 6 x adapter for a frozen base, causal",
-    "  attention, one more forward with checkpointing) at 50% of the device's matmul rate. The 50% is an",
-    "  assumption, not calibrated: docs/memory.md has no trustworthy step times on this CPU, and the H100",
-    "  step times were not kept. 4-bit's price is given two ways: on a CPU the measured 2-2.7x of LoRA's step",
-    "  (bitsandbytes dequantizes to fp32 per matmul); on a GPU a bandwidth floor (dequantizing every weight per",
-    "  matmul), which is a lower bound, not a measurement.",
+    "  attention, one more forward with checkpointing) at 30% of the device's matmul rate: docs/benchmarks.md's",
+    "  1.1B LoRA rows on the H100 (0.18 s for 8 x 1024 tokens, 0.239 s with checkpointing) are 0.26 and 0.29 of",
+    "  its measured 790 TFLOP/s. Other devices and CPUs are not calibrated. 4-bit's price is given two ways: on",
+    "  a CPU the measured",
+    "  2-2.7x of LoRA's step (bitsandbytes dequantizes to fp32 per matmul); on a GPU a bandwidth floor",
+    "  (dequantizing every weight per matmul), a lower bound: docs/benchmarks.md measured QLoRA with checkpointing",
+    "  at 1.6x LoRA with checkpointing (0.373 against 0.239 s) on the 1.1B shape.",
 ]
 
 WHAT_THE_RUNS_SAY = [

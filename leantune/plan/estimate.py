@@ -18,15 +18,23 @@ saved_tensors_hooks, train/memory.py):
                                        MLP: 3ai (gate, its activation, up)
     full fine-tuning adds              each norm's a*h, and one a-byte input per group of Linears reading it
                                        (q/k/v share one, gate/up share one, down has its own): a(2h + i)
-    LoRA adds                          its input in fp32 and x A^T (4r) per adapted Linear; one shared input per
-                                       group when the fused node runs (fp32, plain base), a copy each otherwise
-    DoRA adds                          LoRA's, plus two outputs (8 out) per Linear, and per Linear the in x in
-                                       identity it forms B A through (4 in^2; the weight-norm path)
-    checkpointing keeps                the layer input only (a h; fp32 under a quantized base, whose fp32 norms
-                                       keep the residual stream fp32), and recomputes one layer in backward
+    LoRA adds                          per group of adapted Linears reading one input, that input (a in; the
+                                       o_proj input is the attention output, already saved), and x A^T (a r)
+                                       per Linear: A and B are cast per call to the activations' dtype
+    DoRA adds                          LoRA's, plus two outputs (2a out) per Linear; in fp32 also the in x in
+                                       identity it forms B A through (4 in^2 per Linear, the weight-norm path)
+    checkpointing keeps                the layer input only (a h), and recomputes one layer in backward
+
+A quantized base keeps its norms' weights in fp32 but casts their outputs back to the compute dtype
+(quant/loader.py norm_outputs_in), so its activations are the 16-bit base's.
 
 Then the chunked loss: the final norm, grad of the hidden states (saved by the loss, a h per token), and
-when the head trains its fp32 gradient V x h; the logits live one chunk at a time (c x V in fp32).
+when the head trains its fp32 gradient V x h; the logits live one chunk at a time (c x V, in the compute
+dtype: bf16 logits stay bf16).
+
+Full and freeze over a bf16 base train fp32 master weights (train/optim.py MasterWeights): 4 bytes per
+trained value counted with the optimizer state, and the optimizer's moments are fp32 (they live on the
+masters); the step upcasts the gradients to fp32 first.
 """
 
 from __future__ import annotations
@@ -131,10 +139,15 @@ def trainable_elem_bytes(s: Setup) -> int:
     return s.dtype_bytes if s.method in ("full", "freeze") else 4
 
 
+def masters(s: Setup) -> bool:
+    """Full and freeze over a 16-bit base keep fp32 master weights (train/optim.py); adapters are fp32 already."""
+    return s.method in ("full", "freeze") and s.dtype_bytes < 4
+
+
 def optimizer_bytes(s: Setup, trained: Trainable, vocab: int) -> int:
-    """State of the optimizer over every trainable tensor."""
-    e = trainable_elem_bytes(s)
-    total = 0
+    """State of the optimizer over every trainable tensor (plus the fp32 masters where there are some)."""
+    e = 4 if masters(s) else trainable_elem_bytes(s)
+    total = 4 * trained.count if masters(s) else 0
     for shp in trained.shapes:
         n = math.prod(shp)
         if s.optimizer == "adamw":
@@ -163,10 +176,9 @@ def optimizer_bytes(s: Setup, trained: Trainable, vocab: int) -> int:
 
 
 def _act_bytes(s: Setup) -> int:
-    """Bytes of an activation element. Over a quantized base the norms stay fp32 (as PEFT's
-    prepare_model_for_kbit_training leaves them); their fp32 output makes every layer's outputs fp32 (the
-    4-bit layers answer in their input's dtype), so the whole stream is fp32 in a bf16 run."""
-    return 4 if s.quant else s.dtype_bytes
+    """Bytes of an activation element: the compute dtype's (over a quantized base too, whose fp32 norms
+    hand their output back in the compute dtype)."""
+    return s.dtype_bytes
 
 
 def _norms_per_layer(shape: ModelShape) -> int:
@@ -183,21 +195,18 @@ def layer_activation_bytes(shape: ModelShape, s: Setup, trained: Trainable, kind
     per_layer = 0.0
     if kind == "full":
         return per_token + norms * a * h + a * (2 * h + i), 0.0
-    # In fp32 the adapters' cast of their input is a no-op, so Linears reading one input share its storage
-    # (ops/lora.py's fused node, and the module path over a quantized base alike); in bf16 each casts its own.
-    shared = a == 4
     groups: set[str] = set()
     for leaf, fin, fout in trained.adapted:
         if kind in ("lora", "dora"):
             g = input_group(leaf)
-            if not shared or g not in groups:
-                # the o_proj input is the attention output, already saved, when it is shared
-                per_token += 0 if (shared and leaf in ("o_proj", "dense", "out_proj")) else 4 * fin
+            if g not in groups and leaf not in ("o_proj", "dense", "out_proj"):  # o_proj reads the attention output
+                per_token += a * fin
             groups.add(g)
-            per_token += 4 * s.rank
+            per_token += a * s.rank
             if kind == "dora":
-                per_token += 8 * fout
-                per_layer += 4 * fin * fin + 4 * fin * s.rank
+                per_token += 2 * a * fout
+                if a == 4:  # the fp32 path forms B A through an identity, which autograd keeps
+                    per_layer += 4 * fin * fin + 4 * fin * s.rank
         elif kind == "ia3":
             per_token += a * (fin if leaf in _FEEDFORWARD else fout)
         elif kind == "bottleneck":
@@ -239,16 +248,17 @@ def activation_bytes(shape: ModelShape, s: Setup, trained: Trainable) -> tuple[i
         saved += shape.layers * 2 * a * shape.kv_width * s.batch * trained.extra_tokens
     head_trains = s.method == "full"
     saved += T * (4 * h + 4 + (a * h if head_trains else 0))   # final norm
-    saved += T * (res if s.quant else a) * h                     # the loss keeps d(loss)/d(hidden) for backward
+    saved += T * a * h                                           # the loss keeps d(loss)/d(hidden) for backward
     if head_trains:
         saved += 4 * shape.vocab * h + 8 * T                     # the head's fp32 gradient, input ids
     return int(saved), recompute
 
 
 def logits_bytes(shape: ModelShape, s: Setup, trained: Trainable) -> int:
-    """One chunk of the chunked loss: the chunk's logits in the compute dtype, their fp32 copy and softmax."""
+    """One chunk of the chunked loss: the chunk's logits, exponentiated in place, and one more (c, V) working
+    tensor (the probabilities' transposed product), in the compute dtype (ops/cross_entropy.py)."""
     c = min(s.loss_chunk, tokens(s, trained))
-    return c * shape.vocab * (8 + s.dtype_bytes)
+    return c * shape.vocab * 2 * s.dtype_bytes
 
 
 def step_flops(shape: ModelShape, s: Setup, trained: Trainable) -> float:
@@ -296,8 +306,11 @@ def estimate(shape: ModelShape, s: Setup, trained: Trainable, runtime: int | Non
     opt = optimizer_bytes(s, trained, shape.vocab)
     acts, recompute = activation_bytes(shape, s, trained)
     logits = logits_bytes(shape, s, trained)
-    # torch's foreach AdamW forms the denominators of every tensor at once: about one copy of the weights
-    opt_step = 0 if s.optimizer == "sgd" else (train_b if s.optimizer in ("adamw", "galore_adamw", "adafactor") else 0)
+    # torch's foreach AdamW forms the denominators of every tensor at once: one more copy of what it updates
+    # (the fp32 masters where there are some, which also take an fp32 copy of the gradients first)
+    updated = 4 * trained.count if masters(s) else train_b
+    opt_step = updated if s.optimizer in ("adamw", "galore_adamw", "adafactor") else 0
+    opt_step += 4 * trained.count if masters(s) else 0
     dequant = shape.largest_quantized * 4 if s.quant else 0  # one weight dequantized per matmul (fp32 worst case)
     temporaries = recompute + dequant
     runtime = runtime_bytes(s) if runtime is None else runtime

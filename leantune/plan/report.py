@@ -19,7 +19,7 @@ from .devices import CUDA_OVERHEAD, Device, cpu_device, parse_gpu
 from .estimate import GiB, MiB, Estimate, Setup, estimate
 from .shape import ModelShape, Trainable, read_config, shape_of, trainable_of
 
-MFU = 0.5            # assumed share of the table's matmul rate a training step reaches (not yet calibrated)
+MFU = 0.3  # share of the matmul rate a step reaches: the H100 LoRA rows of docs/benchmarks.md reached 0.26-0.29
 CPU_4BIT_PRICE = 2.0  # CPU: bitsandbytes dequantizes to fp32 per matmul; measured 2-2.7x LoRA's step (docs/memory.md)
 
 # (method, quant, optimizer): the rows of the table, each planned with checkpointing off and on.
