@@ -319,8 +319,8 @@ def estimate(shape: ModelShape, s: Setup, trained: Trainable, runtime: int | Non
     if s.optimizer.startswith("paged"):
         notes.append("paged optimizer state lives in CUDA unified memory: it moves to host RAM under pressure, "
                      "and max_memory_allocated does not count it")
-    if s.method == "dora":
-        notes.append("DoRA keeps an in x in identity per adapted Linear for backward (it forms B A through it): "
+    if s.method == "dora" and _act_bytes(s) == 4:
+        notes.append("DoRA in fp32 keeps an in x in identity per adapted Linear for backward (it forms B A through it): "
                      f"{_human(int(layer_activation_bytes(shape, s, trained, 'dora')[1]) * shape.layers)} "
                      "on this model without checkpointing")
     if shape.experts > 1:

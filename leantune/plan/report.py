@@ -21,6 +21,7 @@ from .shape import ModelShape, Trainable, read_config, shape_of, trainable_of
 
 MFU = 0.3  # share of the matmul rate a step reaches: the H100 LoRA rows of docs/benchmarks.md reached 0.26-0.29
 CPU_4BIT_PRICE = 2.0  # CPU: bitsandbytes dequantizes to fp32 per matmul; measured 2-2.7x LoRA's step (docs/memory.md)
+GPU_4BIT_PRICE = 0.373 / 0.239  # H100, 1.1B shape, 8 x 1024, both with checkpointing: docs/benchmarks.md
 
 # (method, quant, optimizer): the rows of the table, each planned with checkpointing off and on.
 ROWS = [("full", None, "adamw"), ("full", None, "galore_adamw"), ("lora", None, "adamw"), ("lora", 4, "adamw"),
@@ -59,19 +60,24 @@ class Plan:
 
 
 def step_seconds(e: Estimate, shape: ModelShape, device: Device) -> float | None:
-    """FLOPs at MFU x the device's matmul rate, plus 4-bit's price: on a GPU the traffic of dequantizing
-    every Linear weight per matmul (read 0.5 B, write and read back a B per weight, forward and backward, and
-    the recomputation) at the memory bandwidth; on a CPU the measured factor."""
+    """FLOPs at MFU x the device's matmul rate, times 4-bit's measured price (bitsandbytes dequantizes every
+    weight for every matmul): 1.56x LoRA's step on an H100, 2x on a CPU. On a GPU that is well above the
+    bandwidth floor of the dequantization traffic (`dequant_floor`), so the kernels, not the bytes, set it."""
     if not device.tflops:
         return None
     t = e.flops / (device.tflops * 1e12 * MFU)
     if e.setup.quant:
-        if device.kind == "cpu":
-            t *= CPU_4BIT_PRICE
-        elif device.bandwidth:
-            passes = (3 if e.setup.checkpointing else 2) * e.setup.grad_accum
-            t += passes * shape.linear_params * (0.5 + 2 * e.setup.dtype_bytes) / (device.bandwidth * 1e9)
+        t *= CPU_4BIT_PRICE if device.kind == "cpu" else GPU_4BIT_PRICE
     return t
+
+
+def dequant_floor(e: Estimate, shape: ModelShape, device: Device) -> float | None:
+    """Seconds per step that reading 0.5 B and writing and reading back a B per 4-bit weight costs, per matmul
+    pass (forward, backward, and the recomputation), at the memory bandwidth: the least 4-bit can cost."""
+    if not (e.setup.quant and device.bandwidth):
+        return None
+    passes = (3 if e.setup.checkpointing else 2) * e.setup.grad_accum
+    return passes * shape.linear_params * (0.5 + 2 * e.setup.dtype_bytes) / (device.bandwidth * 1e9)
 
 
 def _trainables(config, run_cfg, methods, needed: str) -> tuple[dict[str, Trainable], dict[str, str]]:
@@ -212,7 +218,7 @@ def recommend(plan: Plan, trained: dict[str, Trainable]) -> tuple[Estimate | Non
                       f"{_gib(need)} with {'the CUDA context' if device.kind == 'cuda' else 'the runtime'}, "
                       f"{device.name} has {_gib(device.memory)}; try a shorter --seq, a smaller model or a bigger device")
     # A 16-bit base before a 4-bit one, then the fastest: 4-bit costs quality (docs/qlora.md measured +9% held-out
-    # loss on a 135M model), and its time price here is a bandwidth floor, not a measurement.
+    # loss on a 135M model) as well as time.
     # Equal times (FLOPs do not see a device's worse use of small micro-batches): the larger micro-batch.
     fits.sort(key=lambda t: (t[2].setup.quant is not None and not base.quant, round(t[0], 6), -t[2].setup.batch,
                              t[2].setup.optimizer != base.optimizer, t[1]))
@@ -295,8 +301,11 @@ def render(plan: Plan, fit: bool = False, source: str = "CONFIG") -> str:
     if q4 and l16:
         t4, t16 = plan.step_s.get(id(q4[1])), plan.step_s.get(id(l16[1]))
         if t4 and t16:
+            floor = dequant_floor(q4[1], sh, d)
             lines.append(f"  4-bit's price: QLoRA saves {_gib(l16[1].weights - q4[1].weights)} of weights and costs "
-                         f"{t4 / t16:.2f}x LoRA's step time here (dequantizing every weight per matmul)")
+                         f"{t4 / t16:.2f}x LoRA's step time (measured on {'this kind of CPU' if d.kind == 'cpu' else 'an H100'}; "
+                         "bitsandbytes dequantizes every weight per matmul)"
+                         + (f"; the memory traffic alone would be {_secs(floor)}" if floor else ""))
     for note in e.notes:
         lines.append(f"  note: {note}")
     if fit:
