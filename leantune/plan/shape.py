@@ -3,8 +3,8 @@
 The model is built on the meta device (shapes, no memory, no weights), so the counts are the real
 module tree's, for any AutoConfig architecture transformers knows, not a formula per family. The
 trainable set of an adapter method comes from attaching that method on the meta device through the
-adapter registry (`ADAPTERS[method].attach`), the same call a run makes; full and freeze go through
-train/full.py's `mark_trainable`. So a new method or a changed target rule is planned the way it trains.
+method registry (`METHODS[method].prepare`, adapters/base.py), the same call a run makes, full and freeze
+included. So a new method or a changed target rule is planned the way it trains.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import torch
 from torch import nn
 
 from .. import adapters  # noqa: F401  (importing the package registers every method)
-from ..adapters.base import ADAPTERS, adapter_modules, mark_only_adapters_trainable
+from ..adapters.base import METHODS as REGISTRY, adapter_modules
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..models.load import resolve_source
 from ..quant.loader import quantizable_linears
-from ..train.full import mark_trainable
 
 # The config fields the activation terms need; every AutoConfig decoder names them this way (text_config
 # for multimodal wrappers is read instead of the wrapper).
@@ -188,14 +187,11 @@ def trainable_of(config, method: str, run_cfg=None) -> Trainable:
     model = _meta_model(config)
     # attach inside the meta context too: the adapters' own tensors (and DoRA's weight norms, prefix
     # tuning's cache probe) are then shapes only, ~1 s for a 70B model instead of minutes of real init.
+    if method not in REGISTRY:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     with torch.device("meta"), _quiet():
-        if method in ("full", "freeze"):
-            mark_trainable(model, method, cfg.freeze.train_last_layers, cfg.freeze.train_modules)
-        elif method in ADAPTERS:
-            ADAPTERS[method].attach(model, getattr(cfg, ADAPTERS[method].config_section))
-            mark_only_adapters_trainable(model)
-        else:
-            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        registered = REGISTRY[method]
+        registered.prepare(model, cfg.sections.get(registered.config_section))
     seen, shapes = set(), []
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
