@@ -197,7 +197,7 @@ class _Reader:
     def examples(self, src: Source, key: str) -> tuple[list[Example], bool]:
         """The examples of `src` and whether they came from the cache."""
         records = None
-        if self.use_cache:
+        if self.use_cache and not Path(src.path).expanduser().is_dir():  # a folder: read_records says what to do
             if not Path(src.path).expanduser().exists():  # a hub dataset: its records stand in for the file
                 records = read_records(src.path, src.split)
             digest = cache.source_key(src, self.cfg, self.fingerprint, records)

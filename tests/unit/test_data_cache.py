@@ -106,3 +106,10 @@ def test_preprocess_command_writes_the_cache_that_train_reads(tmp_path, tiny_lla
     assert "tokens read from the cache" in capsys.readouterr().out
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["records_read"] == 16
+
+
+def test_a_folder_as_data_is_the_readers_error_not_a_traceback(tmp_path, tok):
+    from leantune.errors import DataError
+
+    with pytest.raises(DataError, match="is a folder"):
+        build(DataConfig(path=str(tmp_path), cache_dir=str(tmp_path / "cache")), tok, seed=0)
