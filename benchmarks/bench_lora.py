@@ -9,6 +9,8 @@ Tokens per second counts real (non-padding) tokens, per wall second and per CPU 
 from the kernel; steadier than wall time on a shared 2-core VM): the peer pads each batch of 4 texts to its
 longest; leantune packs whole examples into rows of up to 256 tokens, so one of its steps holds more
 text. Both are reported, with leantune unpacked (the same 4 texts per step) as the like-for-like row.
+Each side is credited with the real tokens of the steps that were timed (n1+1..n2), counted inside its
+process by step_tokens.py, not with an epoch mean.
 
     python benchmarks/bench_lora.py                 # fixture small, the issue's target setting
     python benchmarks/bench_lora.py --size tiny --n2 4 --repeats 1   # a quick look
@@ -33,15 +35,21 @@ SHARED_BENCH = Path(os.environ.get("LEANTUNE_PEER_BENCH", ROOT.parent / "shared"
 ENV = dict(os.environ)
 
 
-def run(cmd: list[str], gpu: bool = False) -> tuple[float, float, float, float | None]:
-    """(wall s, peak RSS MiB, CPU s, peak GPU MiB or None). On a GPU the command runs under cuda_peak.py."""
+def run(cmd: list[str], gpu: bool = False) -> tuple[float, float, float, float | None, list[int]]:
+    """(wall s, peak RSS MiB, CPU s, peak GPU MiB or None, real tokens of each step). The command runs under
+    step_tokens.py (and on a GPU under cuda_peak.py too)."""
     peak_file = None
     if gpu:
         fd, peak_file = tempfile.mkstemp(prefix="cuda-peak-")
         os.close(fd)
         cmd = [cmd[0], str(Path(__file__).with_name("cuda_peak.py")), *cmd[1:]]
+    fd, tokens_file = tempfile.mkstemp(prefix="step-tokens-")
+    os.close(fd)
+    cmd = [cmd[0], str(Path(__file__).with_name("step_tokens.py")), *cmd[1:]]
     t = time.perf_counter()
-    env = {**ENV, "LEANTUNE_CUDA_PEAK_FILE": peak_file} if peak_file else ENV
+    env = {**ENV, "LEANTUNE_STEP_TOKENS_FILE": tokens_file}
+    if peak_file:
+        env["LEANTUNE_CUDA_PEAK_FILE"] = peak_file
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     err = p.stderr.read().decode(errors="replace")[-3000:]  # read before waiting: a full pipe would block it
     _, status, ru = os.wait4(p.pid, 0)
@@ -53,15 +61,9 @@ def run(cmd: list[str], gpu: bool = False) -> tuple[float, float, float, float |
         peaks = Path(peak_file).read_text().split()
         os.unlink(peak_file)
         gpu_mib = int(peaks[-1]) / 2**20 if peaks else None
-    return wall, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime, gpu_mib  # s, MiB, CPU s, MiB
-
-
-def text_tokens(data: Path, tokenizer_dir: Path, seq: int) -> list[int]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
-    return [min(len(ids), seq) for ids in tok(texts)["input_ids"]]
+    step_tokens = [int(x) for x in Path(tokens_file).read_text().split()]
+    os.unlink(tokens_file)
+    return wall, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime, gpu_mib, step_tokens  # s, MiB, CPU s, MiB
 
 
 def main() -> None:
@@ -112,24 +114,23 @@ def main() -> None:
 
     peer_name = f"peer (Trainer+PEFT{', ' + a.peer_flags if a.peer_flags else ', fp32'})"
     sides = {peer_name: peer, "leantune (packed)": ours(True), "leantune (unpacked)": ours(False)}
-    res = {k: {"step": [], "rss": [], "cpu": [], "gpu": []} for k in sides}
+    res = {k: {"step": [], "rss": [], "cpu": [], "gpu": [], "tokens": []} for k in sides}
     for _ in range(a.repeats):
         for name, tmpl in sides.items():
-            w1, _, c1, _ = run(tmpl(a.n1), gpu)
-            w2, rss, c2, gpu_mib = run(tmpl(a.n2), gpu)
+            w1, _, c1, _, _ = run(tmpl(a.n1), gpu)
+            w2, rss, c2, gpu_mib, step_tokens = run(tmpl(a.n2), gpu)
+            if len(step_tokens) != a.n2:
+                raise SystemExit(f"{name}: counted {len(step_tokens)} steps' tokens, expected {a.n2}")
+            # The timed steps are those the n2 run takes beyond the n1 run: n1+1..n2 (same data order).
+            res[name]["tokens"].append(statistics.mean(step_tokens[a.n1:]))
             res[name]["step"].append((w2 - w1) / (a.n2 - a.n1))
             res[name]["cpu"].append((c2 - c1) / (a.n2 - a.n1))
             res[name]["rss"].append(rss)
             if gpu_mib is not None:
                 res[name]["gpu"].append(gpu_mib)
 
-    # Real tokens per step: the peer and unpacked leantune take 4 texts per step; packed leantune fills
-    # rows of `seq` tokens with whole texts (measured from its own data plan).
-    lens = text_tokens(data, model, seq)
-    mean_len = statistics.mean(lens)
-    packed_tokens = _packed_tokens_per_step(model, data, seq, batch)
-    tokens = {peer_name: batch * mean_len, "leantune (packed)": packed_tokens,
-              "leantune (unpacked)": batch * mean_len}
+    # Real tokens per step: the mean over the timed steps, as each process counted them (step_tokens.py).
+    tokens = {name: statistics.mean(res[name]["tokens"]) for name in sides}
     out = {}
     for name in sides:
         step = statistics.median(res[name]["step"])
@@ -163,19 +164,6 @@ def gpu_cols(r: dict, ref: dict) -> str:
         return ""
     r["gpu_ratio"] = round(r["peak_gpu_mib"] / ref["peak_gpu_mib"], 3)
     return f" {r['peak_gpu_mib']:7.0f}Mi {r['gpu_ratio']:6.2f}"
-
-
-def _packed_tokens_per_step(model: Path, data: Path, seq: int, batch: int) -> float:
-    from leantune.config import DataConfig
-    from leantune.data.dataset import batches, build
-    from leantune.models.load import load_tokenizer
-
-    tok = load_tokenizer(str(model))
-    cfg = DataConfig(path=str(data), format="text", max_length=seq, eval_fraction=0.0)
-    examples = build(cfg, tok, seed=0).train
-    plan = batches(examples, batch_size=batch, max_length=seq, packing=True, pad_id=tok.pad_token_id or 0,
-                   seed=0, epoch=0)
-    return sum(len(ex.input_ids) for ex in examples) / len(plan)  # every example is in exactly one batch
 
 
 if __name__ == "__main__":

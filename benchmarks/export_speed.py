@@ -18,7 +18,7 @@ from pathlib import Path
 def kernel_rates(n: int = 1536 * 1024) -> dict[str, float]:
     import torch
 
-    from leantune.export.kquants import quantize_k
+    from leantune.export.gguf.kquants import quantize_k
 
     x = torch.randn(n // 1024, 1024) * 0.02
     rates = {}
@@ -37,7 +37,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from leantune.export.gguf import write_gguf
+    from leantune.export.gguf.writer import write_gguf
     from leantune.models.demo_model import demo_model_dir
 
     torch.set_num_threads(args.threads)

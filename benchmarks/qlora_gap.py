@@ -24,7 +24,7 @@ import yaml
 def _run(run_dir: str):
     from leantune.config import from_dict
     from leantune.data.dataset import build
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     with open(f"{run_dir}/config.yaml") as f:
         cfg = from_dict(yaml.safe_load(f))

@@ -21,6 +21,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from .checkpoint.run_folder import RunFolder, is_run_folder
+from .config import from_dict
+from .device import pick_dtype, resolve_device
+from .errors import ConfigError
+from .infer.generate import build_prompt, load_for_inference
+from .io.atomic import write_json
+from .models.demo_model import cut_layers, demo_model_dir
+from .models.load import load_model, load_tokenizer
+from .train.loop import run
+
 DEMO_STEPS = 30  # see assets/demo/README.md for the measured figures
 
 
@@ -41,8 +53,6 @@ def demo_assets() -> tuple[Path, dict[str, Any]]:
 
 
 def demo_config(model_dir: Path, output_dir: str, steps: int, quiet: bool):
-    from .config import from_dict
-
     train_file, _ = demo_assets()
     return from_dict({
         "model": str(model_dir),
@@ -81,8 +91,6 @@ def answer_all(model: Any, tok: Any, prompts: list[str], max_new_tokens: int) ->
     """Greedy replies to `prompts`, as one left-padded batch (the chat template applied, as `generate` does)."""
     import torch
 
-    from .generate import build_prompt
-
     ids = [build_prompt(tok, [{"role": "user", "content": p}], raw=False) for p in prompts]
     width = max(map(len, ids))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -97,11 +105,6 @@ def answer_all(model: Any, tok: Any, prompts: list[str], max_new_tokens: int) ->
 
 def run_demo(output_dir: str = "runs/demo", steps: int | None = None, layers: int | None = None,
              quiet: bool = False) -> int:
-    from .generate import load_for_inference
-    from .models.demo_model import cut_layers, demo_model_dir
-    from .models.load import load_model, load_tokenizer, pick_dtype, resolve_device
-    from .train.loop import run
-
     t0 = time.perf_counter()
     print("leantune demo: LoRA on SmolLM2-135M-Instruct, offline, on this machine's CPU")
     model_dir = demo_model_dir()
@@ -159,8 +162,6 @@ def report(questions: list[dict], before: list[Score], after: list[Score]) -> st
 
 
 def _save_result(path: Path, questions: list[dict], before: list[Score], after: list[Score]) -> None:
-    from .checkpoint.atomic import write_json
-
     def totals(scores: list[Score]) -> dict[str, int]:
         return {k: sum(getattr(s, k) for s in scores) for k in ("format", "correct", "knows")}
 
@@ -171,14 +172,10 @@ def _save_result(path: Path, questions: list[dict], before: list[Score], after: 
 
 def _remove_previous_demo(out: Path) -> None:
     """Delete `out` only when it is empty or an earlier demo run: never a folder of the user's."""
-    from .errors import ConfigError
-
     entries = list(out.iterdir()) if out.is_dir() else None
     was_demo = False
-    if out.is_dir() and (out / "config.yaml").exists():
-        import yaml
-
-        cfg = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    if is_run_folder(out):
+        cfg = yaml.safe_load(RunFolder(out).config.read_text()) or {}
         data_path = str((cfg.get("data") or {}).get("path", ""))
         was_demo = Path(data_path).parent == demo_assets()[0].parent
     if entries == [] or was_demo:

@@ -27,3 +27,9 @@ class ModelError(LeantuneError):
 
 class TrainingError(LeantuneError):
     """Training cannot go on (a NaN loss, a checkpoint that does not match the run)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (a library's multi-line error, cut to fit one of ours)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from ..quant.layers import dequantize
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -114,9 +115,7 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     tensor each call, for methods such as DoRA whose math needs W itself)."""
     if float_dtype(layer) is not None:
         return layer.weight
-    from ..quant.layers import dequantize  # only reached with a quantized base, so bitsandbytes is there
-
-    return dequantize(layer)
+    return dequantize(layer)  # only reached with a quantized base, so bitsandbytes is there
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ which is PEFT 0.21.2's DoraLinearLayer (peft/tuners/lora/dora.py), kept exact to
 dropout rule: when dropout is active, x @ W^T is recomputed on the dropped-out input. Merging folds W'
 into the base: W <- (m / n) * (W + s * B @ A); unmerging divides by the same m / n, kept from the merge.
 DoRA reads the `lora` config section (rank, alpha, dropout, targets, rslora, init).
+
+With bf16/fp16 activations (a bf16 or quantized base) the products over x run in that dtype, A and B
+cast per call, instead of PEFT's fp32 over upcast activations (see lora.py); the row norms are still
+accumulated in fp32. The logits agree with PEFT's to bf16 resolution.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import adapter_dtype, dense_weight
+from ..ops.lora import low_precision
 from .lora import LoraLinear
 
 
@@ -50,6 +55,8 @@ class DoraLinear(LoraLinear, method="dora"):
         result = self.base_layer(x)
         if self.merged:
             return result
+        if low_precision(x.dtype) and not torch.is_autocast_enabled(x.device.type):
+            return self._dora_in(x.dtype, x, result)
         out_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
         weight = dense_weight(self.base_layer).to(x.dtype)
@@ -68,6 +75,26 @@ class DoraLinear(LoraLinear, method="dora"):
         lora_result = self.lora_B(self.lora_A(x))
         dora = (scale - 1) * base_result + scale * lora_result * self.scaling
         return (result + dora).to(out_dtype)
+
+    def _dora_in(self, dtype: torch.dtype, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The same update with bf16/fp16 activations: every product over x runs in `dtype`, A and B cast per
+        call (as autocast would run PEFT's layer). Only weight-sized math is wider: the row norms are
+        accumulated in fp32 from W + s B A formed in `dtype`, and m / n is formed in fp32, then rounded once."""
+        a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        weight = dense_weight(self.base_layer)  # (out, in): the base's own dtype, or dequantized to `dtype`
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base_result = result - bias if bias is not None else result  # x @ W^T without the bias
+        else:
+            x = self.dropout(x)
+            base_result = F.linear(x, weight.to(dtype))
+        with torch.no_grad():  # detached, as the paper's sec. 4.3 asks
+            direction = torch.addmm(weight.to(dtype), b, a, alpha=self.scaling)  # W + s B A: (out, in)
+            norm = torch.linalg.vector_norm(direction, dim=1, dtype=torch.float32)  # (out,)
+        scale = (self.magnitude / norm).to(dtype).view(1, -1)  # (1, out): broadcasts over (..., out)
+        lora_result = F.linear(F.linear(x, a), b)
+        dora = (scale - 1) * base_result + scale * lora_result * self.scaling
+        return (result + dora).to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -8,8 +8,12 @@ the adapted model starts as the base ("gaussian": A ~ N(0, (1/r)^2)). Merging fo
 W <- W + s * B @ A. LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354) trains B at lr_ratio
 times A's learning rate.
 
-This is PEFT's lora.Linear (peft/tuners/lora/layer.py) for a single adapter, kept exact to it: the same
-forward arithmetic, the same random draws in the same order, fp32 A and B over a bf16/fp16 base.
+This is PEFT's lora.Linear (peft/tuners/lora/layer.py) for a single adapter: the same random draws in
+the same order, fp32 A and B over a bf16/fp16 base, and over an fp32 base the same forward arithmetic.
+Over a bf16/fp16 base the update runs in the activations' dtype, not PEFT's fp32 (which upcasts every
+activation and runs the LoRA GEMMs on the slow fp32 path of a GPU): A and B are cast per call, each
+product's output is rounded once to bf16 (fp32 accumulation inside the GEMM), as under autocast. The
+logits then agree with PEFT's to bf16 resolution (tests/parity), no longer bit for bit.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from ..ops.lora import lora_linear
+from ..ops.lora import lora_linear, low_precision
 from .base import Adapter, adapter_dtype, adapter_modules, find_targets, float_dtype, layer_features, require_linear, set_module, trainable_parameters
 
 INITS = ("default", "gaussian", "loftq")  # loftq: drawn as default, then set by train/loftq.py
@@ -92,20 +96,30 @@ class LoraLinear(Adapter, method="lora"):
         result = self.base_layer(x)
         if self.merged:
             return result
+        if low_precision(x.dtype) and not torch.is_autocast_enabled(x.device.type):
+            return self._update_in(x.dtype, x, result)
         out_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
         # PEFT's order of operations: the sum is formed in fp32 (type promotion) and rounded once.
         result = result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         return result.to(out_dtype)
 
+    def _update_in(self, dtype: torch.dtype, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result + s * B(A(dropout(x))) with bf16/fp16 activations (over a quantized base, say): the fp32
+        masters are cast to `dtype` per call and the update is one GEMM accumulated into the base's output,
+        as autocast would run PEFT's layer, so no product over activations runs in fp32."""
+        a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        xa = self.dropout(x).reshape(-1, x.shape[-1]) @ a.t()                   # (N, r)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), xa, b.t(), alpha=self.scaling)
+        return out.view(*result.shape[:-1], -1)                                 # (..., out)
+
     def _fusable(self, x: torch.Tensor) -> bool:
-        # One autograd node (ops/lora.py) when the base is a plain frozen Linear and every tensor shares
-        # one dtype; anything else (a quantized or trainable base, mixed precision, autocast) takes the
-        # module-by-module path, PEFT's order of operations.
+        # One autograd node (ops/lora.py) when the base is a plain frozen Linear in the activations' dtype;
+        # fp32 A and B over a bf16 base are cast per call inside it. Anything else (a quantized or trainable
+        # base, autocast) takes the module-by-module path.
         base = self.base_layer
         return (not self.merged and type(base) is nn.Linear and not base.weight.requires_grad
-                and x.dtype == base.weight.dtype == self.lora_A.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type))
+                and x.dtype == base.weight.dtype and not torch.is_autocast_enabled(x.device.type))
 
     def delta_weight(self) -> torch.Tensor:
         return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)

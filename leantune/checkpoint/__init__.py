@@ -1,1 +1,2 @@
-"""Everything that touches disk: atomic writes, PEFT-format adapters, resumable training state."""
+"""Adapter files (PEFT's formats and leantune's own) and the run folder's layout (`run_folder.py`).
+Resumable training state is `train/state.py`; atomic writes are `io/`."""

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..adapters.base import adapter_modules
 from ..errors import ModelError
-from .peft_format import CONFIG_NAME, read_config
+from .bottleneck_format import PEFT_TYPE as BOTTLENECK, load_bottleneck, save_bottleneck
+from .ia3_format import load_ia3, save_ia3
+from .peft_format import CONFIG_NAME, load_adapter as load_lora, read_config, save_adapter as save_lora
+from .prompt_format import load_prefix, load_prompt, save_prefix, save_prompt
 
 
 def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, config=None) -> Path:
     """Write the model's adapters in their method's format; `config` (a RunConfig) supplies the targets
     asked for, which decide between writing a regex and module names."""
-    from ..adapters.base import adapter_modules
-    from .bottleneck_format import save_bottleneck
-    from .ia3_format import save_ia3
-    from .peft_format import save_adapter as save_lora
-    from .prompt_format import save_prefix, save_prompt
-
     methods = sorted({a.method for a in adapter_modules(model).values()})
     if len(methods) != 1:
         raise ModelError(f"an adapter folder holds one method; this model holds {', '.join(methods) or 'no adapters'}")
@@ -44,11 +42,6 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
 
 def load_adapter(model, adapter_dir: str | Path) -> dict:
     """Attach a saved adapter (ours or PEFT's) to `model`; return its config."""
-    from .bottleneck_format import PEFT_TYPE as BOTTLENECK, load_bottleneck
-    from .ia3_format import load_ia3
-    from .peft_format import load_adapter as load_lora
-    from .prompt_format import load_prefix, load_prompt
-
     config = read_config(adapter_dir)
     readers = {"LORA": load_lora, "IA3": load_ia3, "PROMPT_TUNING": load_prompt,
                "PREFIX_TUNING": load_prefix, BOTTLENECK: load_bottleneck}

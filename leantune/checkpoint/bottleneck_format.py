@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..adapters.base import Adapter, adapter_dtype, adapter_modules, set_module
+from ..adapters.bottleneck import ACTIVATIONS, BottleneckAdapter
 from ..errors import ModelError
-from .atomic import save_safetensors, write_json
+from ..io.atomic import save_safetensors, write_json
 from .peft_format import CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
 
 PEFT_TYPE = "BOTTLENECK"
@@ -23,8 +25,6 @@ PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 
 
 def save_bottleneck(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
-    from ..adapters.base import adapter_modules
-
     adapters = adapter_modules(model)
     if not adapters or {a.method for a in adapters.values()} != {"bottleneck"}:
         raise ModelError("save_bottleneck writes bottleneck adapters only; this model holds "
@@ -51,9 +51,6 @@ def save_bottleneck(model, out_dir: str | Path, *, base_model_name_or_path: str 
 def load_bottleneck(model, adapter_dir: str | Path) -> dict:
     """Wrap the saved sublayers of `model` in bottleneck adapters and load their weights; return the config."""
     import torch
-
-    from ..adapters.base import Adapter, adapter_dtype, set_module
-    from ..adapters.bottleneck import ACTIVATIONS, BottleneckAdapter
 
     d = Path(adapter_dir)
     config = read_config(d)

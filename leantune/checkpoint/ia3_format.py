@@ -14,9 +14,19 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..adapters.base import adapter_modules, require_linear, set_module
+from ..adapters.ia3 import IA3Linear
 from ..errors import ModelError
-from .atomic import save_safetensors, write_json
-from .peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION, PREFIX, WEIGHTS_NAME, read_config, read_weights, target_modules
+from ..io.atomic import save_safetensors, write_json
+from .peft_format import (
+    CONFIG_NAME,
+    PEFT_FORMAT_VERSION,
+    PREFIX,
+    WEIGHTS_NAME,
+    read_config,
+    read_weights,
+    target_modules,
+)
 
 KEY_SUFFIX = ".ia3_l"
 
@@ -30,8 +40,6 @@ PEFT_IA3_DEFAULTS: dict[str, Any] = {
 
 
 def save_ia3(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, targets=None) -> Path:
-    from ..adapters.base import adapter_modules
-
     adapters = adapter_modules(model)
     if not adapters or {a.method for a in adapters.values()} != {"ia3"}:
         raise ModelError(f"save_ia3 writes IA3 adapters only; this model holds "
@@ -87,9 +95,6 @@ def _is_feedforward(path: str, names) -> bool:
 def load_ia3(model, adapter_dir: str | Path) -> dict:
     """Inject a PEFT IA3 adapter (ours or PEFT's) into `model` and load its vectors; return its config."""
     import torch
-
-    from ..adapters.base import require_linear, set_module
-    from ..adapters.ia3 import IA3Linear
 
     d = Path(adapter_dir)
     config = read_config(d)

@@ -24,8 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..adapters.base import ALL_LINEAR, Adapter, _inside_adapters, adapter_modules, set_module
+from ..adapters.dora import DoraLinear
+from ..adapters.lora import LoraLinear
 from ..errors import ModelError
-from .atomic import save_safetensors, write_json
+from ..io.atomic import save_safetensors, write_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,8 +82,6 @@ def _one_value(values: set, given: Any, field: str) -> Any:
 def target_modules(model, adapted: list[str], targets: str | Sequence[str] | None) -> str | list[str]:
     """What to write as target_modules: the regex, or the sorted leaf names, so long as PEFT's matching
     of it over a fresh base finds exactly the adapted modules; otherwise the full paths."""
-    from ..adapters.base import ALL_LINEAR, _inside_adapters
-
     inside = _inside_adapters(model)
     paths = [p for p, _ in model.named_modules() if p and p not in inside]
     wanted = set(adapted)
@@ -101,8 +102,6 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
     rank/alpha/dropout/rslora default to the adapters' own values; when given they must agree with them.
     `targets` (what the run asked for) decides between writing a regex and a list of module names.
     """
-    from ..adapters.base import adapter_modules
-
     adapters = adapter_modules(model)
     if not adapters:
         raise ModelError(f"{type(model).__name__} has no adapters to save; inject_lora (or load_adapter) first")
@@ -221,8 +220,6 @@ def _fitting_paths(model, by_module: dict[str, dict], r: int, config: dict) -> l
     """The adapted module paths in model order, once each is known to be a Linear of the right shape."""
     from torch import nn
 
-    from ..adapters.base import Adapter
-
     base = config.get("base_model_name_or_path")
     different = f"adapter was trained for a different base{f' (it was trained on {base})' if base else ''}"
     modules = dict(model.named_modules())
@@ -265,10 +262,6 @@ def load_adapter(model, adapter_dir: str | Path) -> dict:
     draws an init that the loaded weights replace).
     """
     import torch
-
-    from ..adapters.base import set_module
-    from ..adapters.dora import DoraLinear
-    from ..adapters.lora import LoraLinear
 
     config, by_module = read_lora(adapter_dir)
     use_dora = bool(config.get("use_dora"))

@@ -11,8 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..adapters.base import adapter_modules
+from ..adapters.prefix import inject_prefix, kv_shape
+from ..adapters.prompt import inject_prompt
 from ..errors import ModelError
-from .atomic import save_safetensors, write_json
+from ..io.atomic import save_safetensors, write_json
 from .peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION, WEIGHTS_NAME, read_config, read_weights
 
 KEY = "prompt_embeddings"
@@ -27,8 +30,6 @@ PEFT_PROMPT_DEFAULTS: dict[str, Any] = {
 
 
 def _the_prompt(model):
-    from ..adapters.base import adapter_modules
-
     adapters = list(adapter_modules(model).values())
     if len(adapters) != 1 or adapters[0].method != "prompt":
         raise ModelError("save_prompt writes one prompt-tuning adapter; this model holds "
@@ -59,8 +60,6 @@ def save_prompt(model, out_dir: str | Path, *, base_model_name_or_path: str | No
 def load_prompt(model, adapter_dir: str | Path) -> dict:
     """Attach a PEFT prompt-tuning adapter (ours or PEFT's) to `model`; return its config."""
     import torch
-
-    from ..adapters.prompt import inject_prompt
 
     d = Path(adapter_dir)
     config = read_config(d)
@@ -101,8 +100,6 @@ PEFT_PREFIX_DEFAULTS: dict[str, Any] = {
 def save_prefix(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
     """Save the final prefix P (after the projection MLP, if any): PEFT loads it without the MLP, as it
     loads its own in inference mode, so the folder records prefix_projection false."""
-    from ..adapters.base import adapter_modules
-
     adapters = list(adapter_modules(model).values())
     if len(adapters) != 1 or adapters[0].method != "prefix":
         raise ModelError("save_prefix writes one prefix-tuning adapter; this model holds "
@@ -128,8 +125,6 @@ def save_prefix(model, out_dir: str | Path, *, base_model_name_or_path: str | No
 def load_prefix(model, adapter_dir: str | Path) -> dict:
     """Attach a PEFT prefix-tuning adapter (ours or PEFT's) to `model`; return its config."""
     import torch
-
-    from ..adapters.prefix import inject_prefix, kv_shape
 
     d = Path(adapter_dir)
     config = read_config(d)

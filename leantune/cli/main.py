@@ -48,7 +48,7 @@ def _add_config_fields(p: argparse.ArgumentParser) -> None:
         default = "null" if fi.default is None else fi.default
         g.add_argument(*flags, dest=f"cfg:{fi.name}", metavar=type_name(fi.type).upper().replace(" ", "_")
                        if "|" not in type_name(fi.type) else "{" + type_name(fi.type).replace("|", ",") + "}",
-                       default=argparse.SUPPRESS, help=f"{fi.help} (default: {default})")
+                       default=argparse.SUPPRESS, help=f"{fi.help} (default: {default})".replace("%", "%%"))
 
 
 def _overrides(ns: argparse.Namespace) -> dict:
@@ -75,15 +75,21 @@ def _overrides(ns: argparse.Namespace) -> dict:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors that suggest the closest option."""
+    """argparse with one-line errors that point to the subcommand's own help and suggest its closest option."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the subcommand that was given them, so the hint is its --help and its options
+            sub = next((a.choices.get(getattr(ns, a.dest, None)) for a in self._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+            (sub or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
 
     def error(self, message: str):  # type: ignore[override]
         import difflib
 
         if message.startswith("unrecognized arguments:"):
-            parsers = [self] + [sp for a in self._actions if isinstance(a, argparse._SubParsersAction)
-                                for sp in a.choices.values()]
-            known = [o for p in parsers for a in p._actions for o in a.option_strings]
+            known = [o for a in self._actions for o in a.option_strings]
             for arg in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(arg.split("=")[0], known, n=1)
                 if close:
@@ -102,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", usage="leantune train [CONFIG] [--section.field VALUE ...] [--resume]", help="fine-tune a model from a YAML config (every field overridable here)",
-                       description="Fine-tune a causal LM with LoRA. Every config field can be set in the YAML "
-                       "file or overridden here as --section.field VALUE.",
+                       description="Fine-tune a causal LM: LoRA (rsLoRA, LoRA+), DoRA, IA3, prompt or prefix tuning, "
+                       "bottleneck adapters, full or freeze fine-tuning (method:), over a 16-bit or a 4/8-bit base "
+                       "(quant.bits: QLoRA). Every config field can be set in the YAML file or overridden here as "
+                       "--section.field VALUE.",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config file (optional when --model and --data.path are given)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
@@ -133,15 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the base to 4 or 8 bits (default: as the run that trained the adapter)")
 
     p = sub.add_parser("merge", help="fold an adapter into its base (an HF model folder), or merge adapters by a recipe",
-                       description="Fold a run's adapter into its base and write a plain Hugging Face model folder, "
-                       "or combine several adapters as a YAML recipe says (linear, cat, svd, ties, dare_linear, "
+                       description="Fold a run's adapter (LoRA, DoRA or IA3) into its base and write a plain Hugging "
+                       "Face model folder with merge_report.json, or combine several adapters as a YAML recipe says (linear, cat, svd, ties, dare_linear, "
                        "dare_ties, magnitude_prune).",
                        epilog="examples:\n  leantune merge runs/first --out merged/first\n"
                        "  leantune merge runs/qlora --out merged/q --base original   # the 16-bit weights\n"
                        "  leantune merge recipe.yaml                                # see docs/merging.md",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run folder, an adapter folder, or a recipe .yaml")
-    p.add_argument("--out", help="output folder (replaced if it exists); a recipe may name it instead")
+    p.add_argument("--out", help="output folder, new or empty; a recipe may name it instead")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier leantune output "
+                   "(a folder with any other file in it is never replaced)")
     p.add_argument("--base", choices=["dequantized", "original"], default="dequantized",
                    help="QLoRA runs: merge into dequant(4-bit weights), what the adapter trained against, or into "
                    "the original 16-bit weights (default: dequantized)")
@@ -178,25 +188,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", dest="cfg:data.cache_dir", default=argparse.SUPPRESS, metavar="DIR",
                    help="where to write the cache (default: data.cache_dir, else ~/.cache/leantune/data)")
 
-    p = sub.add_parser("export", help="write a model or a run (LoRA merged, or alone) as GGUF, with a fidelity report",
-                       description="Write one GGUF file for llama.cpp / Ollama / LM Studio (k-quants in pure Python) "
-                       "and <file>.fidelity.json: per-tensor error, held-out perplexity and top-1 agreement.",
+    from ..export.base import available, quant_help
+
+    p = sub.add_parser("export", help="write a model or a run (its adapter merged, or alone) as GGUF, with a fidelity report",
+                       description="Write a model or a run (LoRA, DoRA or IA3 merged into its base) in a serving "
+                       "format: GGUF for llama.cpp / Ollama / LM Studio (k-quants in pure Python), with "
+                       "<file>.fidelity.json: per-tensor error, held-out perplexity and top-1 agreement.",
                        epilog="examples:\n  leantune export runs/first --quant Q4_K_M --modelfile\n"
                        "  leantune export ./SmolLM2-135M --quant Q8_0 --out smol.gguf\n"
                        "  leantune export runs/first --adapter-only     # a GGUF LoRA for llama.cpp --lora",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run folder, an adapter folder, an HF model folder or a .gguf file")
-    p.add_argument("--format", choices=["gguf"], default="gguf", help="output format (default: gguf)")
-    p.add_argument("--quant", default="Q4_K_M", type=str.upper,
-                   choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"],
-                   help="GGUF file type; _M types use llama.cpp's per-tensor mix (default: Q4_K_M)")
+    p.add_argument("--format", choices=available(), default="gguf", help="output format (default: gguf)")
+    p.add_argument("--quant", default=None, type=str.upper, metavar="TYPE",
+                   help=f"the format's quant type ({quant_help()}); GGUF _M types use llama.cpp's per-tensor mix")
     p.add_argument("--out", help="output file (default: <source name>-<quant>.gguf, in the run folder for a run)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and the Modelfile) when they exist")
     p.add_argument("--base", help="base model, when it differs from the one recorded in the adapter")
+    p.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
+                   help="QLoRA runs: fold the adapter into dequant(4/8-bit weights), what it trained against, or into "
+                   "the original 16-bit weights (default: dequantized)")
     p.add_argument("--adapter-only", action="store_true", help="write the LoRA alone as a GGUF LoRA (llama.cpp --lora)")
     p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile beside the file")
     p.add_argument("--no-eval", action="store_true", help="skip the model-level check (perplexity, top-1 agreement)")
     p.add_argument("--eval-text", help="held-out text file for the model-level check (one passage per line)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("doctor", help="print versions, device, bf16 support and bitsandbytes' state; warn on untested versions",
+                       description="Checks this environment against the versions leantune was tested with "
+                       "(leantune/assets/constraints.txt), reports the device and whether it computes bf16 in "
+                       "hardware, and runs a 4-bit round trip through bitsandbytes' kernels. Exit 1 when a check fails.")
+    p.add_argument("--json", action="store_true", help="the same report as JSON")
     return parser
 
 
@@ -225,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "train":
             return _train(ns)
         if ns.command == "generate":
-            from ..generate import main as generate_main
+            from .chat import main as generate_main
 
             return generate_main(ns)
         if ns.command == "merge":
@@ -240,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             return _preprocess(ns)
         if ns.command == "export":
             return _export(ns)
+        if ns.command == "doctor":
+            from .doctor import main as doctor_main
+
+            return doctor_main(as_json=ns.json)
     except LeantuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -263,7 +289,7 @@ def _merge(ns: argparse.Namespace) -> int:
     if ns.source.endswith((".yaml", ".yml")):
         from ..merge.recipe import run_recipe
 
-        run_recipe(ns.source, out=ns.out)
+        run_recipe(ns.source, out=ns.out, overwrite=ns.overwrite)
         return 0
     from ..errors import ConfigError
     from ..merge.run import main as merge_main
@@ -310,7 +336,8 @@ def _preprocess(ns: argparse.Namespace) -> int:
 
 def _export(ns: argparse.Namespace) -> int:
     from ..errors import DataError
-    from ..export.run import export_gguf
+    from ..export.base import ExportOptions
+    from ..export.run import export
 
     texts = None
     if ns.eval_text:
@@ -319,8 +346,9 @@ def _export(ns: argparse.Namespace) -> int:
                 texts = [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise DataError(f"cannot read --eval-text {ns.eval_text!r}: {e.strerror}; pass a UTF-8 text file") from None
-    result = export_gguf(ns.source, quant=ns.quant, out=ns.out, base=ns.base, adapter_only=ns.adapter_only,
-                         modelfile=ns.modelfile, evaluate=not ns.no_eval, texts=texts, progress=not ns.quiet)
+    options = ExportOptions(modelfile=ns.modelfile, evaluate=not ns.no_eval, texts=texts, progress=not ns.quiet)
+    result = export(ns.source, format=ns.format, quant=ns.quant, out=ns.out, base_model=ns.base,
+                    merge_base=ns.merge_base, adapter_only=ns.adapter_only, overwrite=ns.overwrite, options=options)
     if ns.adapter_only:
         print(f"wrote {result['file']}: {result['tensors']} LoRA tensors, alpha {result['alpha']:g}")
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
+from ..io.atomic import save_safetensors
 from .sources import Source
 from .tokenize import Example, tokenizer_info
 
@@ -106,8 +107,6 @@ def load(path: Path, key: str) -> tuple[list[Example], dict] | None:
 def save(path: Path, key: str, source: Source, examples: list[Example], counts: dict) -> None:
     """Write the examples of one source atomically, then drop its older keys."""
     import torch
-
-    from ..checkpoint.atomic import save_safetensors
 
     offsets = [0]
     for e in examples:

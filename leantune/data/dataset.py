@@ -290,7 +290,8 @@ class EpochPlan(Sequence):
 
     Behaves like a read-only list of batch dicts (len, indexing, slicing, iteration). Each dict holds
     LongTensors (B, T) input_ids, labels and position_ids (packed) or attention_mask (unpacked), and
-    "num_label_tokens": the number of targets after the causal shift, (labels[:, 1:] != -100).sum().
+    "num_label_tokens": the number of targets after the causal shift, (labels[:, 1:] != -100).sum(), and
+    "num_tokens": the real (non-padding) tokens of the batch.
     """
 
     def __init__(self, examples: Sequence[Example], groups: list[list[list[int]]], pad_id: int, packing: bool):
@@ -305,6 +306,7 @@ class EpochPlan(Sequence):
         rows: list[Row] = [join([self._examples[i] for i in members]) for members in self._groups[k]]
         batch: dict[str, Any] = collate(rows, self._pad_id, self._packing)
         batch["num_label_tokens"] = shift_count(batch["labels"])
+        batch["num_tokens"] = sum(len(r) for r in rows)  # real tokens, padding not counted
         return batch
 
     @property

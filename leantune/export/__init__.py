@@ -1,1 +1,2 @@
-"""Export: a model or a run (its LoRA merged, or the LoRA alone) as a GGUF file with a fidelity report."""
+"""Export: a model or a run (its adapter merged through `infer/materialize.py`, or the adapter alone) in a
+serving format. One package per format (`gguf/`), each an `Exporter` (base.py); `run.py` drives them."""

@@ -1,92 +1,68 @@
-"""`leantune export`: from what the user points at (run folder, adapter folder, HF folder, .gguf) to a
-GGUF file, its fidelity report (<file>.fidelity.json) and optionally an Ollama Modelfile.
+"""`leantune export`: from what the user points at (run folder, adapter folder, HF folder, .gguf) to a file
+in one of the registered formats (`export/base.py`; GGUF today), through the one merge path.
 
-Order of work: resolve the source and check its architecture first (an unsupported model fails before
-anything is loaded), then load in float32, merge the adapter in memory, write, and measure.
+Order of work, the same for every format: resolve the source and let the format refuse it (an
+unsupported architecture fails before anything is loaded); refuse an output that exists (unless
+--overwrite); then materialize the merged model (`infer/materialize.py`: any mergeable method, the
+QLoRA base decided once and printed, the run's chat template on the tokenizer) and hand it to the
+exporter, which writes the file and its report.
 """
 
 from __future__ import annotations
 
-import time
+import sys
 from pathlib import Path
 
-from ..errors import ModelError
+from ..checkpoint.run_folder import is_run_folder
+from ..errors import ConfigError, ModelError
+from ..infer.materialize import BaseChoice, Located, check_mergeable, locate, materialize
+from ..io.outputs import check_output_file
+from ..models.gguf_import import gguf_to_hf
+from .base import ExportOptions, get
 
 
-def resolve(source: str, base: str | None = None) -> tuple[Path, Path | None]:
-    """(HF model folder, adapter folder or None) for a run, adapter, HF folder or .gguf file."""
-    from ..generate import find_model_and_adapter
-    from ..models.load import gguf_to_hf
-
-    model_src, adapter = find_model_and_adapter(source, base)
-    if str(model_src).endswith(".gguf"):
-        return gguf_to_hf(model_src), adapter
-    folder = Path(model_src).expanduser()
+def local_folder(found: Located) -> Path:
+    """The HF model folder to export from: the base itself, or the HF folder of a .gguf base."""
+    model = str(found.base_model)
+    if model.endswith(".gguf"):
+        return gguf_to_hf(model)
+    folder = Path(model).expanduser()
     if not folder.is_dir():
-        raise ModelError(f"export needs a local model: {model_src!r} is not a folder or .gguf file "
+        raise ModelError(f"export needs a local model: {model!r} is not a folder or .gguf file "
                          f"(download it first, or pass --base ./local-folder)")
-    return folder, adapter
+    return folder
 
 
-def default_out(source: str, quant: str, adapter_only: bool) -> Path:
+def default_out(source: str, name: str) -> Path:
+    """Beside the run for a run folder, else in the working folder."""
     src = Path(source)
-    stem = src.resolve().name or "model"
-    suffix = "lora-F32" if adapter_only else quant
-    return (src if src.is_dir() and (src / "config.yaml").is_file() else Path.cwd()) / f"{stem}-{suffix}.gguf"
+    return (src if is_run_folder(src) else Path.cwd()) / name
 
 
-def _load(folder: Path, adapter: Path | None, merge: bool):
-    from ..adapters.base import unload
-    from ..checkpoint.peft_format import load_adapter
-    from ..models.load import load_model, load_tokenizer
-
-    model = load_model(str(folder), dtype="fp32", device="cpu").eval().requires_grad_(False)
-    tok = load_tokenizer(str(folder))
-    if adapter is not None:
-        load_adapter(model, adapter)
-        if merge:
-            unload(model, merge=True)
-    return model, tok
-
-
-def export_gguf(source: str, *, quant: str = "Q4_K_M", out: str | None = None, base: str | None = None,
-                adapter_only: bool = False, modelfile: bool = False, evaluate: bool = True,
-                texts: list[str] | None = None, progress: bool = True) -> dict:
-    from ..checkpoint.atomic import write_json, write_text
-    from . import fidelity
-    from .gguf import architecture, write_gguf
-    from .lora_gguf import write_lora_gguf
-    from .quant_mix import check_quant
-
-    quant = check_quant(quant)
-    folder, adapter = resolve(source, base)
-    arch = architecture(folder)
-    if adapter_only and adapter is None:
+def export(source: str, *, format: str = "gguf", quant: str | None = None, out: str | None = None,
+           base_model: str | None = None, merge_base: BaseChoice = "dequantized", adapter_only: bool = False,
+           overwrite: bool = False, options: ExportOptions | None = None) -> dict:
+    """Write `source` as `format` (see the module docstring); return the exporter's report."""
+    exporter = get(format)
+    quant = exporter.check_quant(quant)
+    options = options or ExportOptions()
+    found = locate(source, base_model)
+    folder = local_folder(found)
+    exporter.check_source(folder)
+    if adapter_only and not exporter.writes_adapter:
+        raise ConfigError(f"--adapter-only is not available for --format {format}; drop it to export the merged model")
+    if adapter_only and found.adapter is None:
         raise ModelError(f"{source} has no adapter; --adapter-only needs a run folder or an adapter folder")
-    path = Path(out) if out else default_out(source, quant, adapter_only)
-    t0 = time.perf_counter()
-    model, tok = _load(folder, adapter, merge=not adapter_only)
-    if adapter_only:
-        count, alpha = write_lora_gguf(model, arch, path, Path(source).resolve().name)
-        return {"file": str(path), "tensors": count, "alpha": alpha, "file_bytes": path.stat().st_size}
-    records = write_gguf(model, tok, folder, path, quant, name=Path(source).resolve().name, progress=progress)
-    seconds = time.perf_counter() - t0
-    model_level = None
-    if evaluate:
-        back = fidelity.load_gguf_back(path)
-        model_level = fidelity.compare_models(model, back, tok, texts or fidelity.DEFAULT_TEXTS)
-    n_params = sum(p.numel() for p in model.parameters())
-    report = fidelity.build_report(records, path, quant, n_params, model_level, seconds)
-    write_json(path.with_name(path.name.removesuffix(".gguf") + ".fidelity.json"), report)
-    if modelfile:
-        write_text(path.with_name("Modelfile"), ollama_modelfile(path, tok))
-    print(fidelity.format_table(report))
-    return report
-
-
-def ollama_modelfile(path: Path, tok) -> str:
-    """FROM the file; Ollama reads the chat template from the GGUF itself. Stop at the EOS token."""
-    lines = [f"FROM ./{path.name}"]
-    if tok.eos_token:
-        lines.append(f'PARAMETER stop "{tok.eos_token}"')
-    return "\n".join(lines) + "\n"
+    if not adapter_only:
+        check_mergeable(found)
+    stem = Path(source).resolve().name or "model"
+    path = Path(out) if out else default_out(source, exporter.default_name(stem, quant, adapter_only))
+    check_output_file(path, overwrite=overwrite)
+    if options.modelfile:
+        check_output_file(path.with_name("Modelfile"), overwrite=overwrite, flag="the Modelfile beside --out")
+    options.name = options.name or stem
+    model, tok, facts = materialize(source, base=merge_base, found=found, merge=not adapter_only)
+    if not adapter_only:
+        print(f"exporting: {facts.describe()}", file=sys.stderr)
+        return exporter.write(model, tok, facts, folder, path, quant, options)
+    return exporter.write_adapter(model, tok, facts, folder, path, options)

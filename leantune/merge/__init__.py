@@ -1,3 +1,3 @@
-"""Merging and composing LoRA adapters: merge math (`methods`), combining adapter folders (`combine`),
-folding an adapter into its base as a plain HF model (`fold`), YAML recipes (`recipe`) and several
-adapters live on one base (`multi`)."""
+"""Merging adapters: merge math (`methods`), combining adapter folders (`combine`), folding an adapter into
+its base as a plain HF model (`run`: through `infer/materialize.py`, or streamed by `fold` for LoRA),
+YAML recipes (`recipe`) and what a QLoRA merge cost (`report`)."""

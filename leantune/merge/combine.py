@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ..adapters.lora import lora_delta, lora_scaling
-from ..checkpoint.atomic import atomic_dir, save_safetensors, write_json
+from ..io.atomic import atomic_dir, save_safetensors, write_json
+from ..io.outputs import write_manifest
 from ..checkpoint.peft_format import CONFIG_NAME, PEFT_LORA_DEFAULTS, PREFIX, WEIGHTS_NAME, read_lora
 from ..errors import ConfigError, ModelError
 from . import methods as M
@@ -67,9 +68,8 @@ class LoraWeights:
 def read_adapter(folder: str | os.PathLike) -> LoraWeights:
     config, by_module = read_lora(folder)
     if config.get("use_dora"):  # W' = m (W + sBA) / ||W + sBA||: not a delta that adds or streams
-        raise ModelError(f"{str(folder)!r} is a DoRA adapter; leantune merge folds and combines plain LoRA only. "
-                         "Fold DoRA in memory instead: load it (leantune.checkpoint.adapter_io.load_adapter) and call "
-                         "leantune.adapters.base.unload(model, merge=True), then save_pretrained")
+        raise ModelError(f"{str(folder)!r} is a DoRA adapter; recipes combine plain LoRA only "
+                         "(`leantune merge RUN --out DIR` folds one DoRA adapter into its base)")
     factors = {p: (f["lora_A"].float(), f["lora_B"].float()) for p, f in by_module.items()}
     return LoraWeights(Path(folder), config, factors)
 
@@ -201,4 +201,5 @@ def write_adapter(out_dir: str | os.PathLike, factors: dict[str, tuple[Tensor, T
     with atomic_dir(out_dir) as tmp:
         save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         write_json(tmp / CONFIG_NAME, config)
+        write_manifest(tmp)
     return Path(out_dir)

@@ -11,8 +11,10 @@ Over a 4-bit/8-bit base (a QLoRA run), the adapter was trained against dequant(q
   base="dequantized"  W_base = dequant(quant(W)) for every quantized Linear -- the model the adapter was
                       trained and evaluated as (the default);
   base="original"     W_base = W, the 16-bit weights, which the adapter never saw.
-Either way the weights are written in the base checkpoint's own dtype. `report.py` measures what the
-choice cost (held-out loss and logit KL against the unmerged adapter on the quantized base).
+Either way the weights are written in the base checkpoint's own dtype; dequant(quant(W)) is computed by
+`infer/materialize.py`'s `dequantized`, the same function the in-memory path uses. This is the
+low-memory path `merge/run.py` takes for plain LoRA; other methods go through `materialize`. `report.py`
+measures what the choice cost (held-out loss and logit KL against the unmerged adapter on the quantized base).
 """
 
 from __future__ import annotations
@@ -21,19 +23,22 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ..checkpoint.atomic import atomic_dir
-from ..checkpoint.tensor_file import TensorFile
 from ..errors import ModelError
+from ..io.atomic import atomic_dir
+from ..io.outputs import write_manifest
+from ..io.tensor_file import TensorFile
+from ..models.load import resolve_source
+from ..infer.materialize import BaseChoice, dequantized
+from ..quant.loader import quantizable_linears
 
 if TYPE_CHECKING:
     from ..quant import QuantSpec
 
-BaseChoice = Literal["dequantized", "original"]
 # Files of the base folder that describe weights we rewrite, or that are leantune's own bookkeeping.
 _SKIP = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _SKIP_NAMES = ("leantune-gguf.json",)
@@ -41,8 +46,6 @@ _SKIP_NAMES = ("leantune-gguf.json",)
 
 def model_folder(source: str) -> Path:
     """The local folder of a base model (a folder, a converted .gguf, or a hub id in the local cache)."""
-    from ..models.load import resolve_source
-
     src = resolve_source(source)
     if Path(src).is_dir():
         return Path(src)
@@ -56,8 +59,6 @@ def module_layout(folder: Path, trust_remote_code: bool = False) -> tuple[list[s
     alone: the model is built on the meta device, so this costs no weight memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..quant.loader import quantizable_linears
-
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise ModelError(f"{folder} is saved quantized; merging needs the 16-bit base it was quantized from: pass "
@@ -66,16 +67,6 @@ def module_layout(folder: Path, trust_remote_code: bool = False) -> tuple[list[s
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     order = [p for p, _ in model.named_modules()]
     return order, set(quantizable_linears(model, keep=[model.get_output_embeddings()]))
-
-
-def dequantized(weight: Tensor, spec: QuantSpec, dtype: torch.dtype) -> Tensor:
-    """dequant(quant(W)) as the training run's loader made it: cast to its dtype, then quantized."""
-    from ..quant.layers import dequantize, new_quant_linear, quantize_weight
-
-    out_features, in_features = weight.shape
-    layer = new_quant_linear(in_features, out_features, False, spec)
-    quantize_weight(layer, weight.to(dtype))
-    return dequantize(layer).float()
 
 
 def fold_into_base(base_folder: Path, factors: dict[str, tuple[Tensor, Tensor]], scaling: float, out_dir: str | os.PathLike,
@@ -99,6 +90,7 @@ def fold_into_base(base_folder: Path, factors: dict[str, tuple[Tensor, Tensor]],
         _copy_side_files(base_folder, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
     return Path(out_dir)
 
 

@@ -21,7 +21,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..config import load_yaml
 from ..errors import ConfigError, ModelError
+from ..infer.materialize import run_tokenizer
+from ..io.outputs import check_output_dir
+from .combine import adapter_config, check_request, combine, read_adapter, write_adapter
+from .fold import fold_into_base, model_folder, module_layout
 
 OUTPUTS = ("adapter", "model")
 
@@ -41,8 +46,6 @@ class Recipe:
 
 
 def read_recipe(path: str | os.PathLike) -> Recipe:
-    from ..config import load_yaml
-
     raw = load_yaml(path)
     known = [f.name for f in fields(Recipe) if f.name != "extra"]
     for key in raw:
@@ -77,14 +80,13 @@ def _relative(p: str, here: Path) -> Path:
     return q if q.is_absolute() else here / q
 
 
-def run_recipe(path: str | os.PathLike, out: str | None = None, console=print) -> Path:
+def run_recipe(path: str | os.PathLike, out: str | None = None, console=print, overwrite: bool = False) -> Path:
     """Combine the recipe's adapters and write the result (adapter or model) to `out` (or the recipe's `out`)."""
-    from .combine import check_request, combine, read_adapter
-
     recipe = read_recipe(path)
     target = out or recipe.out
     if not target:
         raise ConfigError(f"recipe {path} names no output folder: add out: DIR to it, or pass --out DIR")
+    check_output_dir(target, overwrite=overwrite, sources=recipe.adapters)
     adapters = [read_adapter(a) for a in recipe.adapters]
     check_request(adapters, recipe.weights, recipe.method, recipe.density, recipe.rank)
     base = recipe.base or next((a.base for a in adapters if a.base), None)
@@ -95,17 +97,12 @@ def run_recipe(path: str | os.PathLike, out: str | None = None, console=print) -
         console(f"note: the adapters' ranks differ ({', '.join(str(a.rank) for a in adapters)}), so {recipe.method} "
                 f"combines their weight deltas and re-factorises by SVD ({used}, rank {rank})")
     if recipe.output == "adapter":
-        from .combine import adapter_config, write_adapter
-
         config = adapter_config(adapters, rank, list(factors))
         if recipe.base:
             config["base_model_name_or_path"] = recipe.base
         written = write_adapter(target, factors, config)
     else:
-        from .fold import fold_into_base
-        from .run import tokenizer_for
-
-        written = fold_into_base(folder, factors, 1.0, target, tokenizer=tokenizer_for(base, None))
+        written = fold_into_base(folder, factors, 1.0, target, tokenizer=run_tokenizer(base, None))
     console(f"merged {len(adapters)} adapters ({used}, rank {rank}) into {written}")
     return written
 
@@ -113,8 +110,6 @@ def run_recipe(path: str | os.PathLike, out: str | None = None, console=print) -
 def _base_layout(base: str | None, required: bool) -> tuple[Path | None, list[str] | None]:
     """(base folder, module order) -- the order DARE draws its masks in; None when the base is not at hand
     and only an adapter is written (then modules go in natural order)."""
-    from .fold import model_folder, module_layout
-
     if base is None:
         if required:
             raise ConfigError("output: model needs the base model: add base: PATH to the recipe (the adapters "

@@ -1,9 +1,15 @@
 """`leantune merge RUN_OR_ADAPTER --out DIR`: one adapter folded into its base, as a plain HF folder.
 
 The source is what `generate` accepts (a run folder, its adapter/ or a checkpoint, an adapter folder).
-When the source belongs to a run (a config.yaml beside or above it), the run says how the base was
-loaded: its dtype, its `quant` section (a QLoRA run), its chat template and its data. For a QLoRA run
-the merge also measures its own cost (`report.py`) into merge_report.json.
+Any mergeable method works (LoRA, DoRA, IA3): the merged model comes from the one path,
+`infer/materialize.py`, which decides which base the adapter is folded into (for a QLoRA run the
+dequantized 4/8-bit base it was trained against, unless --base original) and carries the run's chat
+template into the folder's tokenizer. Plain LoRA takes the streamed fold instead (`fold.py`: one
+tensor in memory at a time, whatever the base's size), the same arithmetic into the same base.
+
+Every merge writes merge_report.json beside the weights: what was merged into which base; for a QLoRA
+run also what the merge cost (`report.py`). The output folder is never one with the user's files in it
+(`io/outputs.py`).
 """
 
 from __future__ import annotations
@@ -12,85 +18,81 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ..errors import ConfigError, ModelError
-from .fold import BaseChoice, fold_into_base, model_folder
+import torch
 
-if TYPE_CHECKING:
-    from ..config import RunConfig
+from ..errors import ModelError
+from ..infer.materialize import BaseChoice, Facts, Located, check_mergeable, facts_for, locate, materialize, run_quant_spec, run_tokenizer
+from ..io.atomic import atomic_dir, write_json
+from ..io.outputs import check_output_dir, write_manifest
+from .combine import read_adapter
+from .fold import fold_into_base, model_folder
+from .report import merge_cost, summary
 
 REPORT_NAME = "merge_report.json"
-BASE_CHOICES = ("dequantized", "original")
 
 
-def run_config(source: str | os.PathLike) -> RunConfig | None:
-    """The config of the run `source` belongs to (its folder, or one of three parents), if any."""
-    from ..config import load
-
-    p = Path(source).resolve()
-    for folder in (p, *p.parents[:3]):
-        if (folder / "config.yaml").is_file() and not (folder / "config.json").exists():
-            return load(folder / "config.yaml", validate=False)
-    return None
-
-
-def tokenizer_for(model: str, cfg: RunConfig | None):
-    """The base tokenizer, carrying the chat template the run trained with (data.chat_template, if set)."""
-    from ..data.tokenize import resolve_chat_template
-    from ..models.load import load_tokenizer
-
-    tok = load_tokenizer(model, trust_remote_code=bool(cfg and cfg.trust_remote_code))
-    if cfg is not None and cfg.data.chat_template:
-        tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
-    return tok
+def streams(found: Located, facts: Facts) -> bool:
+    """Plain LoRA over a base stored as safetensors folds tensor by tensor (`fold.py`); the rest in memory."""
+    if facts.method != "lora":
+        return False
+    try:
+        return any(model_folder(found.base_model).glob("*.safetensors"))
+    except ModelError:
+        return False
 
 
 def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "dequantized", base_model: str | None = None,
-                 report: bool = True, eval_batches: int = 4, console: Callable[[str], None] = print) -> Path:
-    """Fold the adapter of `source` into its base at `out`; for a QLoRA run, also write merge_report.json."""
-    from ..checkpoint.atomic import write_json
-    from ..generate import find_model_and_adapter
-    from ..models.load import pick_dtype
-    from ..models.quantized import resolve_spec
-    from .combine import read_adapter
-
-    if base not in BASE_CHOICES:
-        raise ConfigError(f"--base must be dequantized or original, got {base!r}")
-    model, adapter_dir = find_model_and_adapter(source, base_model)
-    if adapter_dir is None:
+                 report: bool = True, eval_batches: int = 4, overwrite: bool = False,
+                 console: Callable[[str], None] = print) -> Path:
+    """Fold the adapter of `source` into its base at `out`, with merge_report.json (see the module docstring)."""
+    found = locate(source, base_model)
+    if found.adapter is None:
         raise ModelError(f"{source} is neither a run folder nor an adapter folder (no adapter_config.json); pass "
                          "runs/NAME or its adapter/ folder")
-    cfg = run_config(source)
-    lora = read_adapter(adapter_dir)
-    quant = resolve_spec(cfg.quant, _cpu()) if cfg is not None and cfg.quant.bits else None
-    quant_dtype = pick_dtype(cfg.dtype, "cpu") if cfg is not None else None
-    if quant is not None:
-        console(f"the adapter was trained on a {quant.bits}-bit base; merging into the "
-                + ("dequantized base it was trained against" if base == "dequantized"
-                   else "original 16-bit weights (not what it was trained against)"))
-    folder = model_folder(model)
-    written = fold_into_base(folder, lora.factors, lora.scaling, out, quant=quant, quant_dtype=quant_dtype,
-                             base=base, tokenizer=tokenizer_for(model, cfg))
-    console(f"merged {adapter_dir} into {model}: {written}")
-    if quant is not None and report:
-        from .report import merge_cost, summary
-
-        if cfg.model != model:  # --base-model overrides the run's base for the report too
-            cfg.model = model
-        result = merge_cost(cfg, adapter_dir, written, base=base, limit=eval_batches)
-        write_json(written / REPORT_NAME, result)
+    check_mergeable(found)
+    check_output_dir(out, overwrite=overwrite, sources=[found.adapter, found.base_model])
+    facts = facts_for(found, base)
+    console(f"merging: {facts.describe()}")
+    if streams(found, facts):
+        written = _fold(found, base, out)
+    else:
+        model, tok, facts = materialize(source, base=base, found=found)
+        written = save_merged(model, tok, out, getattr(torch, facts.checkpoint_dtype))
+    console(f"merged {found.adapter} into {found.base_model}: {written}")
+    result = {"merge": facts.as_dict()}
+    if facts.quant_bits and report and found.cfg is None:
+        console(f"note: {found.adapter} is not inside its run folder, so there is no run data to measure the merge "
+                "on; merge_report.json records only what was merged")
+    elif facts.quant_bits and report:
+        cfg = found.cfg
+        if cfg.model != found.base_model:  # --base-model overrides the run's base for the report too
+            cfg.model = found.base_model
+        result |= merge_cost(cfg, found.adapter, written, base=base, limit=eval_batches)
         console(summary(result))
+    write_json(written / REPORT_NAME, result)
+    write_manifest(written)
     return written
 
 
-def _cpu():
-    import torch
+def _fold(found: Located, base: BaseChoice, out) -> Path:
+    lora = read_adapter(found.adapter)
+    spec, quant_dtype = run_quant_spec(found.info)
+    return fold_into_base(model_folder(found.base_model), lora.factors, lora.scaling, out, quant=spec,
+                          quant_dtype=quant_dtype, base=base,
+                          tokenizer=run_tokenizer(found.base_model, found.info))
 
-    return torch.device("cpu")
+
+def save_merged(model, tokenizer, out: str | os.PathLike, dtype: torch.dtype) -> Path:
+    """A merged in-memory model as an HF folder in the base checkpoint's dtype, atomically, with its manifest."""
+    with atomic_dir(out) as tmp:
+        model.to(dtype).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
+    return Path(out)
 
 
 def main(ns) -> int:
     merge_source(ns.source, ns.out, base=ns.base, base_model=ns.base_model, report=not ns.no_report,
-                 eval_batches=ns.eval_batches, console=lambda s: print(s, file=sys.stderr))
+                 eval_batches=ns.eval_batches, overwrite=ns.overwrite, console=lambda s: print(s, file=sys.stderr))
     return 0

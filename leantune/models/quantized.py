@@ -13,63 +13,25 @@ config.json with `quantization_config` as `BitsAndBytesConfig.to_dict()` writes 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from ..adapters.base import adapter_modules
 from ..errors import ConfigError, ModelError
+from ..io.atomic import atomic_dir, save_safetensors, write_text
+from ..quant import fill_from_safetensors, norm_outputs_in, params_on_meta, quantizable_linears, spec_of, swap_in_quant_linears
+from ..quant.spec import QuantSpec, quantization_config_dict, require_bitsandbytes, resolve_spec, spec_from_saved
 
 if TYPE_CHECKING:
-    import torch
-
     from ..config import QuantConfig
-    from ..quant import QuantSpec
 
 log = logging.getLogger(__name__)
-
-_DTYPE_TEXT = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
-
-
-def resolve_spec(quant: QuantConfig | QuantSpec | None, device: torch.device) -> QuantSpec | None:
-    """The QuantSpec a `quant` config section asks for on `device` (None: no quantization)."""
-    import torch
-
-    from ..quant import QuantSpec, require_bitsandbytes
-    from .load import pick_dtype
-
-    if quant is None or quant.bits is None:
-        return None
-    if isinstance(quant, QuantSpec):
-        spec = quant
-    else:
-        if quant.compute_dtype == "fp16" and device.type == "cpu":
-            raise ConfigError("quant.compute_dtype fp16 is not supported on CPU (no fast fp16 kernels: ~100x slower "
-                              "than bf16 here); use quant.compute_dtype bf16 or fp32 (auto picks bf16 where the CPU "
-                              "has avx512_bf16/amx_bf16)")
-        compute = (torch.float16 if quant.compute_dtype == "fp16" else pick_dtype(quant.compute_dtype, device))
-        spec = QuantSpec(bits=quant.bits, type=quant.type, double_quant=quant.double_quant, compute_dtype=compute,
-                         blocksize=quant.blocksize)
-    require_bitsandbytes(spec.bits)
-    return spec
-
-
-def spec_from_saved(qc: dict) -> QuantSpec:
-    """The QuantSpec of a folder saved with a bitsandbytes `quantization_config`."""
-    import torch
-
-    from ..quant import QuantSpec
-
-    if qc.get("quant_method") != "bitsandbytes":
-        raise ModelError(f"the model is quantized with {qc.get('quant_method')!r}; leantune loads bitsandbytes "
-                         "4/8-bit checkpoints only: pass the unquantized model and set quant.bits instead")
-    bits = 4 if qc.get("load_in_4bit") else 8
-    compute = getattr(torch, str(qc.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."))
-    return QuantSpec(bits=bits, type=qc.get("bnb_4bit_quant_type", "nf4"),
-                     double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)), compute_dtype=compute,
-                     threshold=float(qc.get("llm_int8_threshold", 6.0)))
-
 
 def local_model_dir(src: str) -> Path:
     """A folder holding the safetensors files: `src` itself, or the hub snapshot of a hub id."""
@@ -84,8 +46,6 @@ def load_quantized(src: str, quant: QuantConfig | QuantSpec | None, *, dtype: to
                    attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> Any:
     """The model of `src` with quantized Linear layers (see the module docstring), left in train mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..quant import fill_from_safetensors, params_on_meta, quantizable_linears, swap_in_quant_linears
 
     try:
         from transformers.initialization import no_init_weights
@@ -115,7 +75,9 @@ def load_quantized(src: str, quant: QuantConfig | QuantSpec | None, *, dtype: to
                          "incomplete or its config.json does not fit them")
     model.to(device)  # buffers built on the CPU (rotary frequencies); quantized weights are there already
     _cast_head_input(model)
-    model.leantune_quant = spec
+    # The residual stream's dtype is the embeddings' (`dtype`): past fp32 norms it stays there (bf16 q, k, v
+    # for SDPA's fast kernels); an fp32 `dtype` keeps it fp32 (the rotary tables are fp32 too).
+    norm_outputs_in(model, dtype)
     log.info("loaded %s with a %d-bit base in %.1f s", src, spec.bits, time.perf_counter() - t0)
     return model
 
@@ -125,8 +87,6 @@ def _cast_head_input(model: Any) -> None:
     so the final hidden states reach a bf16 `lm_head` as fp32. PEFT's prepare_model_for_kbit_training
     answers that by upcasting lm_head and the embeddings to fp32 (on a 128k vocabulary, 2 GB more); we
     cast the head's input to the head's dtype instead, which is the rounding a bf16 head does anyway."""
-    import torch
-
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None or head.weight.dtype == torch.float32:
         return
@@ -148,16 +108,12 @@ def _choose_spec(saved: Any, quant: QuantConfig | QuantSpec | None, device: torc
     if quant is not None and quant.bits is not None and quant.bits != spec.bits:
         raise ConfigError(f"the model is saved {spec.bits}-bit but quant.bits is {quant.bits}; set quant.bits "
                           f"{spec.bits} (or null), or start from the unquantized model")
-    from ..quant import require_bitsandbytes
-
     require_bitsandbytes(spec.bits)
     return spec
 
 
 def saved_quantization(src: str) -> dict | None:
     """The bitsandbytes `quantization_config` of a local folder's config.json, if it has one."""
-    import json
-
     path = Path(src) / "config.json"
     if not path.is_file():
         return None
@@ -165,26 +121,9 @@ def saved_quantization(src: str) -> dict | None:
     return qc if isinstance(qc, dict) else None
 
 
-def quantization_config_dict(spec: QuantSpec) -> dict:
-    """`BitsAndBytesConfig(...).to_dict()` for `spec`, written out so that saving needs no transformers quirk."""
-    four = spec.bits == 4
-    return {"_load_in_4bit": four, "_load_in_8bit": not four,
-            "bnb_4bit_compute_dtype": str(spec.compute_dtype).removeprefix("torch.") if four else "float32",
-            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": spec.type if four else "fp4",
-            "bnb_4bit_use_double_quant": spec.double_quant if four else False,
-            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
-            "llm_int8_skip_modules": None, "llm_int8_threshold": spec.threshold, "load_in_4bit": four,
-            "load_in_8bit": not four, "quant_method": "bitsandbytes"}
-
-
 def save_quantized(model: Any, out_dir: str | os.PathLike) -> Path:
     """Write a quantized model (adapters unloaded) as transformers + bitsandbytes save it; atomically."""
-    import json
-
-    from ..adapters.base import adapter_modules
-    from ..checkpoint.atomic import atomic_dir, save_safetensors, write_text
-
-    spec = getattr(model, "leantune_quant", None)
+    spec = spec_of(model)
     if spec is None:
         raise ModelError("save_quantized needs a model loaded with quant.bits; save a plain model with save_pretrained")
     if adapter_modules(model):

@@ -12,12 +12,20 @@ nothing of size V survives the forward:
 
 `normalizer` is the number of label tokens of the whole optimizer step (all micro-batches), so that
 gradient accumulation over k micro-batches equals one batch k times larger.
+
+Precision: the loss and every reduction accumulate in fp32. With bf16/fp16 hidden states and head the
+chunk's logits stay in that dtype (as a bf16 head outputs them): z - m and exp(z - m) are each computed in
+fp32 inside the op and rounded once, so no (c, V) fp32 copy is made and the probabilities go into the
+gradient GEMMs without a cast (issue 17 measured the old bf16 -> fp32 -> bf16 round trip at 4-12% of a
+bf16 CPU step and ~125 MiB of its peak). fp32/fp64 inputs, and softcapped logits, are computed in fp32/fp64.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .transfer import to_device
 
 IGNORE_INDEX = -100
 
@@ -33,17 +41,29 @@ class _ChunkedLinearCE(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=acc)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        in_place = hidden.dtype != acc and weight.dtype == hidden.dtype and softcap is None  # bf16/fp16
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]                               # (c, H)
             y = labels[s:s + chunk]                               # (c,)
-            z = (h @ weight.t()).to(acc)                          # (c, V): the only tensor of size V
-            if softcap is not None:
-                t = torch.tanh_(z.div_(softcap))
-                z = t * softcap
-            zy = z.gather(1, y[:, None])                          # (c, 1)
-            m = z.amax(dim=-1, keepdim=True)                      # (c, 1)
-            e = torch.exp_(z.sub_(m))                             # exp(z - m), in place: (c, V)
-            denom = e.sum(dim=-1, keepdim=True)                   # (c, 1)
+            z = h @ weight.t()                                    # (c, V): the only tensor of size V
+            if in_place:
+                # bf16 logits stay bf16: max, z - m and exp each run in fp32 inside the op and round once,
+                # the row sums accumulate in fp32, and the probabilities feed the gradient GEMMs as they
+                # are (no fp32 copy of the chunk and no cast back for the GEMM).
+                zy = z.gather(1, y[:, None]).to(acc)              # (c, 1)
+                m = z.amax(dim=-1, keepdim=True)                  # (c, 1), exact in bf16
+                e = torch.exp_(z.sub_(m))                         # exp(z - m): (c, V), bf16
+                denom = e.sum(dim=-1, keepdim=True, dtype=acc)    # (c, 1), fp32
+                m = m.to(acc)
+            else:
+                z = z.to(acc)
+                if softcap is not None:
+                    t = torch.tanh_(z.div_(softcap))
+                    z = t * softcap
+                zy = z.gather(1, y[:, None])                      # (c, 1)
+                m = z.amax(dim=-1, keepdim=True)                  # (c, 1)
+                e = torch.exp_(z.sub_(m))                         # exp(z - m), in place: (c, V)
+                denom = e.sum(dim=-1, keepdim=True)               # (c, 1)
             total += (m + denom.log() - zy).sum()                 # logsumexp(z) - z_y
             if not (need_h or need_w):
                 continue
@@ -56,7 +76,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     grad_h[s:s + chunk] = gh.to(hidden.dtype)
                 if need_w:
                     hs = h.to(acc)
-                    grad_w += (e.div_(denom)).t() @ hs / normalizer
+                    p = e.div_(denom)                             # softmax: (c, V), in e's dtype
+                    grad_w += (p.t() @ h.to(p.dtype)).to(acc).div_(normalizer)
                     grad_w.index_add_(0, y, hs, alpha=-1.0 / normalizer)
             else:
                 dz = e.div_(denom)                                # softmax: (c, V)
@@ -97,14 +118,22 @@ def causal_lm_loss(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, norma
 
     Labels are aligned with input_ids (the HF convention); the shift happens here. Positions whose
     next label is -100 are dropped *before* the head, so prompt tokens cost no head compute at all.
+    `labels` may stay on the host while `hidden` is on a GPU: the positions are then chosen on the host.
     Returns (loss, number of label tokens).
     """
-    h = hidden[:, :-1]                                 # (B, T-1, H): position t predicts token t+1
-    y = labels[:, 1:]                                  # (B, T-1)
+    y = labels[:, 1:]                                  # (B, T-1): position t predicts token t+1
     keep = y != IGNORE_INDEX
-    n = int(keep.sum())
-    # In the head's dtype, labelled positions only: over a 4-bit base the fp32 norms leave the hidden states
+    n = int(keep.sum())  # labels on the host (the train step keeps them there): no device sync
+    if labels.device != hidden.device:  # gather by index, sent without blocking; no boolean mask on the device
+        rows, cols = keep.nonzero(as_tuple=True)                                      # (n,), (n,)
+        idx = to_device(rows * hidden.shape[1] + cols, hidden.device)                 # into (B*T) positions
+        y_kept = to_device(y[rows, cols], hidden.device)                              # (n,)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)                 # (n, H)
+    else:
+        h, y_kept = hidden[:, :-1][keep], y[keep]      # (n, H), (n,)
+    # In the head's dtype, labelled positions only: a 4-bit base with an fp32 `dtype` leaves the hidden states
     # fp32 while a bf16 head stays bf16 (the cast's backward returns fp32 grads).
-    loss = chunked_linear_cross_entropy(h[keep].to(head_weight.dtype), head_weight, y[keep], normalizer=normalizer if normalizer else max(n, 1),
-                                        chunk=chunk, softcap=softcap)
+    loss = chunked_linear_cross_entropy(h.to(head_weight.dtype), head_weight, y_kept,
+                                        normalizer=normalizer if normalizer else max(n, 1), chunk=chunk,
+                                        softcap=softcap)
     return loss, n

@@ -25,49 +25,14 @@ them: build one, fill it from a float or a prequantized checkpoint tensor, dequa
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError
+from ..errors import ModelError
+from .spec import QuantSpec, require_bitsandbytes
 
-QUANT_TYPES = ("nf4", "fp4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' blockwise kernels accept
 _PARAM_CLASSES = ("Params4bit", "Int8Params")
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How to quantize a base: the resolved form of the `quant` config section."""
-
-    bits: int                       # 4 or 8
-    type: str = "nf4"               # 4-bit code: nf4 | fp4
-    double_quant: bool = True       # 4-bit: quantize the absmaxes too
-    compute_dtype: torch.dtype = torch.float32  # 4-bit: the matmul runs in this dtype
-    blocksize: int = 64             # 4-bit: values per absmax
-    threshold: float = 6.0          # 8-bit: outlier threshold (transformers' llm_int8_threshold default)
-
-    def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ConfigError(f"quant.bits must be 4 or 8 (or null for no quantization), got {self.bits}")
-        if self.type not in QUANT_TYPES:
-            raise ConfigError(f"quant.type must be nf4 or fp4, got {self.type!r}")
-        if self.blocksize not in BLOCKSIZES:
-            raise ConfigError(f"quant.blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}")
-
-
-def require_bitsandbytes(bits: int) -> ModuleType:
-    """bitsandbytes, or a one-line error saying how to do without it."""
-    try:
-        import bitsandbytes
-    except Exception as e:  # noqa: BLE001 - ImportError, or a native library that fails to load
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"quant.bits {bits} needs bitsandbytes, which cannot be loaded here ({reason}); install it "
-                          "(pip install 'bitsandbytes>=0.45') or set quant.bits: null to train on a bf16/fp32 "
-                          "base") from None
-    return bitsandbytes
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -184,3 +149,16 @@ def storage_bits(layer: nn.Module) -> tuple[int, int]:
         extras = [scb]
     bits += sum(t.numel() * t.element_size() * 8 for t in extras if t is not None)
     return bits, n
+
+
+def spec_of(model: nn.Module) -> QuantSpec | None:
+    """The QuantSpec a model's quantized base was built with, read from its first quantized layer (the
+    loader builds every one alike); None for a model without quantized layers."""
+    layer = next((m for m in model.modules() if is_quantized(m)), None)
+    if layer is None:
+        return None
+    weight = layer.weight
+    if type(weight).__name__ == "Params4bit":
+        return QuantSpec(bits=4, type=weight.quant_type, double_quant=bool(weight.compress_statistics),
+                         compute_dtype=layer.compute_dtype, blocksize=weight.blocksize)
+    return QuantSpec(bits=8, threshold=float(layer.state.threshold))

@@ -27,7 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..adapters.base import adapter_modules
+from ..adapters.lora import LoraLinear
 from ..errors import ModelError
+from ..io.tensor_file import tensor_index
+from ..quant import dequantize
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,6 @@ def residual_factors(weight: torch.Tensor, dequantized: torch.Tensor, rank: int,
 
 
 def _float_weights(folder: Path) -> dict:
-    from ..checkpoint.tensor_file import tensor_index
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelError(f"lora.init loftq reads the 16-bit weights from {str(folder)!r}, which has no .safetensors "
@@ -59,10 +61,6 @@ def _float_weights(folder: Path) -> dict:
 
 def loftq_init_(model: nn.Module, model_dir: str | Path) -> dict:
     """Set A and B of every LoRA adapter over a 4-bit layer of `model` from the weights in `model_dir`."""
-    from ..adapters.base import adapter_modules
-    from ..adapters.lora import LoraLinear
-    from ..quant import dequantize
-
     index = _float_weights(Path(model_dir))
     before, after = [], []
     for path, adapter in adapter_modules(model).items():

@@ -1,17 +1,10 @@
 """The training loop, top to bottom: load, inject, plan, step, evaluate, checkpoint, save.
 
-No Trainer and no callbacks: every step is in `run()` or a plain helper beside it. The run folder:
-
-    <output_dir>/config.yaml          the fully resolved config (train it again with `leantune train config.yaml`)
-    <output_dir>/data_report.json     what the data pipeline read, kept, skipped and why
-    <output_dir>/metrics.jsonl        one line per logged step (loss, lr, grad norm, tokens/s, peak memory, eval),
-                                      and after the first step the memory breakdown (train/memory.py)
-    <output_dir>/tensorboard/         the same, for TensorBoard
-    <output_dir>/loss.svg             the loss curves, train and eval (open in a browser)
-    <output_dir>/checkpoints/step-N/  resumable checkpoints (each also a PEFT adapter)
-    <output_dir>/adapter/             the final adapter in PEFT's format (appears only when complete)
-    <output_dir>/model/               method full/freeze: the whole model as an HF folder, with the tokenizer
-    <output_dir>/summary.json         written last: the run finished
+No Trainer and no callbacks: every step is in `run()` or a plain helper beside it. What it writes into
+the run folder, and where, is `checkpoint/run_folder.py`: config.yaml, data_report.json, metrics.jsonl (after
+the first step also the memory breakdown, train/memory.py), tensorboard/, loss.svg, checkpoints/step-N/ (each
+also a PEFT adapter), the final adapter/ (or model/ after full/freeze), each with its leantune.json sidecar,
+and summary.json last.
 """
 
 from __future__ import annotations
@@ -22,9 +15,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..adapters.base import ADAPTERS, format_trainable, mark_only_adapters_trainable
+from ..checkpoint.adapter_io import save_adapter
+from ..checkpoint.run_folder import RunFolder, RunInfo, checkpoint_dirs, write_run_info
 from ..config import RunConfig, dump_yaml
+from ..data.dataset import batches as plan_batches, build as build_data
+from ..data.tokenize import pad_id_for, resolve_chat_template
+from ..device import pick_dtype, resolve_device
 from ..errors import ConfigError, TrainingError
-from .state import Progress, checkpoint_dirs
+from ..io.atomic import atomic_dir, write_json, write_text
+from ..models.load import check_vocab, load_model, load_tokenizer, resolve_source
+from ..models.quantized import local_model_dir
+from ..quant import spec_of
+from . import step
+from .full import mark_trainable, save_model
+from .loftq import loftq_init_
+from .memory import SavedTensorMeter, breakdown, describe, gradient_bytes, peak_memory_bytes
+from .metrics import MetricsLog
+from .optim import build_optimizer
+from .plot import write_loss_svg
+from .schedule import lr_factor, set_lr, warmup_steps
+from .state import Progress, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -45,20 +56,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         stop_after: int | None = None) -> RunResult:
     import torch
 
-    from ..adapters.base import format_trainable
-    from ..checkpoint.atomic import atomic_dir, write_json, write_text
-    from ..data.dataset import batches as plan_batches
-    from ..data.dataset import build as build_data
-    from ..data.tokenize import pad_id_for
-    from ..models.load import load_model, load_tokenizer, pick_dtype, resolve_device
-    from .memory import SavedTensorMeter, breakdown, describe, gradient_bytes, peak_memory_bytes
-    from .metrics import MetricsLog
-    from .optim import build_optimizer
-    from .schedule import lr_factor, set_lr, warmup_steps
-    from .state import load_checkpoint, save_checkpoint
-    from .step import evaluate
-
     run_dir = Path(cfg.output_dir)
+    folder = RunFolder(run_dir)
     ckpts = _check_run_dir(run_dir, resume)
 
     t = cfg.train
@@ -79,11 +78,10 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
                    if cfg.quant.bits == 4 else ""))
     model = load_model(cfg.model, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation,
                        trust_remote_code=cfg.trust_remote_code, quant=cfg.quant)
+    check_vocab(model, tokenizer)
     model.config.use_cache = False
     base_name = cfg.model
     if cfg.model.lower().endswith(".gguf"):  # PEFT and vLLM can't load a .gguf base: record its HF folder
-        from ..models.load import resolve_source
-
         base_name = resolve_source(cfg.model)
         console(f"{cfg.model} is converted to {base_name}; the adapter records that folder as its base")
 
@@ -118,16 +116,18 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         progress = load_checkpoint(ckpts[-1], model, optimizer)
         console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
 
-    def save_adapter_to(m, folder: Path) -> None:
+    template = resolve_chat_template(tokenizer, cfg.data.chat_template) if cfg.data.chat_template else None
+    info = RunInfo.of(cfg, chat_template=template)  # the sidecar beside every adapter: how to use it as trained
+
+    def save_adapter_to(m, out: Path) -> None:
+        write_run_info(out, info)
         if cfg.method in WHOLE_MODEL:  # a checkpoint's trainable.safetensors already holds every trained weight
             return
-        from ..checkpoint.adapter_io import save_adapter
-
-        save_adapter(m, folder, base_model_name_or_path=base_name, config=cfg)
+        save_adapter(m, out, base_model_name_or_path=base_name, config=cfg)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    write_json(run_dir / "data_report.json", asdict(data.report))
+    write_text(folder.config, dump_yaml(cfg))
+    write_json(folder.data_report, asdict(data.report))
     log = MetricsLog(run_dir, t.tensorboard, resume_step=progress.step if resume else 0)
     if log.tb_note:
         console(log.tb_note)
@@ -178,7 +178,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
             progress.tokens_seen += n_tokens
             in_update = False
             boundary = _snapshot(progress)  # weights and optimizer now hold this step: rewind no further
-            tokens_window += sum(int(b["input_ids"].numel()) for b in micro)
+            tokens_window += sum(b.get("num_tokens", int(b["input_ids"].numel())) for b in micro)  # real tokens
             last_loss = step_loss
             if memory is None:  # optimizer state exists only after the first step
                 memory = breakdown(model, optimizer, grad_bytes=grad_bytes, activation_bytes=meter.bytes, device=device)
@@ -196,7 +196,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
 
             is_last = progress.step == total_steps
             if eval_plan and ((t.eval_every and progress.step % t.eval_every == 0) or is_last):
-                res = evaluate(model, eval_plan, chunk=t.loss_chunk, limit=t.eval_batches)
+                res = step.evaluate(model, eval_plan, chunk=t.loss_chunk, limit=t.eval_batches)
                 if res:
                     last_eval = res["eval_loss"]
                     log.log(progress.step, **res)
@@ -219,7 +219,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     except KeyboardInterrupt:
         bar.close()
         log.close()
-        resume_hint = f"continue with `leantune train {run_dir / 'config.yaml'} --resume`"
+        resume_hint = f"continue with `leantune train {folder.config} --resume`"
         if in_update:  # the weights may be half-updated: keep the last checkpoint on disk instead
             console(f"interrupted during an optimizer update; the last checkpoint on disk is kept; {resume_hint}")
             return RunResult(run_dir, None, progress.step, last_loss, last_eval, "interrupted")
@@ -240,14 +240,11 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     bar.close()
 
     checkpoint()
-    adapter_dir = run_dir / ("model" if cfg.method in WHOLE_MODEL else "adapter")
+    adapter_dir = folder.output(whole_model=cfg.method in WHOLE_MODEL)
     with atomic_dir(adapter_dir) as tmp:
         if cfg.method in WHOLE_MODEL:
-            from .full import save_model
-
             save_model(model, tokenizer, tmp)
-        else:
-            save_adapter_to(model, tmp)
+        save_adapter_to(model, tmp)
     summary = {"status": stopped, "steps": progress.step, "total_steps": total_steps, "train_loss": last_loss,
                "eval_loss": last_eval, "best_eval_loss": progress.best_eval_loss, "label_tokens": progress.tokens_seen,
                adapter_dir.name: str(adapter_dir), "progress": asdict(progress)}
@@ -256,10 +253,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         summary["memory"] = memory
         console(describe(memory))
     log.close()
-    from .plot import write_loss_svg
-
     write_loss_svg(run_dir)
-    write_json(run_dir / "summary.json", summary)
+    write_json(folder.summary, summary)
     loss_text = f"train loss {last_loss:.4f}" if last_loss is not None else "nothing left to train"
     console(f"done: {progress.step} steps, {loss_text}"
             + (f", eval loss {last_eval:.4f}" if last_eval is not None else "") + f"; {adapter_dir.name} in {adapter_dir}")
@@ -271,8 +266,6 @@ def _accumulate_gradients(model, micro: list[dict], n_tokens: int, *, chunk: int
     the whole step, so k micro-batches of b rows give the gradient of one batch of k*b rows.
     `meter` (a SavedTensorMeter) counts the activations of the first micro-batch."""
     import contextlib
-
-    from . import step
 
     total = 0.0
     for b in micro:
@@ -297,12 +290,13 @@ def _nan_error(loss: float, step_no: int, run_dir: Path, lr: float, what: str = 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
     """Refuse to overwrite a run, or to resume one that has nothing to resume from."""
-    ckpts = checkpoint_dirs(run_dir)
-    finished = (run_dir / "summary.json").exists()
+    folder = RunFolder(run_dir)
+    ckpts = folder.checkpoints()
+    finished = folder.summary.exists()
     if resume and (finished or not ckpts):
         raise ConfigError(f"{run_dir} already holds a finished run; nothing to resume" if finished else
                           f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
-    if not resume and (ckpts or (run_dir / "adapter").exists()):
+    if not resume and (ckpts or folder.adapter.exists()):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
                           f"output_dir (e.g. --output_dir {run_dir}-2)")
     return ckpts
@@ -316,8 +310,6 @@ def _unpack_if_needed(cfg: RunConfig, console: Callable[[str], None]) -> None:
 
     A notice rather than an error: packing is on by default, and for such a method off is the only
     setting that works, so refusing would only make every user type the same override."""
-    from ..adapters.base import ADAPTERS
-
     method = ADAPTERS.get(cfg.method)  # None for full/freeze: they pack like any plain model
     if cfg.data.packing and method is not None and not method.packs:
         cfg.data.packing = False
@@ -333,12 +325,8 @@ def _attach_adapter(model, cfg: RunConfig, tokenizer=None, console: Callable[[st
     import torch
 
     if cfg.method in WHOLE_MODEL:
-        from .full import mark_trainable
-
         mark_trainable(model, cfg.method, cfg.freeze.train_last_layers, cfg.freeze.train_modules)
     else:
-        from ..adapters.base import ADAPTERS, mark_only_adapters_trainable
-
         method = ADAPTERS[cfg.method]
         for p in model.parameters():
             p.requires_grad_(False)
@@ -346,9 +334,6 @@ def _attach_adapter(model, cfg: RunConfig, tokenizer=None, console: Callable[[st
         method.attach(model, getattr(cfg, method.config_section), tokenizer=tokenizer)
         mark_only_adapters_trainable(model)
         if cfg.method == "lora" and cfg.lora.init == "loftq":
-            from ..models.quantized import local_model_dir
-            from .loftq import loftq_init_
-
             stats = loftq_init_(model, local_model_dir(cfg.model))
             (console or print)(f"lora.init loftq: {stats['layers']} layers start at the SVD of their quantization error; "
                     f"relative weight error {stats['error_before']:.4f} -> {stats['error_after']:.4f}")
@@ -358,7 +343,7 @@ def _attach_adapter(model, cfg: RunConfig, tokenizer=None, console: Callable[[st
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(model, "leantune_quant", None) is not None and hasattr(model, "enable_input_require_grads"):
+        if spec_of(model) is not None and hasattr(model, "enable_input_require_grads"):
             # As prepare_model_for_kbit_training: embeddings output a grad-requiring tensor, so every
             # checkpointed segment of a quantized base has a differentiable input (needed by reentrant
             # checkpointing and by any wrapper that checks requires_grad on the inputs).

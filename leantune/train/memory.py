@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..quant.layers import is_quantized, storage_bits
+
 MiB = 1024 * 1024
 
 
@@ -61,8 +63,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def parameter_bytes(model: nn.Module) -> dict[str, int]:
     """{"base_weights": frozen params + buffers, "trainable": trainable params}. A quantized layer's weight
     counts with its statistics (absmax, nested absmax, code tables), which live outside the parameter."""
-    from ..quant.layers import is_quantized, storage_bits
-
     quantized = [m for m in model.modules() if is_quantized(m)]
     packed = {id(m.weight) for m in quantized}
     frozen = sum(_nbytes(p) for p in model.parameters() if not p.requires_grad and id(p) not in packed)

@@ -10,6 +10,9 @@ import json
 import time
 from pathlib import Path
 
+from ..checkpoint.run_folder import METRICS, TENSORBOARD
+from ..io.atomic import write_text
+
 
 def _records(path: Path):
     """(line, record) for every whole line; a line torn by a crash mid-write is skipped."""
@@ -28,12 +31,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         if resume_step and self.path.exists():
             # Drop lines past the checkpoint we resume from: they belong to the lost tail of the run.
             kept = [ln for ln, rec in _records(self.path) if rec.get("step", 0) <= resume_step]
-            from ..checkpoint.atomic import write_text
-
             write_text(self.path, "".join(ln + "\n" for ln in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -44,7 +45,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD))
             except ImportError:
                 self.tb_note = "tensorboard is not installed; metrics go to metrics.jsonl only (pip install tensorboard)"
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint.run_folder import LOSS_SVG, METRICS
+from ..io.atomic import write_text
+from .metrics import read_metrics
+
 W, H, PAD = 640, 360, 48
 
 
@@ -21,8 +25,6 @@ def _polyline(points: list[tuple[float, float]], sx, sy, color: str, dots: bool)
 
 
 def loss_svg(metrics_jsonl: Path) -> str:
-    from .metrics import read_metrics
-
     train, evals = [], []
     for rec in read_metrics(metrics_jsonl):
         if "loss" in rec:
@@ -55,12 +57,10 @@ def loss_svg(metrics_jsonl: Path) -> str:
 
 
 def write_loss_svg(run_dir: Path) -> Path | None:
-    from ..checkpoint.atomic import write_text
-
-    metrics = Path(run_dir) / "metrics.jsonl"
+    metrics = Path(run_dir) / METRICS
     svg = loss_svg(metrics) if metrics.exists() else ""
     if not svg:
         return None
-    out = Path(run_dir) / "loss.svg"
+    out = Path(run_dir) / LOSS_SVG
     write_text(out, svg)
     return out

@@ -11,13 +11,16 @@ A checkpoint is a folder `checkpoints/step-000123/` written atomically (it exist
 from __future__ import annotations
 
 import json
-import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import TrainingError
+import torch
+from safetensors.torch import load_file
 
-CKPT_RE = re.compile(r"^step-(\d+)$")
+from ..checkpoint.run_folder import RunFolder, checkpoint_dirs
+from ..errors import TrainingError
+from ..io.atomic import atomic_dir, save_safetensors, write_json
 
 
 @dataclass
@@ -31,20 +34,8 @@ class Progress:
     history: list = field(default_factory=list)  # eval results [(step, loss)]
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CKPT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, *, save_adapter_fn, keep: int) -> Path:
-    import torch
-
-    from ..checkpoint.atomic import atomic_dir, save_safetensors, write_json
-
-    final = Path(run_dir) / "checkpoints" / f"step-{progress.step:06d}"
+    final = RunFolder(run_dir).checkpoint(progress.step)
     with atomic_dir(final) as tmp:
         save_adapter_fn(model, tmp)
         trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -56,16 +47,11 @@ def save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, *, save
         write_json(tmp / "state.json", {"progress": asdict(progress), "rng": rng})
     if keep > 0:
         for old in checkpoint_dirs(run_dir)[:-keep]:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(ckpt: Path, model, optimizer) -> Progress:
-    import torch
-    from safetensors.torch import load_file
-
     try:
         saved = load_file(str(ckpt / "trainable.safetensors"))
         state = json.loads((ckpt / "state.json").read_text())

@@ -85,6 +85,15 @@ def case_hub_id_offline(t, m):
     return _train(t, "some-org/some-model-that-is-not-here"), ["offline"]
 
 
+def case_tokenizer_of_another_model(t, m):
+    from conftest import build_llama, build_tokenizer
+
+    tok = build_tokenizer()
+    tok.save_pretrained(t / "mixed")
+    build_llama(t / "mixed", vocab_size=len(tok) - 100)  # its embedding is smaller than the tokenizer
+    return _train(t, t / "mixed"), [f"{len(tok)} tokens", f"{len(tok) - 100} rows", "tokenizer"]
+
+
 def case_data_missing(t, m):
     return _train(t, m, data=t / "missing.jsonl"), ["missing.jsonl"]
 

@@ -1,14 +1,18 @@
 """`leantune merge` end to end on the tiny Llama.
 
-A run's adapter folded into its base is a folder plain transformers loads, whose logits equal base +
-adapter (fp32, 1e-5), with the tokenizer's chat template. From a QLoRA run, `--base dequantized` matches
-the adapter-on-4-bit model (KL ~ 0) and `--base original` does not, and merge_report.json says so.
-Recipes combine adapters into a PEFT adapter or a model; bad recipes are one-line errors, nothing written.
+A run's adapter (LoRA, DoRA or IA3) folded into its base is a folder plain transformers loads, whose
+logits equal base + adapter (fp32, 1e-5), with the run's chat template, and merge_report.json says what
+was merged into which base. From a QLoRA run, `--base dequantized` matches the adapter-on-4-bit model
+(KL ~ 0) and `--base original` does not, scored on a few held-out records without tokenizing the rest.
+An output folder holding the user's files is never replaced; `--out .` and an unwritable --out are
+one-line errors. Recipes combine adapters into a PEFT adapter or a model; bad recipes are one-line
+errors, nothing written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -36,7 +40,10 @@ def runs(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("merge-runs")
     return {"plain": _train(tiny_llama_dir, tmp, "plain"),
             "other": _train(tiny_llama_dir, tmp, "other", "--lora.rank", "6", "--lora.targets", "[q_proj, v_proj]"),
-            "qlora": _train(tiny_llama_dir, tmp, "qlora", "--quant.bits", "4")}
+            "qlora": _train(tiny_llama_dir, tmp, "qlora", "--quant.bits", "4"),
+            "dora": _train(tiny_llama_dir, tmp, "dora", "--method", "dora"),
+            "ia3": _train(tiny_llama_dir, tmp, "ia3", "--method", "ia3", "--train.lr", "0.3"),
+            "bottleneck": _train(tiny_llama_dir, tmp, "bottleneck", "--method", "bottleneck")}
 
 
 def _logits(model) -> torch.Tensor:
@@ -58,20 +65,41 @@ def test_merged_model_loads_in_transformers_with_base_plus_adapter_logits(runs, 
     torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=1e-5)
     assert not torch.allclose(expected, _logits(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()))
     assert AutoTokenizer.from_pretrained(out).chat_template == AutoTokenizer.from_pretrained(tiny_llama_dir).chat_template
-    assert not (out / "merge_report.json").exists()  # nothing to report for a 16-bit base
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["merge"]["method"] == "lora" and report["merge"]["base"] == "16-bit" and "kl_mean" not in report
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left over
 
 
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_dora_and_ia3_runs_merge_into_a_folder_with_base_plus_adapter_logits(runs, tiny_llama_dir, tmp_path, method):
+    from leantune.checkpoint.adapter_io import load_adapter as load_any
+
+    out = tmp_path / method
+    assert main(["merge", str(runs[method]), "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    load_any(model, runs[method] / "adapter")
+    expected = _logits(model)
+    assert not torch.allclose(expected, _logits(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()))
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=1e-5)
+    assert json.loads((out / "merge_report.json").read_text())["merge"]["method"] == method
+
+
 def test_qlora_merge_reports_its_cost_and_dequantized_is_the_faithful_base(runs, tmp_path, capsys):
-    reports = {}
+    reports, logits = {}, {}
     for base in ("dequantized", "original"):
         out = tmp_path / base
         assert main(["merge", str(runs["qlora"]), "--out", str(out), "--base", base, "--eval-batches", "2"]) == 0
         reports[base] = json.loads((out / "merge_report.json").read_text())
-        assert "merge cost" in capsys.readouterr().err
-        assert AutoModelForCausalLM.from_pretrained(out) is not None
+        err = capsys.readouterr().err
+        assert "merge cost" in err and ("dequantized 4-bit base" in err) == (base == "dequantized")
+        assert reports[base]["merge"]["base"] == base
+        logits[base] = _logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
+    assert not torch.allclose(logits["dequantized"], logits["original"], atol=1e-4)   # the choice is real
     deq, orig = reports["dequantized"], reports["original"]
     assert deq["quant_bits"] == 4 and deq["tokens"] > 0 and deq["data"] == "eval split"
+    # 2 batches need at most the 10 held-out records: the 38 training records are never tokenized
+    assert 0 < deq["records_tokenized"] <= 10
     assert deq["kl_mean"] < 1e-6 and abs(deq["loss_change"]) < 1e-4      # the model the adapter was trained as
     assert orig["kl_mean"] > 100 * max(deq["kl_mean"], 1e-9)              # the 16-bit weights it never saw
 
@@ -82,6 +110,51 @@ def test_merge_of_a_plain_model_or_missing_out_is_a_one_line_error(tiny_llama_di
     err = capsys.readouterr().err
     assert "neither a run folder nor an adapter folder" in err and "--out DIR" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_unmergeable_method_is_a_one_line_error_and_writes_nothing(runs, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["merge", str(runs["bottleneck"]), "--out", str(out)]) == 2
+    assert main(["export", str(runs["bottleneck"]), "--out", str(tmp_path / "b.gguf"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("bottleneck adapter, which cannot be folded" in e for e in err)
+    assert not out.exists() and not (tmp_path / "b.gguf").exists()
+
+
+def test_an_output_folder_with_the_users_files_is_never_replaced(runs, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    for extra in ([], ["--overwrite"]):
+        assert main(["merge", str(runs["plain"]), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert (out / "notes.txt").read_text() == "my notes" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # an earlier leantune output is replaced only with --overwrite, and not once the user added a file to it
+    again = tmp_path / "merged"
+    assert main(["merge", str(runs["plain"]), "--out", str(again)]) == 0
+    assert main(["merge", str(runs["plain"]), "--out", str(again)]) == 2
+    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(["merge", str(runs["plain"]), "--out", str(again), "--overwrite"]) == 0
+    (again / "README.md").write_text("my model card")
+    assert main(["merge", str(runs["plain"]), "--out", str(again), "--overwrite"]) == 2
+    assert "did not write (README.md)" in capsys.readouterr().err and (again / "README.md").exists()
+
+
+def test_merge_into_the_current_folder_or_an_unwritable_one_is_a_one_line_error(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", str(runs["plain"]), "--out", "."]) == 2
+    assert "is the folder you are in" in capsys.readouterr().err
+    assert main(["merge", str(runs["plain"]), "--out", str(runs["plain"])]) == 2   # the run itself
+    assert "holds the source" in capsys.readouterr().err and (runs["plain"] / "adapter").is_dir()
+    locked = "/proc/leantune-merge" if os.path.isdir("/proc/self") else None
+    if locked is None or os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        locked = str(ro / "merged")
+    assert main(["merge", str(runs["plain"]), "--out", locked]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not writable" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 def _recipe(tmp_path, **fields):

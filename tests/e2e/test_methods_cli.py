@@ -22,7 +22,7 @@ METHODS = {"dora": [], "ia3": ["--train.lr", "5e-2"],
 @pytest.mark.parametrize("method", METHODS)
 def test_method_trains_saves_and_generate_attaches_it(tiny_llama_dir, tmp_path, capsys, method):
     from leantune.adapters.base import ADAPTERS, adapter_modules, prepare_inputs
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     data = write_chat_data(tmp_path / "d.jsonl", n=24)
     out = tmp_path / "run"

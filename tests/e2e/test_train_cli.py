@@ -138,7 +138,7 @@ def test_trained_adapter_loads_in_peft_with_identical_logits_and_generates(tiny_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     data = write_chat_data(tmp_path / "d.jsonl", n=16)
     out = tmp_path / "run"

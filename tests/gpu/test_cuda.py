@@ -22,8 +22,10 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from leantune.config import QuantConfig, from_dict  # noqa: E402
-from leantune.models.load import load_model, pick_dtype, resolve_device  # noqa: E402
+from leantune.device import pick_dtype, resolve_device  # noqa: E402
+from leantune.models.load import load_model  # noqa: E402
 from leantune.models.quantized import save_quantized  # noqa: E402
+from leantune.quant import spec_of  # noqa: E402
 from leantune.train.loop import run  # noqa: E402
 from leantune.train.metrics import read_metrics  # noqa: E402
 
@@ -86,7 +88,7 @@ def test_lora_trains_on_cuda_and_records_the_cuda_peak(tiny_llama_dir, tmp_path)
 
 
 def test_cuda_lora_adapter_loads_in_peft_with_the_same_logits(tiny_llama_dir, tmp_path):
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     data = write_chat_data(tmp_path / "d.jsonl", n=16)
     res = run(cfg(tiny_llama_dir, data, tmp_path / "run", dtype="fp32", train={"max_steps": 3}),
@@ -147,7 +149,7 @@ def test_cuda_4bit_forward_is_the_dequantized_matmul(tiny_llama_dir):
 
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointing"])
 def test_qlora_on_cuda_lowers_loss_and_loads_in_peft(tiny_llama_dir, tmp_path, ckpt):
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     data = write_chat_data(tmp_path / "d.jsonl", n=32)
     res = run(cfg(tiny_llama_dir, data, tmp_path / "run", quant={"bits": 4},
@@ -155,10 +157,12 @@ def test_qlora_on_cuda_lowers_loss_and_loads_in_peft(tiny_llama_dir, tmp_path, c
     curve = losses(tmp_path / "run")
     assert curve[-1] < 0.9 * curve[0], curve
     mine, _ = load_for_inference(str(tmp_path / "run"))
-    assert mine.leantune_quant.bits == 4
+    assert spec_of(mine).bits == 4
     theirs = PeftModel.from_pretrained(hf_bnb(tiny_llama_dir, **NF4), res.adapter_dir).eval()
-    a, b = logits(mine), logits(theirs)
-    assert (a - b).abs().max() <= 1e-2 * b.abs().max()  # bf16 compute: agree to bf16 resolution
+    # bf16 compute on both sides; leantune's activations go back to bf16 after its fp32 norms, a plain bnb
+    # model's norms are bf16: a few roundings apart (the H100 run of 2026-11-26 measured a max of 1.7% of the
+    # largest logit), compared as a relative error over all logits like the rest of this file
+    close_in_bf16(logits(mine), logits(theirs))
 
 
 @pytest.mark.parametrize("name,cls", [("adamw_8bit", "AdamW8bit"), ("paged_adamw_8bit", "PagedAdamW8bit"),

@@ -17,9 +17,9 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from leantune.adapters.lora import inject_lora  # noqa: E402
-from leantune.export.gguf import architecture, write_gguf  # noqa: E402
-from leantune.export.lora_gguf import write_lora_gguf  # noqa: E402
-from leantune.export.quant_mix import tensor_type, use_more_bits  # noqa: E402
+from leantune.export.gguf.writer import architecture, write_gguf  # noqa: E402
+from leantune.export.gguf.lora import write_lora_gguf  # noqa: E402
+from leantune.export.gguf.quant_mix import tensor_type, use_more_bits  # noqa: E402
 
 TEXT = "the quick brown fox jumps over the lazy dog. what is the capital of france?"
 

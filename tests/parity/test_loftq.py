@@ -87,7 +87,7 @@ def test_loftq_starts_nearer_the_float_model_than_the_4bit_base(tiny_llama_dir, 
 
 
 def test_loftq_adapter_trains_and_loads_in_peft_as_plain_lora(tiny_llama_dir, tmp_path):
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     lines = []
     res = run(cfg(tiny_llama_dir, tmp_path, steps=3), console=lines.append)

@@ -115,7 +115,7 @@ def test_forward_and_gradients_match_peft(tiny_llama, case):
         assert a.lora_A.weight.grad.abs().sum() > 0
 
 
-def test_bf16_base_matches_peft(tiny_llama):
+def test_bf16_base_matches_peft_to_bf16_resolution(tiny_llama):
     ours, theirs = build_both(tiny_llama.to(torch.bfloat16), targets="all-linear")
     set_same_b(ours, theirs)
     pl = peft_layers(theirs)
@@ -126,7 +126,11 @@ def test_bf16_base_matches_peft(tiny_llama):
     with torch.no_grad():
         ours_logits, theirs_logits = ours(ids).logits, theirs(ids).logits
     assert ours_logits.dtype == torch.bfloat16
-    torch.testing.assert_close(ours_logits, theirs_logits, atol=0, rtol=0)
+    # Our update runs in bf16 (A and B cast per call, as autocast would), PEFT's in fp32 over upcast
+    # activations: a few bf16 roundings apart (2^-8 = 0.4% each), far below what a wrong update would cost
+    # (B is non-zero here: the update moves the logits).
+    scale = theirs_logits.float().abs().max()
+    assert (ours_logits.float() - theirs_logits.float()).abs().max() <= 2e-2 * scale
 
 
 @pytest.mark.parametrize("case", ["all-linear", "rslora", "target-list", "regex"])
@@ -192,15 +196,20 @@ def test_loraplus_groups_and_step_match_peft(tiny_llama):
         assert (g_ours["lr"], g_ours["weight_decay"]) == (g_theirs["lr"], g_theirs["weight_decay"])
         assert [names_ours[id(p)] for p in g_ours["params"]] == [names_theirs[id(p)] for p in g_theirs["params"]]
     ids = input_ids(tiny_llama.config.vocab_size)
-    for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+    for model in (ours, theirs):
         model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
     params_theirs = dict(theirs.named_parameters())
-    # Adam divides by sqrt(v): where a gradient is ~0 its fp32 rounding (our fused LoRA node sums in
-    # another order) is scaled up to ~lr. 1e-5 (the fp32 bound) is still 1/1600 of B's step.
-    for name, p in ours.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p, params_theirs[peft_name(name)], atol=1e-5, rtol=0)
+    trained = [(p, params_theirs[peft_name(n)]) for n, p in ours.named_parameters() if p.requires_grad]
+    for p, q in trained:  # the same gradients, to fp32 rounding (our fused LoRA node sums in another order)
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+        # Adam's first step is ~lr * g / |g|: where g is ~0 its rounding decides the step, so one rounding
+        # difference in a near-zero gradient moves a weight by up to lr*ratio. The groups are what is
+        # compared here: both optimizers step from the same gradient.
+        q.grad = p.grad.clone()
+    opt_ours.step()
+    opt_theirs.step()
+    for p, q in trained:
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

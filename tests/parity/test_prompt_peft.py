@@ -17,6 +17,7 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model  # noqa: E402
 from leantune.adapters.base import adapter_modules, format_trainable, mark_only_adapters_trainable, prepare_inputs  # noqa: E402
 from leantune.adapters.prompt import inject_prompt  # noqa: E402
 from leantune.checkpoint.adapter_io import load_adapter, save_adapter  # noqa: E402
+from tests.parity.conftest import greedy_by_full_forward  # noqa: E402
 
 N = 6
 TEXT = "answer the question"
@@ -99,13 +100,15 @@ def test_saved_adapters_load_both_ways_with_identical_logits(tiny_llama, batch, 
 
 
 def test_generate_keeps_the_prompt_attached_like_peft(tiny_llama):
+    """Our generate with the prompt attached = greedy decoding by full forwards through PEFT's model."""
     ours, theirs = build_both(tiny_llama)
     ids = torch.tensor([[7, 8, 9, 10, 11]])
     mask = torch.ones_like(ids)
     opts = dict(max_new_tokens=6, do_sample=False, pad_token_id=3)
     with torch.no_grad():
-        new_ours = ours.generate(**prepare_inputs(ours, {"input_ids": ids, "attention_mask": mask}), **opts)
-        full_theirs = theirs.generate(input_ids=ids, attention_mask=mask, **opts)
+        new_ours = ours.eval().generate(**prepare_inputs(ours, {"input_ids": ids, "attention_mask": mask}), **opts)
         plain = tiny_llama.generate(input_ids=ids, attention_mask=mask, **opts)
-    assert new_ours.tolist()[0] == full_theirs.tolist()[0][-new_ours.shape[1]:]
+    theirs.eval()
+    reference = greedy_by_full_forward(lambda x: theirs(input_ids=x, use_cache=False).logits, ids, 6)
+    assert new_ours.tolist()[0] == reference
     assert new_ours.tolist()[0] != plain.tolist()[0][ids.shape[1]:]  # the prompt really steers generation

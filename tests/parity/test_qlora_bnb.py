@@ -12,6 +12,7 @@ compared at bf16 resolution (see test_qlora_adapter_in_peft_bf16_compute).
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import pytest
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 from leantune.config import QuantConfig, from_dict  # noqa: E402
 from leantune.models.load import load_model  # noqa: E402
 from leantune.models.quantized import save_quantized  # noqa: E402
+from leantune.quant import spec_of  # noqa: E402
 from leantune.train.loop import run  # noqa: E402
 
 from e2e.test_train_cli import write_chat_data  # noqa: E402
@@ -40,12 +42,12 @@ def bnb_config(case: dict, compute=torch.float32) -> BitsAndBytesConfig:
                               bnb_4bit_use_double_quant=case["double_quant"], bnb_4bit_compute_dtype=compute)
 
 
-def hf_quantized(folder, case=None, compute=torch.float32):
+def hf_quantized(folder, case=None, compute=torch.float32, dtype=torch.float32):
     kwargs = {"quantization_config": bnb_config(case, compute)} if case else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # on the CPU even where torch sees a GPU: these are the CPU kernels' parity tests (tests/gpu has CUDA's)
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": "cpu"},
                                                     **kwargs).eval()
 
 
@@ -86,7 +88,7 @@ def test_saved_by_transformers_loads_in_leantune(tiny_llama_dir, tmp_path, case)
     theirs = hf_quantized(tiny_llama_dir, case)
     theirs.save_pretrained(tmp_path / "hf")
     mine = ours(tmp_path / "hf")
-    assert mine.leantune_quant.bits == case["bits"]
+    assert spec_of(mine).bits == case["bits"]
     torch.testing.assert_close(logits(mine), logits(theirs), atol=1e-6, rtol=0)
 
 
@@ -102,27 +104,39 @@ def train_qlora(model_dir, tmp_path, compute: str, dtype: str):
 
 
 def test_qlora_adapter_trained_in_leantune_loads_in_peft_with_identical_logits(tiny_llama_dir, tmp_path):
-    from leantune.generate import load_for_inference
+    from leantune.infer.generate import load_for_inference
 
     adapter = train_qlora(tiny_llama_dir, tmp_path, compute="fp32", dtype="fp32")
     mine, _ = load_for_inference(str(tmp_path / "run"), dtype="fp32", device="cpu")
-    assert mine.leantune_quant.bits == 4
+    assert spec_of(mine).bits == 4
     base = hf_quantized(tiny_llama_dir, FOUR_BIT["nf4"])
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     ours_logits, peft_logits = logits(mine), logits(peft_model)
     assert (ours_logits - logits(hf_quantized(tiny_llama_dir, FOUR_BIT["nf4"]))).abs().max() > 1e-3  # it trained
     torch.testing.assert_close(ours_logits, peft_logits, atol=1e-6, rtol=0)
+    # the adapter's sidecar carries the quant section: copied out of its run it still loads on the 4-bit base
+    copied = shutil.copytree(adapter, tmp_path / "elsewhere" / "my-adapter")
+    assert not (copied.parent / "config.yaml").exists()
+    moved, _ = load_for_inference(str(copied), dtype="fp32", device="cpu")
+    assert spec_of(moved) == spec_of(mine)
+    torch.testing.assert_close(logits(moved), ours_logits, atol=0, rtol=0)
 
 
-def test_qlora_adapter_in_peft_bf16_compute(tiny_llama_dir, tmp_path):
-    """bf16 compute, fp32 norms on both sides (PEFT's prepare_model_for_kbit_training upcasts them; so does
-    leantune's loader): the same bytes through the same kernels, so the logits agree to bf16's resolution."""
-    from leantune.generate import load_for_inference
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_qlora_adapter_in_peft_bf16_compute(tiny_llama_dir, tmp_path, dtype):
+    """bf16 compute, fp32 norm weights on both sides (PEFT's prepare_model_for_kbit_training upcasts them; so
+    does leantune's loader): the logits agree to bf16's resolution. With a bf16 `dtype` leantune keeps the
+    activations bf16 past the norms (so attention takes SDPA's bf16 kernels) while PEFT's upcast model runs
+    them in fp32: a few more bf16 roundings, still at bf16 resolution."""
+    from leantune.infer.generate import load_for_inference
 
-    adapter = train_qlora(tiny_llama_dir, tmp_path, compute="bf16", dtype="fp32")
-    mine, _ = load_for_inference(str(tmp_path / "run"), dtype="fp32", device="cpu")
-    base = prepare_model_for_kbit_training(hf_quantized(tiny_llama_dir, FOUR_BIT["nf4"], torch.bfloat16),
+    adapter = train_qlora(tiny_llama_dir, tmp_path, compute="bf16", dtype=dtype)
+    mine, _ = load_for_inference(str(tmp_path / "run"), dtype=dtype, device="cpu")
+    # loaded in the same dtype, so both sides start from the same rounded embeddings and head (PEFT then
+    # upcasts them to fp32)
+    hf_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    base = prepare_model_for_kbit_training(hf_quantized(tiny_llama_dir, FOUR_BIT["nf4"], torch.bfloat16, hf_dtype),
                                            use_gradient_checkpointing=False)
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
-    a, b = logits(mine), logits(peft_model)
+    a, b = logits(mine).float(), logits(peft_model).float()
     assert (a - b).abs().max() <= 1e-2 * b.abs().max()  # bf16 keeps 8 mantissa bits: 2^-8 = 0.4% per rounding

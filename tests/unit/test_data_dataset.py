@@ -124,7 +124,7 @@ def test_epoch_plan_is_deterministic_and_differs_per_epoch(tmp_path, tok, packin
     side = "position_ids" if packing else "attention_mask"
     total = 0
     for b in e0:
-        assert set(b) == {"input_ids", "labels", side, "num_label_tokens"}
+        assert set(b) == {"input_ids", "labels", side, "num_label_tokens", "num_tokens"}
         assert all(b[k].dtype == torch.long and b[k].shape == b["input_ids"].shape for k in ("labels", side))
         assert b["input_ids"].shape[1] <= 64
         assert b["num_label_tokens"] == int((b["labels"][:, 1:] != IGNORE).sum())

@@ -50,3 +50,15 @@ def test_plan_is_deterministic_and_differs_between_epochs():
     b = batches(exs, batch_size=4, max_length=128, packing=False, pad_id=0, seed=3, epoch=0)._groups
     c = batches(exs, batch_size=4, max_length=128, packing=False, pad_id=0, seed=3, epoch=1)._groups
     assert a == b and a != c
+
+
+def test_each_batch_counts_its_real_tokens_without_padding():
+    """num_tokens is what `tokens_per_s` counts: the examples' own tokens, never padded positions."""
+    exs = examples(60)
+    for packing in (False, True):
+        plan = batches(exs, batch_size=4, max_length=256, packing=packing, pad_id=0, seed=0, epoch=0)
+        assert sum(b["num_tokens"] for b in plan) == sum(len(e.input_ids) for e in exs)
+        assert any(b["num_tokens"] < b["input_ids"].numel() for b in plan)  # there is padding to leave out
+        for b in plan:
+            if not packing:
+                assert b["num_tokens"] == int(b["attention_mask"].sum())

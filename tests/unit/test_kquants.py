@@ -13,7 +13,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402
 
-from leantune.export.kquants import BYTES_PER_BLOCK, quantize_k  # noqa: E402
+from leantune.export.gguf.kquants import BYTES_PER_BLOCK, quantize_k  # noqa: E402
 
 F = np.float32
 KTYPES = ["Q4_K", "Q5_K", "Q6_K"]
@@ -210,7 +210,7 @@ def test_asymmetric_search_finds_the_reference_optimum():
     """
     import torch
 
-    from leantune.export.kquants import asymmetric_search
+    from leantune.export.gguf.kquants import asymmetric_search
 
     x = _groups(48, 32)
     w = (np.sqrt(np.mean(x * x, 1, keepdims=True)) + np.abs(x)).astype(F)
@@ -228,7 +228,7 @@ def test_symmetric_search_finds_the_reference_optimum():
     """Per 16-group (Q6_K's make_qx_quants, weights x^2): the same weighted error as the reference's pick."""
     import torch
 
-    from leantune.export.kquants import symmetric_search
+    from leantune.export.gguf.kquants import symmetric_search
 
     x = _groups(48, 16)
     scale, q = (t.numpy() for t in symmetric_search(torch.tensor(x), 32))

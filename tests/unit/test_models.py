@@ -15,8 +15,9 @@ import time
 import pytest
 import torch
 
+from leantune import device as D
 from leantune.errors import ConfigError, ModelError
-from leantune.models import load as L
+from leantune.models import gguf_import as G, load as L
 from leantune.models.demo_model import cut_layers, smollm2_gguf_path
 
 from conftest import build_llama, build_tokenizer
@@ -29,9 +30,9 @@ TEXT = "what is the capital of france? the quick brown fox jumps over the lazy d
 
 
 def test_auto_dtype_follows_the_cpu_bf16_flags():
-    flags = L.cpu_flags()
+    flags = D.cpu_flags()
     expected = torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & flags else torch.float32
-    assert L.pick_dtype("auto", "cpu") == expected
+    assert D.pick_dtype("auto", "cpu") == expected
 
 
 @pytest.mark.parametrize("flags, expected", [({"avx512f", "avx512_bf16"}, torch.bfloat16),
@@ -39,30 +40,30 @@ def test_auto_dtype_follows_the_cpu_bf16_flags():
                                              ({"avx512f", "avx512_vnni"}, torch.float32),
                                              (set(), torch.float32)])
 def test_auto_dtype_is_bf16_only_with_hardware_bf16(monkeypatch, flags, expected):
-    monkeypatch.setattr(L, "cpu_flags", lambda: frozenset(flags))
-    assert L.pick_dtype("auto", torch.device("cpu")) == expected
+    monkeypatch.setattr(D, "cpu_flags", lambda: frozenset(flags))
+    assert D.pick_dtype("auto", torch.device("cpu")) == expected
 
 
 def test_explicit_dtypes_and_fp16_on_cpu_is_refused():
-    assert L.pick_dtype("fp32", "cpu") == torch.float32
-    assert L.pick_dtype(torch.float32, "cpu") == torch.float32
-    with pytest.warns(UserWarning) if not L.cpu_has_fast_bf16() else _no_warning():
-        assert L.pick_dtype("bf16", "cpu") == torch.bfloat16
+    assert D.pick_dtype("fp32", "cpu") == torch.float32
+    assert D.pick_dtype(torch.float32, "cpu") == torch.float32
+    with pytest.warns(UserWarning) if not D.cpu_has_fast_bf16() else _no_warning():
+        assert D.pick_dtype("bf16", "cpu") == torch.bfloat16
     for fp16 in ("fp16", "float16", torch.float16):
         with pytest.raises(ConfigError, match="bf16.*fp32"):
-            L.pick_dtype(fp16, "cpu")
+            D.pick_dtype(fp16, "cpu")
     with pytest.raises(ConfigError, match="auto, bf16 or fp32"):
-        L.pick_dtype("int8", "cpu")
+        D.pick_dtype("int8", "cpu")
 
 
 def test_resolve_device():
-    assert L.resolve_device("cpu") == torch.device("cpu")
-    assert L.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert D.resolve_device("cpu") == torch.device("cpu")
+    assert D.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="auto, cpu or cuda"):
-        L.resolve_device("tpu")
+        D.resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device: cpu"):
-            L.resolve_device("cuda")
+            D.resolve_device("cuda")
 
 
 class _no_warning:
@@ -251,7 +252,7 @@ def test_gguf_converts_to_a_folder_with_identical_logits_and_tokens(tiny_gguf, c
     assert tok.apply_chat_template(msgs, tokenize=False) == ref_tok.apply_chat_template(msgs, tokenize=False)
 
     (folder,) = [p for p in (cache / "gguf").iterdir() if p.is_dir() and p.name != "stat"]
-    meta = json.loads((folder / L.GGUF_MARKER).read_text())
+    meta = json.loads((folder / G.GGUF_MARKER).read_text())
     assert folder.name == meta["sha256"] and meta["source_name"] == path.name
     assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert tok.model_max_length == ref.config.max_position_embeddings
@@ -260,14 +261,14 @@ def test_gguf_converts_to_a_folder_with_identical_logits_and_tokens(tiny_gguf, c
 
 def test_gguf_cache_is_reused(tiny_gguf, cache, monkeypatch):
     path, _, _ = tiny_gguf
-    first = L.gguf_to_hf(path)
+    first = G.gguf_to_hf(path)
     stamp = (first / "model.safetensors").stat().st_mtime_ns
 
     def no_reconvert(*a, **k):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr(L, "_convert_gguf", no_reconvert)
-    assert L.gguf_to_hf(path) == first
+    monkeypatch.setattr(G, "_convert_gguf", no_reconvert)
+    assert G.gguf_to_hf(path) == first
     L.load_model(path, dtype="fp32", device="cpu")
     L.load_tokenizer(path)
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
@@ -278,17 +279,17 @@ def test_gguf_hash_is_remembered_per_file_version(tiny_gguf, cache, monkeypatch,
 
     copy = tmp_path / "copy.gguf"
     copy.write_bytes(tiny_gguf[0].read_bytes())
-    digest = L.file_sha256(copy)
+    digest = G.file_sha256(copy)
     assert digest == hashlib.sha256(copy.read_bytes()).hexdigest()
 
     calls = []
     real = hashlib.sha256
     monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(a) or real(*a))
-    assert L.file_sha256(copy) == digest
+    assert G.file_sha256(copy) == digest
     assert all(a for a in calls)  # only the tiny stat-key hash ran, never a hash of the file body
     os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))  # a rewrite changes mtime: hash again
     calls.clear()
-    assert L.file_sha256(copy) == digest and any(not a for a in calls)
+    assert G.file_sha256(copy) == digest and any(not a for a in calls)
 
 
 def test_failed_conversion_leaves_no_folder(tiny_gguf, cache, monkeypatch):
@@ -296,25 +297,25 @@ def test_failed_conversion_leaves_no_folder(tiny_gguf, cache, monkeypatch):
         (out / "config.json").write_text("{}")
         raise RuntimeError("killed half-way")
 
-    monkeypatch.setattr(L, "_convert_gguf", boom)
+    monkeypatch.setattr(G, "_convert_gguf", boom)
     with pytest.raises(RuntimeError):
-        L.gguf_to_hf(tiny_gguf[0])
+        G.gguf_to_hf(tiny_gguf[0])
     assert not [p for p in (cache / "gguf").iterdir() if p.is_dir() and p.name != "stat"]
 
 
 def test_a_killed_conversion_is_cleaned_up_and_redone(tiny_gguf, cache):
     path = tiny_gguf[0]
-    stale = cache / "gguf" / f".{L.file_sha256(path)}.k1ll3d.tmp"
+    stale = cache / "gguf" / f".{G.file_sha256(path)}.k1ll3d.tmp"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")
-    out = L.gguf_to_hf(path)
-    assert not stale.exists() and (out / L.GGUF_MARKER).is_file()
+    out = G.gguf_to_hf(path)
+    assert not stale.exists() and (out / G.GGUF_MARKER).is_file()
 
 
 def test_unwritable_cache_names_the_setting(tiny_gguf, monkeypatch, tmp_path):
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path / "a-file" / "cache"))
-    assert "set LEANTUNE_CACHE to a writable folder" in _fast(lambda: L.gguf_to_hf(tiny_gguf[0]))
+    assert "set LEANTUNE_CACHE to a writable folder" in _fast(lambda: G.gguf_to_hf(tiny_gguf[0]))
 
 
 def test_missing_or_broken_gguf(tmp_path, cache):

@@ -14,7 +14,15 @@ from leantune.adapters.lora import LoraLinear, inject_lora  # noqa: E402
 from leantune.config import QuantConfig  # noqa: E402
 from leantune.errors import ConfigError, ModelError  # noqa: E402
 from leantune.models.load import load_model  # noqa: E402
-from leantune.quant import QuantSpec, dequantize, is_quantized, new_quant_linear, quantize_weight, storage_bits  # noqa: E402
+from leantune.quant import (  # noqa: E402
+    QuantSpec,
+    dequantize,
+    is_quantized,
+    new_quant_linear,
+    quantize_weight,
+    spec_of,
+    storage_bits,
+)
 from leantune.quant.layers import codebook_decode  # noqa: E402
 
 
@@ -43,23 +51,38 @@ def test_4bit_round_trip_is_bitsandbytes_own(qtype, double_quant, blocksize):
     assert bool((err <= 0.5 * blocks_absmax * 1.02).all())
 
 
+def bitsandbytes_decodes_right(w: torch.Tensor, blocksize: int, double_quant: bool) -> bool:
+    """Whether bitsandbytes' own CPU dequantize agrees with a by-hand codebook decode for this weight. Its
+    AVX512 kernel misplaces values where blocks cross row ends (measured on an AVX512-BF16 CPU: 2.4x the NF4
+    error on a 576x576 weight in blocks of 128); its plain CPU path decodes right. Which one runs depends on
+    the machine, so the tests below ask, and check leantune's behaviour for the answer."""
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                                 quant_type="nf4")
+    return torch.allclose(bnb.functional.dequantize_4bit(packed, state), codebook_decode(packed, state),
+                          atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_cpu_blocks_that_bitsandbytes_decodes_wrongly_are_refused(double_quant):
     w = torch.randn(96, 96, generator=torch.Generator().manual_seed(3))  # rows of 96: blocks of 64 cross them
-    with pytest.raises(ModelError, match="a quant.blocksize that divides 96"):
-        quant_layer(w, QuantSpec(bits=4, double_quant=double_quant, blocksize=64))
+    if bitsandbytes_decodes_right(w, 64, double_quant):  # this CPU's kernel is right: the layer loads as is
+        layer = quant_layer(w, QuantSpec(bits=4, double_quant=double_quant, blocksize=64))
+        assert (dequantize(layer) - w).norm() / w.norm() < 0.15
+    else:
+        with pytest.raises(ModelError, match="a quant.blocksize that divides 96"):
+            quant_layer(w, QuantSpec(bits=4, double_quant=double_quant, blocksize=64))
     ok = torch.randn(64, 100, generator=torch.Generator().manual_seed(3))  # these cross rows too, decoded right
     quant_layer(ok, QuantSpec(bits=4, double_quant=double_quant))  # checked by hand, and not refused
 
 
-def test_why_bitsandbytes_cpu_dequantize_is_wrong_for_blocks_that_cross_row_ends():
-    """The reason for the refusal above, kept as a canary: when bitsandbytes fixes its CPU kernel, this
-    fails, and the check in quant.layers.quantize_weight can go."""
+def test_the_by_hand_decode_is_bitsandbytes_quantization_read_back():
+    """The reference the refusal above checks against: where bitsandbytes' CPU kernel is right (aligned
+    blocks on every CPU) it equals it, and it is a quantization of w. When bitsandbytes fixes its AVX512
+    kernel, `bitsandbytes_decodes_right` turns true there too and the check in quant.layers.quantize_weight
+    can go (on an AVX512 machine the 576x576 case below is the canary)."""
     w = torch.randn(576, 576, generator=torch.Generator().manual_seed(4))
     packed, state = bnb.functional.quantize_4bit(w, blocksize=128, compress_statistics=False, quant_type="nf4")
-    by_hand = codebook_decode(packed, state)
-    assert (by_hand - w).norm() / w.norm() < 0.1                      # the quantization itself is right
-    assert not torch.allclose(bnb.functional.dequantize_4bit(packed, state), by_hand)  # its CPU decode is not
+    assert (codebook_decode(packed, state) - w).norm() / w.norm() < 0.1  # the quantization itself is right
     aligned, state64 = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
     torch.testing.assert_close(bnb.functional.dequantize_4bit(aligned, state64), codebook_decode(aligned, state64))
 
@@ -135,6 +158,16 @@ def test_loader_quantizes_decoder_linears_and_keeps_the_rest_high_precision(tiny
     assert not any(p.device.type == "meta" for p in model.parameters())
     inv_freq = model.model.rotary_emb.inv_freq  # a buffer computed at build time, never in the checkpoint
     assert inv_freq.device.type == "cpu" and torch.isfinite(inv_freq).all()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=4, type="fp4", double_quant=False, blocksize=128,
+                                                                 compute_dtype=torch.bfloat16),
+                                  QuantSpec(bits=8, threshold=5.0)], ids=["nf4", "fp4-bf16-128", "int8"])
+def test_the_spec_of_a_model_is_read_back_from_its_layers(spec):
+    """What `save_quantized` writes and `generate` reports comes from the layers, not from a tag on the model."""
+    model = torch.nn.Sequential(torch.nn.LayerNorm(128), quant_layer(torch.randn(64, 128), spec))
+    assert spec_of(model) == spec
+    assert spec_of(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None
 
 
 def test_gradient_checkpointing_on_a_4bit_base_gives_the_same_gradients(tiny_llama_dir):

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters.base import adapter_modules
-from ..errors import ModelError
-from .gguf import _text_config, gguf_name, rope_permute
+from ...adapters.base import adapter_modules
+from ...errors import ModelError
+from ...io.atomic import atomic_path
+from .writer import _text_config, gguf_name, rope_permute
 
 
 def lora_pairs(model, arch: str) -> tuple[list[tuple[str, np.ndarray]], float]:
@@ -51,8 +52,6 @@ def lora_pairs(model, arch: str) -> tuple[list[tuple[str, np.ndarray]], float]:
 def write_lora_gguf(model, arch: str, out: Path, name: str) -> tuple[int, float]:
     """Write the adapter of `model` (attached, not merged) to `out`; return (tensor count, alpha)."""
     import gguf
-
-    from ..checkpoint.atomic import atomic_path
 
     tensors, alpha = lora_pairs(model, arch)
     with atomic_path(out) as tmp:

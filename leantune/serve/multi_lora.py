@@ -14,15 +14,17 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..adapters.base import Adapter, adapter_modules, set_module
-from ..adapters.lora import lora_delta
+from ..adapters.lora import lora_delta, lora_scaling
 from ..errors import ConfigError, ModelError
-from .combine import LoraWeights, read_adapter
+from ..checkpoint.peft_format import read_lora
 
 
 class MultiLoraLinear(Adapter):
@@ -85,12 +87,30 @@ class MultiLoraLinear(Adapter):
             weight.add_((sign * self.delta()).to(weight.dtype))
 
 
+@dataclass
+class LoadedLora:
+    """One plain LoRA folder as read: {module path: (A (r, in), B (out, r))} and its scale s."""
+
+    where: Path
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: float
+
+
+def read_plain_lora(folder: str | os.PathLike) -> LoadedLora:
+    config, by_module = read_lora(folder)
+    if config.get("use_dora"):  # W' = m (W + sBA) / ||W + sBA||: not a delta that stacks with others
+        raise ModelError(f"{str(folder)!r} is a DoRA adapter; several adapters live on one base as plain LoRA only")
+    factors = {p: (f["lora_A"].float(), f["lora_B"].float()) for p, f in by_module.items()}
+    return LoadedLora(Path(folder), factors,
+                      lora_scaling(int(config["r"]), config["lora_alpha"], bool(config.get("use_rslora", False))))
+
+
 class AdapterSet:
     """The adapters loaded on one model, by name. `use`, `stack` and `disable` act on every layer."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.loaded: dict[str, LoraWeights] = {}
+        self.loaded: dict[str, LoadedLora] = {}
         self._active: dict[str, float] = {}
 
     def layers(self) -> dict[str, MultiLoraLinear]:
@@ -100,7 +120,7 @@ class AdapterSet:
         """Load the adapter folder `folder` as `name` (inactive until `use`/`stack`)."""
         if name in self.loaded:
             raise ConfigError(f"an adapter named {name!r} is already loaded; pick another name")
-        lora = read_adapter(folder)
+        lora = read_plain_lora(folder)
         self._check_fits(lora)
         layers = self.layers()
         for path, (a, b) in lora.factors.items():
@@ -111,7 +131,7 @@ class AdapterSet:
             layer.add(name, a, b, lora.scaling)
         self.loaded[name] = lora
 
-    def _check_fits(self, lora: LoraWeights) -> None:
+    def _check_fits(self, lora: LoadedLora) -> None:
         modules = dict(self.model.named_modules())
         for path, (a, b) in lora.factors.items():
             module = modules.get(path)

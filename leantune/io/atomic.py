@@ -3,6 +3,10 @@
 Each writer puts its bytes into a temporary sibling (same directory, so the same filesystem), flushes
 and fsyncs it, then renames it over the final name: a crash or Ctrl-C at any moment leaves either the
 old artifact or the new one, never half of one that looks complete.
+
+The temporary file or folder is created private (0600/0700, tempfile's modes), and gets the mode a plain
+write would have given it (0666/0777 less the umask) just before it is renamed into place: another user,
+or a vLLM/Ollama service account, reads the adapter, the GGUF and the config as it would any other file.
 """
 
 from __future__ import annotations
@@ -15,6 +19,19 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _umask() -> int:
+    """The process umask. Linux shows it in /proc/self/status; elsewhere it is read by setting and
+    restoring it, which is safe here because leantune writes from one thread."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -42,6 +59,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -82,6 +100,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")

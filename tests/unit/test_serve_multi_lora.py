@@ -1,4 +1,4 @@
-"""Several adapters live on one base (leantune.merge.multi): switching matches PEFT's set_adapter, a
+"""Several adapters live on one base (leantune.serve.multi_lora): switching matches PEFT's set_adapter, a
 weighted stack equals the base with the weighted deltas folded in by hand, disabling gives the base,
 merge/unmerge round-trips, and asking for what is not loaded is a one-line error."""
 
@@ -12,7 +12,7 @@ import torch
 
 from leantune.errors import ConfigError, ModelError
 from leantune.merge.combine import read_adapter
-from leantune.merge.multi import load_adapters
+from leantune.serve.multi_lora import load_adapters
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import quants as gguf_quants
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .kquants import quantize_k
 
 T = GGMLQuantizationType

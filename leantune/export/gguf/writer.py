@@ -6,7 +6,7 @@ blk.N.attn_norm, blk.N.ffn_gate/up/down, blk.N.ffn_norm, output_norm, output. Fo
 convert_hf_to_gguf.py reorders the rows of q_proj and k_proj from HF's rotate-half RoPE layout to the
 interleaved pairs llama.cpp's RoPE expects: per head, rows (h, 2, d/2) -> (h, d/2, 2). transformers'
 GGUF loader undoes exactly this. Qwen2 uses llama.cpp's NEOX RoPE, so its rows stay as they are.
-The file is written to a temporary sibling and renamed into place (checkpoint.atomic).
+The file is written to a temporary sibling and renamed into place (io/atomic.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ModelError
+from ...errors import ModelError
+from ...io.atomic import atomic_path
 from . import quant_mix
 from .vocab import add_tokenizer
 
@@ -139,8 +140,6 @@ def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "
     Returns one record per tensor: its GGML type, stored bytes and dequantization error vs the source.
     """
     import gguf
-
-    from ..checkpoint.atomic import atomic_path
 
     quant = quant_mix.check_quant(quant)
     arch = architecture(folder)

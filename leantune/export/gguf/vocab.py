@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gguf import GGUFWriter, TokenType
 
-from ..errors import ModelError
+from ...errors import ModelError
 
 
 def _pre_tokenizer(arch: str, tok, vocab_size: int) -> str:

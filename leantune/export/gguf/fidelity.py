@@ -4,8 +4,8 @@ Two levels:
   * per tensor: RMSE and max |error| / max |source| of the stored values, decoded with gguf's own
     dequantizers, against the source weights (after merging and the llama q/k permutation);
   * model: the GGUF loaded back through transformers' GGUF reader (it dequantizes every tensor) against
-    the torch model on held-out text: perplexity of both, and greedy top-1 agreement, the share of
-    positions where both predict the same next token.
+    the torch model on held-out text, scored by `eval/compare.py`: perplexity of both, greedy top-1
+    agreement (the share of positions where both predict the same next token) and the logit KL.
 Plus bits per weight and the file size: the seeds' (format, bits/weight, size, quality delta) table,
 measured on the user's own model.
 """
@@ -29,31 +29,6 @@ DEFAULT_TEXTS = [
 ]
 
 
-@torch.no_grad()
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, V)
-
-
-def compare_models(reference, candidate, tok, texts: list[str]) -> dict:
-    """Perplexity of both models and their greedy top-1 agreement over `texts`."""
-    nll_ref = nll_cand = 0.0
-    agree = total = 0
-    for text in texts:
-        ids = torch.tensor([tok(text)["input_ids"]])
-        if ids.shape[1] < 2:
-            continue
-        target = ids[0, 1:]
-        a, b = _logits(reference, ids), _logits(candidate, ids)
-        nll_ref += torch.nn.functional.cross_entropy(a, target, reduction="sum").item()
-        nll_cand += torch.nn.functional.cross_entropy(b, target, reduction="sum").item()
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        total += target.numel()
-    total = max(total, 1)
-    ppl_ref, ppl_cand = math.exp(nll_ref / total), math.exp(nll_cand / total)
-    return {"tokens": total, "perplexity_source": ppl_ref, "perplexity_gguf": ppl_cand,
-            "perplexity_delta_pct": 100 * (ppl_cand / ppl_ref - 1), "top1_agreement": agree / total}
-
-
 def load_gguf_back(path: Path):
     """The GGUF as transformers reads it (every tensor dequantized to float32)."""
     from transformers import AutoModelForCausalLM
@@ -71,6 +46,16 @@ def build_report(records, path: Path, quant: str, n_params: int, model_level: di
         "model": model_level, "worst_tensor": worst.name,
         "tensors": [asdict(r) for r in records],
     }
+
+
+def model_level(scores: dict) -> dict | None:
+    """The report's "model" entry from `eval.compare.compare(source model, GGUF read back, ...)`."""
+    if not scores.get("tokens"):
+        return None
+    ref, cand = scores["perplexity_reference"], scores["perplexity_candidate"]
+    return {"tokens": scores["tokens"], "perplexity_source": ref, "perplexity_gguf": cand,
+            "perplexity_delta_pct": 100 * (cand / ref - 1), "top1_agreement": scores["top1_agreement"],
+            "kl_mean": scores["kl_mean"]}
 
 
 def format_table(report: dict) -> str:

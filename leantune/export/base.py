@@ -1,0 +1,113 @@
+"""The exporter interface and registry: one class per output format, registered by subclassing.
+
+    class GGUFExporter(Exporter, format="gguf"): ...    # EXPORTERS["gguf"]; `leantune export --format gguf`
+
+An exporter declares its quant types (`quants`, `default_quant`), its file suffix and whether it can write
+an adapter alone, and implements `write` (and `write_adapter`): it receives the merged model from the one
+merge path (`infer/materialize.py`), never loads anything itself. `export/run.py` does the rest for every
+format: resolving the source, refusing an output it must not overwrite, materializing, reporting.
+
+The built-in exporters are the packages of this folder (`export/gguf/`); they are found by name without
+being imported (`leantune --help` stays fast) and imported when asked for. An exporter defined anywhere
+else registers as soon as its module is imported. This file imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+
+EXPORTERS: dict[str, type[Exporter]] = {}
+
+# --help text only (the CLI must not import an exporter to print its help): each built-in format's quant
+# types, default first. tests/unit/test_exporters.py checks this table against the registered classes.
+BUILTIN_QUANTS: dict[str, tuple[str, ...]] = {
+    "gguf": ("Q4_K_M", "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_K_M", "Q6_K"),
+}
+
+
+@dataclass
+class ExportOptions:
+    """What the user asked for beyond format, quant and output path."""
+
+    name: str = ""                        # the model's name inside the file
+    modelfile: bool = False               # also write an Ollama Modelfile (formats that have one)
+    evaluate: bool = True                 # score the written file against the source model
+    texts: list[str] | None = None        # held-out text for that score (None: the exporter's own)
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Exporter:
+    """One output format. Subclasses register with `format="name"`."""
+
+    format: ClassVar[str]
+    quants: ClassVar[tuple[str, ...]] = ()      # accepted --quant values, upper case; () means none
+    default_quant: ClassVar[str | None] = None
+    suffix: ClassVar[str] = ""                  # the default output's extension, e.g. ".gguf"
+    writes_adapter: ClassVar[bool] = False      # supports --adapter-only
+
+    def __init_subclass__(cls, format: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if format is None:
+            return
+        known = EXPORTERS.get(format)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"export format {format!r} is already registered by {known.__qualname__}")
+        cls.format = format
+        EXPORTERS[format] = cls
+
+    def check_quant(self, quant: str | None) -> str | None:
+        if quant is None:
+            return self.default_quant
+        q = quant.upper()
+        if q not in self.quants:
+            choices = ", ".join(self.quants) if self.quants else "none (drop --quant)"
+            raise ConfigError(f"--quant {quant!r} is not a {self.format} quant type; choose one of {choices}")
+        return q
+
+    def check_source(self, folder: Path) -> None:
+        """Refuse a model this format cannot hold before anything is loaded (default: accept)."""
+
+    def default_name(self, stem: str, quant: str | None, adapter_only: bool) -> str:
+        return f"{stem}-{'adapter' if adapter_only else (quant or self.format)}{self.suffix}"
+
+    def write(self, model, tokenizer, facts, folder: Path, out: Path, quant: str | None,
+              options: ExportOptions) -> dict:
+        """Write the merged `model` (its tokenizer carries the run's chat template) to `out`; return a report."""
+        raise NotImplementedError
+
+    def write_adapter(self, model, tokenizer, facts, folder: Path, out: Path, options: ExportOptions) -> dict:
+        """Write the adapter attached to `model` alone (when `writes_adapter`)."""
+        raise ConfigError(f"--adapter-only is not available for --format {self.format}")
+
+
+def available() -> list[str]:
+    """Every format: the registered ones and the built-in packages of this folder (found, not imported)."""
+    here = Path(__file__).parent
+    builtin = {m.name for m in pkgutil.iter_modules([str(here)]) if m.ispkg}
+    return sorted(builtin | set(EXPORTERS))
+
+
+def get(name: str) -> Exporter:
+    """An instance of the exporter for `name`, importing the built-in package of that name when needed."""
+    if name not in EXPORTERS and name in available():
+        importlib.import_module(f"{__package__}.{name}")   # a built-in registers itself on import
+    if name not in EXPORTERS:
+        raise ConfigError(f"unknown export format {name!r}; choose one of {', '.join(available())}")
+    return EXPORTERS[name]()
+
+
+def quant_help() -> str:
+    """'gguf: Q4_K_M (default), F32, ...' for every format, without importing any exporter."""
+    table = dict(BUILTIN_QUANTS)
+    for name, cls in EXPORTERS.items():
+        table[name] = tuple(dict.fromkeys(([cls.default_quant] if cls.default_quant else []) + list(cls.quants)))
+    parts = [f"{n}: {q[0]} (default), {', '.join(q[1:])}" if len(q) > 1 else f"{n}: {', '.join(q) or 'none'}"
+             for n, q in sorted(table.items())]
+    return "; ".join(parts)

@@ -1,0 +1,1 @@
+"""Serving: several adapters live on one base (`multi_lora`), the seed of `leantune serve`."""
