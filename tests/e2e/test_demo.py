@@ -55,7 +55,7 @@ def test_batched_replies_equal_one_at_a_time_generate(tiny_llama_dir):
     import torch
 
     from leantune.demo import answer_all
-    from leantune.generate import generate_text
+    from leantune.infer.generate import generate_text
     from leantune.models.load import load_model, load_tokenizer
 
     tok = load_tokenizer(str(tiny_llama_dir))
