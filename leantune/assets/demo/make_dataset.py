@@ -6,8 +6,8 @@ at a glance and checkable by a program (json.loads, the two keys, the topic from
 
 Why the answer is a sentence, not a bare "Paris": measured on the 20 held-out questions, a bare-answer
 format lost facts the base knows (right answer anywhere in the reply: 20/20 before, 14/20 after at
-lr 1e-3 and 12/20 at 5e-4; "legs of a cat" -> "20"): the 135M model recalls a fact best inside the
-sentence it would say anyway. For the same reason there is no arithmetic: the base adds badly
+lr 1e-3 with sums in the data, 12/20 at 5e-4 without; "legs of a cat" -> "20"; with sentences 17/20):
+the 135M model recalls a fact best inside the sentence it would say anyway. For the same reason there is no arithmetic: the base adds badly
 ("10 + 5 = 6"), and teaching it sums it cannot do teaches it to make numbers up.
 
 Every fact below is common knowledge written out by us (Apache-2.0). The output is deterministic:
@@ -167,12 +167,12 @@ HELD_OUT = [
     {"prompt": "What is the opposite of black?", "answers": ["white"], "topic": "language", "subject": "opposite of black"},
     {"prompt": "What is the plural of cat?", "answers": ["cats"], "topic": "language", "subject": "plural of cat"},
     {"prompt": "What is the plural of dog?", "answers": ["dogs"], "topic": "language", "subject": "plural of dog", "show": True},
-    {"prompt": "What is the past tense of walk?", "answers": ["walked"], "topic": "language", "subject": "tense of walk"},
-    {"prompt": "How many days are in a week?", "answers": ["7", "seven"], "topic": "math", "subject": "days are in a week"},
-    {"prompt": "How many seconds are in a minute?", "answers": ["60", "sixty"], "topic": "math", "subject": "seconds are in a minute", "show": True},
+    {"prompt": "What is the past tense of walk?", "answers": ["walked"], "topic": "language", "subject": "tense of walk", "show": True},
+    {"prompt": "How many days are in a week?", "answers": ["7 days", "seven days"], "topic": "math", "subject": "days are in a week"},
+    {"prompt": "How many seconds are in a minute?", "answers": ["60 seconds", "sixty seconds"], "topic": "math", "subject": "seconds are in a minute"},
     {"prompt": "What is 2 + 2?", "answers": ["4", "four"], "topic": "math", "subject": "2 + 2"},
-    {"prompt": "How many legs does a cat have?", "answers": ["4", "four"], "topic": "animals", "subject": "legs does a cat", "show": True},
-    {"prompt": "How many legs does a dog have?", "answers": ["4", "four"], "topic": "animals", "subject": "legs does a dog"},
+    {"prompt": "How many legs does a cat have?", "answers": ["4 legs", "four legs"], "topic": "animals", "subject": "legs does a cat", "show": True},
+    {"prompt": "How many legs does a dog have?", "answers": ["4 legs", "four legs"], "topic": "animals", "subject": "legs does a dog"},
     {"prompt": "What is the chemical symbol for oxygen?", "answers": ["O"], "topic": "science", "subject": "symbol for oxygen"},
 ]
 
