@@ -37,12 +37,31 @@ _f = option
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a mix (data.sources); unset fields take the value of the data section."""
+
+    path: str | None = _f(None, "a data file (.jsonl/.json/.csv/.parquet/.txt) or a hub dataset id")
+    weight: float | None = _f(None, "share of the training mix, relative to the other sources' weights "
+                                    "(give every source a weight, or none: then each is used once)")
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] | None = _f(
+        None, "this source's record format (default: data.format)")
+    split: str | None = _f(None, "split to read when `path` is a hub dataset (default: data.split)")
+    fields: dict[str, str] = _f({}, "rename fields before the format is read: {format field: record field}, "
+                                    "e.g. {instruction: question, output: answer}")
+
+
+@dataclass
 class DataConfig:
-    path: str | None = _f(None, "training data: a .jsonl/.json/.csv/.parquet file, or a hub dataset id (online only)")
+    path: str | list[str] | None = _f(
+        None, "training data: a .jsonl/.json/.csv/.parquet file, a .txt file (one example per blank-line-separated "
+        "paragraph, trained as raw text), a hub dataset id (online only), or a list of these (each used once)")
+    sources: list[SourceConfig] = _f(
+        [], "several datasets mixed by weight, instead of `path`: a list of {path, weight, format, split, fields}; "
+        "see README 'Data'")
     format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = _f(
         "auto", "record format; auto detects it from the fields of the first record")
     split: str = _f("train", "split to read when `path` is a hub dataset")
-    eval_path: str | None = _f(None, "held-out data file; when unset, `eval_fraction` of `path` is held out")
+    eval_path: str | None = _f(None, "held-out data file; when unset, `eval_fraction` of each source is held out")
     eval_fraction: float = _f(0.05, "fraction of the training examples held out for eval when there is no eval_path (0 disables)")
     max_length: int = _f(1024, "longest example in tokens; longer ones are truncated or skipped (see `overlong`)")
     overlong: Literal["truncate", "skip"] = _f("truncate", "what to do with examples longer than max_length (both are counted and reported)")
@@ -50,6 +69,10 @@ class DataConfig:
     train_on_prompt: bool = _f(False, "also train on prompt/system/user tokens (default: responses only)")
     system_prompt: str | None = _f(None, "system message added to chat/alpaca examples that have none")
     chat_template: str | None = _f(None, "a Jinja chat template (inline or a file path) to use instead of the tokenizer's")
+    cache: bool = _f(True, "use the tokenized data that `leantune preprocess` wrote, when its key (file contents, "
+                           "tokenizer, data settings) matches; a stale cache is never used")
+    cache_dir: str | None = _f(None, "folder of the tokenized-data cache (null: $LEANTUNE_CACHE/data, "
+                                     "default ~/.cache/leantune/data)")
 
 
 @dataclass
@@ -234,6 +257,8 @@ def type_name(tp: Any) -> str:
         return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
         return f"list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -263,6 +288,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{name} must be one of {', '.join(map(str, args))}; got {value!r}{hint}")
+    if dataclasses.is_dataclass(tp):  # a list item such as data.sources[0]; a bare string is its path
+        return _build(tp, {"path": value} if isinstance(value, str) else value, f"{name}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping ({{key: value, ...}}), got {value!r}")
+        return {_coerce(k, args[0], f"{name} key"): _coerce(v, args[1], f"{name}.{k}") for k, v in value.items()}
     if origin is list:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value] if not isinstance(value, str) else [v.strip() for v in value.split(",") if v.strip()]
@@ -349,6 +380,10 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     known = {name: tp for name, tp, _, _ in _schema(cls)}
     kwargs = {}
     for key, value in raw.items():
+        if key not in known and "[" in prefix:  # inside a list item: only its own keys are candidates
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"its keys are {', '.join(known)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}")
         if key not in known:
             raise unknown_key_error(f"{prefix}{key}")
         tp = known[key]
@@ -382,7 +417,9 @@ def need(cond: bool, msg: str) -> None:
 
 def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.model is not None, "model is not set: give a local HF folder, a hub id or a .gguf file (model: path/to/model)")
-    need(cfg.data.path is not None, "data.path is not set: point it at a .jsonl/.json/.csv/.parquet file (data: {path: train.jsonl})")
+    need(cfg.data.path is not None or bool(cfg.data.sources),
+         "data.path is not set: point it at a .jsonl/.json/.csv/.parquet/.txt file (data: {path: train.jsonl})")
+    check_data(cfg.data)
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1 or null (torch's default), got {cfg.threads}")
     need(cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}")
     need(0.0 <= cfg.data.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
@@ -417,6 +454,26 @@ def _check_ranges(cfg: RunConfig) -> None:
         if sec.check is not None:
             sec.check(cfg)
     check_quant(cfg.quant)
+
+
+def check_data(d: DataConfig) -> None:
+    """The data section's cross-field rules (the paths themselves are checked when they are read)."""
+    if d.path is not None and d.sources:
+        raise ConfigError("data.path and data.sources are both set; put every dataset in data.sources "
+                          "(a list of {path, weight})")
+    if isinstance(d.path, list) and not d.path:
+        raise ConfigError("data.path is an empty list; give at least one data file")
+    for i, s in enumerate(d.sources):
+        if not s.path:
+            raise ConfigError(f"data.sources[{i}] has no path; each source needs one (- {{path: train.jsonl}})")
+        if s.weight is not None and not s.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight must be > 0, got {s.weight}; drop the source instead of "
+                              "weighting it 0")
+    weighted = [s.weight is not None for s in d.sources]
+    if any(weighted) and not all(weighted):
+        missing = ", ".join(f"data.sources[{i}]" for i, w in enumerate(weighted) if not w)
+        raise ConfigError(f"{missing} has no weight while other sources have one; give every source a weight "
+                          "(shares of the mix), or none (each source used once)")
 
 
 def check_quant(q: QuantConfig) -> None:
@@ -509,7 +566,12 @@ def _resolve_relative(raw: dict, base: Path) -> None:
     if isinstance(data, dict):
         for k in ("path", "eval_path", "chat_template"):
             if k in data:
-                data[k] = fix(data[k])
+                data[k] = [fix(v) for v in data[k]] if isinstance(data[k], list) else fix(data[k])
+        if isinstance(data.get("sources"), list):
+            data["sources"] = [fix(s) if isinstance(s, str) else s for s in data["sources"]]
+            for source in data["sources"]:
+                if isinstance(source, dict) and "path" in source:
+                    source["path"] = fix(source["path"])
 
 
 def to_dict(cfg: Any) -> dict:

@@ -186,10 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "([[...]] marks trained tokens), with counts of BOS/EOS per example.")
     p.add_argument("config", nargs="?", help="YAML config file (its model and data sections are used)")
     p.add_argument("-n", "--num", type=int, default=3, help="examples to show (default: 3)")
-    p.add_argument("--model", dest="cfg:model", default=argparse.SUPPRESS, help="model (for its tokenizer)")
-    p.add_argument("--data", dest="cfg:data.path", default=argparse.SUPPRESS, help="data file")
-    p.add_argument("--format", dest="cfg:data.format", default=argparse.SUPPRESS, help="data format (default: auto)")
-    p.add_argument("--max-length", dest="cfg:data.max_length", default=argparse.SUPPRESS, help="max tokens per example")
+    _add_data_flags(p)
+
+    p = sub.add_parser("preprocess", help="tokenize the data once and cache it; train and inspect-data then read the cache",
+                       description="Tokenizes every data source exactly as `train` would and writes the tokens to the\n"
+                       "cache (data.cache_dir). A run reads them instead of tokenizing again whenever the data\n"
+                       "files, the tokenizer and the data settings are unchanged; anything else is a miss, never\n"
+                       "stale data.",
+                       epilog="examples:\n  leantune preprocess my.yaml\n"
+                       "  leantune preprocess --model ./SmolLM2-135M-Instruct --data train.jsonl --cache-dir .cache/data",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML config file (its model and data sections are used)")
+    _add_data_flags(p)
+    p.add_argument("--cache-dir", dest="cfg:data.cache_dir", default=argparse.SUPPRESS, metavar="DIR",
+                   help="where to write the cache (default: data.cache_dir, else ~/.cache/leantune/data)")
 
     from ..export.base import available, quant_help
 
@@ -247,13 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The subcommands that read a run config: they need every method's section, which registers as the methods'
 # files are imported (with torch). The others, and `leantune --help`, never pay that import.
-CONFIG_COMMANDS = ("train", "inspect-data")
+CONFIG_COMMANDS = ("train", "inspect-data", "preprocess")
 
 
 def _load_methods(argv: list[str]) -> None:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command in CONFIG_COMMANDS and not {"-h", "--help"} & set(argv):  # help reads the light table
         from .. import adapters  # noqa: F401  (registration happens on import)
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The few flags inspect-data and preprocess take without a config file."""
+    p.add_argument("--model", dest="cfg:model", default=argparse.SUPPRESS, metavar="MODEL",
+                   help="model (for its tokenizer)")
+    p.add_argument("--data", dest="cfg:data.path", default=argparse.SUPPRESS, metavar="FILE",
+                   help="data file, or a list of them: '[a.jsonl, b.txt]'")
+    p.add_argument("--format", dest="cfg:data.format", default=argparse.SUPPRESS, metavar="FORMAT",
+                   help="data format: auto, alpaca, chat, prompt_completion or text (default: auto)")
+    p.add_argument("--max-length", dest="cfg:data.max_length", default=argparse.SUPPRESS, metavar="INT",
+                   help="max tokens per example")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(output_dir=ns.output_dir, steps=ns.steps, layers=ns.layers, quiet=ns.quiet)
         if ns.command == "inspect-data":
             return _inspect(ns)
+        if ns.command == "preprocess":
+            return _preprocess(ns)
         if ns.command == "export":
             return _export(ns)
         if ns.command == "plan":
@@ -333,13 +357,19 @@ def _merge(ns: argparse.Namespace) -> int:
     return merge_main(ns)
 
 
-def _inspect(ns: argparse.Namespace) -> int:
+def _data_config(ns: argparse.Namespace):
     from .. import config as config_mod
     from ..errors import ConfigError
 
     cfg = config_mod.load(ns.config, _overrides(ns), validate=False)  # paths relative to the file, as in train
-    if not cfg.model or not cfg.data.path:
-        raise ConfigError("inspect-data needs a model (for its tokenizer) and data: pass a config, or --model and --data")
+    if not cfg.model or not (cfg.data.path or cfg.data.sources):
+        raise ConfigError(f"{ns.command} needs a model (for its tokenizer) and data: pass a config, or --model and --data")
+    config_mod.check_data(cfg.data)
+    return cfg
+
+
+def _inspect(ns: argparse.Namespace) -> int:
+    cfg = _data_config(ns)
     from ..data.dataset import build
     from ..data.inspect import render_examples
     from ..models.load import load_tokenizer
@@ -347,6 +377,17 @@ def _inspect(ns: argparse.Namespace) -> int:
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prepared = build(cfg.data, tok, seed=cfg.seed)
     print(render_examples(prepared.train, tok, ns.num))
+    print(textwrap.fill(prepared.report.summary(), width=100))
+    return 0
+
+
+def _preprocess(ns: argparse.Namespace) -> int:
+    cfg = _data_config(ns)
+    from ..data.dataset import build
+    from ..models.load import load_tokenizer
+
+    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    prepared = build(cfg.data, tok, seed=cfg.seed, save_cache=True)
     print(textwrap.fill(prepared.report.summary(), width=100))
     return 0
 

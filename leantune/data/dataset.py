@@ -1,6 +1,8 @@
 """Build the train/eval examples from a DataConfig, and plan the batches of each epoch.
 
-    records -> normalise -> tokenize + mask -> over-long policy -> drop untrainable -> split
+    per source: records -> rename fields -> normalise -> tokenize + mask -> over-long policy
+                -> drop untrainable -> split          (or all of it read back from the cache, cache.py)
+    the train parts of all sources -> mix by weight (sources.py)
     epoch e: shuffle (random.Random(seed + e)) -> pack -> shuffle rows -> batch -> collate
 
 Nothing is dropped silently: every skipped or truncated example is counted in the DataReport,
@@ -14,15 +16,18 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import DataConfig, RunConfig
 from ..errors import DataError
+from . import cache
 from .formats import SkipExample, detect_format
 from .packing import Row, collate, join, pack_indices
 from .records import read_records
+from .sources import Source, mix, rename_fields, sources_of
 from .tokenize import IGNORE, Example, pad_id_for, tokenize_example, tokenizer_info
 
 NO_TRAINED = "no trained tokens"
@@ -31,8 +36,28 @@ OVERLONG = "longer than max_length"
 
 
 @dataclass
+class SourceCount:
+    """One source's part in the run (reported when there are several sources)."""
+
+    path: str
+    format: str
+    examples: int  # kept after tokenization
+    train: int  # in the training mix (repeated or sampled when the sources have weights)
+    eval: int  # held out of this source
+    weight: float | None = None
+    cached: bool = False  # read from the tokenized-data cache
+
+    def describe(self) -> str:
+        weight = f", weight {self.weight:g}" if self.weight is not None else ""
+        available = self.examples - self.eval
+        how = " (repeated)" if self.train > available else " (a sample)" if self.train < available else ""
+        return (f"{Path(self.path).name} ({self.format}{weight}): {self.examples:,} examples -> "
+                f"{self.train:,} train{how}, {self.eval:,} eval")
+
+
+@dataclass
 class DataReport:
-    """Counts over every record read (train and eval files together)."""
+    """Counts over every record read (train and eval files together; before the mix repeats or cuts)."""
 
     format: str = ""
     records_read: int = 0
@@ -48,7 +73,24 @@ class DataReport:
     eos_count: int = 0  # EOS tokens over all kept examples
     double_bos: int = 0  # examples starting with two BOS
     no_trained_stop: int = 0  # untruncated examples whose trained tokens hold no EOS/end-of-turn token
+    sources: list[SourceCount] = field(default_factory=list)  # filled when there are several sources
     notes: list[str] = field(default_factory=list)
+
+    _SUMMED = ("records_read", "examples_kept", "truncated", "total_tokens", "trained_tokens", "bos_count",
+               "eos_count", "double_bos", "no_trained_stop")
+
+    def counts(self) -> dict[str, Any]:
+        """What one source's tokenization counted (stored beside its cached tokens)."""
+        return {"format": self.format, "skipped": dict(self.skipped), **{k: getattr(self, k) for k in self._SUMMED}}
+
+    def absorb(self, counts: dict[str, Any]) -> None:
+        """Add one source's counts (see counts())."""
+        if counts["format"] and counts["format"] not in self.format.split(" + "):
+            self.format = f"{self.format} + {counts['format']}" if self.format else counts["format"]
+        for reason, c in counts["skipped"].items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + c
+        for k in self._SUMMED:
+            setattr(self, k, getattr(self, k) + counts[k])
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -80,6 +122,8 @@ class DataReport:
         share = self.trained_tokens / max(self.total_tokens, 1)
         parts.append(f"{self.total_tokens:,} tokens, {self.trained_tokens:,} trained ({share:.0%}); "
                      f"per example {self.bos_count / n:.2f} BOS, {self.eos_count / n:.2f} EOS.")
+        if self.sources:
+            parts.append("Sources: " + "; ".join(s.describe() for s in self.sources) + ".")
         if self.double_bos:
             parts.append(f"Warning: {self.double_bos:,} examples start with a double BOS.")
         if self.no_trained_stop:
@@ -97,10 +141,13 @@ class Prepared:
     pad_id: int  # the id batches pad with (the tokenizer's pad, else EOS, else 0; see report.notes)
 
 
-def build(cfg: DataConfig, tokenizer: Any, seed: int) -> Prepared:
-    """Read, tokenize, mask and split the data of `cfg`; raises DataError when nothing is trainable."""
-    if cfg.path is None:
-        raise DataError("data.path is not set; point it at a .jsonl/.json/.csv/.parquet file")
+def build(cfg: DataConfig, tokenizer: Any, seed: int, save_cache: bool = False) -> Prepared:
+    """Read, tokenize, mask, split and mix the data of `cfg`; raises DataError when nothing is trainable.
+
+    Each source's tokens come from the cache when cfg.cache is on and its key matches (cache.py);
+    save_cache=True (`leantune preprocess`) writes the cache of every source that missed.
+    """
+    srcs = sources_of(cfg)
     report = DataReport(max_length=cfg.max_length)
     info = tokenizer_info(tokenizer, cfg.chat_template)
     if info.template is None:
@@ -110,22 +157,82 @@ def build(cfg: DataConfig, tokenizer: Any, seed: int) -> Prepared:
     if note:
         report.notes.append(note[0].upper() + note[1:] + ".")
 
-    train = _examples(cfg.path, cfg, tokenizer, report, "data.path")
+    reader = _Reader(cfg, tokenizer, report, save_cache)
+    parts, held, cached = [], [], []
+    for i, src in enumerate(srcs):
+        examples, hit = reader.examples(src, _key(cfg, i))
+        train, evals = (examples, []) if cfg.eval_path else split(examples, cfg.eval_fraction, seed + i)
+        parts.append(train)
+        held.append(evals)
+        cached.append(hit)
+    weights = [s.weight for s in srcs] if srcs[0].weight is not None else None
+    train, in_mix = mix(parts, weights, seed)
     if cfg.eval_path:
-        evals = _examples(cfg.eval_path, cfg, tokenizer, report, "data.eval_path")
+        evals, _ = reader.examples(Source(cfg.eval_path, cfg.format, cfg.split), "data.eval_path")
     else:
-        train, evals = split(train, cfg.eval_fraction, seed)
+        evals = [e for part in held for e in part]
+    if len(srcs) > 1:
+        report.sources = [SourceCount(s.path, reader.formats[i], len(p) + len(h), n, len(h), s.weight, c)
+                          for i, (s, p, h, n, c) in enumerate(zip(srcs, parts, held, in_mix, cached))]
     report.train_examples, report.eval_examples = len(train), len(evals)
     return Prepared(train, evals, report, pad_id)
 
 
-def _examples(path: str, cfg: DataConfig, tokenizer: Any, report: DataReport, key: str) -> list[Example]:
-    records = read_records(path, cfg.split)
-    fmt = detect_format(records) if cfg.format == "auto" else cfg.format
-    report.format = report.format or fmt
+def _key(cfg: DataConfig, i: int) -> str:
+    """How errors name source i: the config key it came from."""
+    if cfg.sources:
+        return f"data.sources[{i}]"
+    return f"data.path[{i}]" if isinstance(cfg.path, list) else "data.path"
+
+
+class _Reader:
+    """Tokenized examples of one source at a time, through the cache; counts go into `report`."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, report: DataReport, save_cache: bool):
+        self.cfg, self.tokenizer, self.report, self.save_cache = cfg, tokenizer, report, save_cache
+        self.use_cache = cfg.cache or save_cache
+        self.fingerprint = cache.tokenizer_fingerprint(tokenizer, cfg.chat_template) if self.use_cache else ""
+        self.formats: list[str] = []  # the format each training source was read as, in order
+
+    def examples(self, src: Source, key: str) -> tuple[list[Example], bool]:
+        """The examples of `src` and whether they came from the cache."""
+        records = None
+        if self.use_cache and not Path(src.path).expanduser().is_dir():  # a folder: read_records says what to do
+            if not Path(src.path).expanduser().exists():  # a hub dataset: its records stand in for the file
+                records = read_records(src.path, src.split)
+            digest = cache.source_key(src, self.cfg, self.fingerprint, records)
+            file = cache.source_dir(self.cfg, src) / f"{digest}.safetensors"
+            hit = cache.load(file, digest)
+            if hit is not None:
+                examples, counts = hit
+                self._absorb(counts)
+                self.report.notes.append(f"{key} ({Path(src.path).name}): tokens read from the cache {file.parent}.")
+                return examples, True
+            if not self.save_cache and file.parent.is_dir() and any(file.parent.glob("*.safetensors")):
+                self.report.notes.append(f"{key} ({Path(src.path).name}): the cached tokens are out of date (the "
+                                         f"file, the tokenizer or a data setting changed), so it was tokenized "
+                                         f"again; run `leantune preprocess` to refresh the cache.")
+        if records is None:
+            records = read_records(src.path, src.split)
+        part = DataReport(max_length=self.cfg.max_length)
+        examples = _examples(rename_fields(records, src.fields, key), src.format, self.cfg, self.tokenizer, part, key)
+        self._absorb(part.counts())
+        if self.save_cache:
+            cache.save(file, digest, src, examples, part.counts())
+            self.report.notes.append(f"{key} ({Path(src.path).name}): {len(examples):,} examples cached in {file}.")
+        return examples, False
+
+    def _absorb(self, counts: dict[str, Any]) -> None:
+        self.report.absorb(counts)
+        self.formats.append(counts["format"])
+
+
+def _examples(records: list[dict], fmt: str, cfg: DataConfig, tokenizer: Any, report: DataReport,
+              key: str) -> list[Example]:
+    fmt = detect_format(records) if fmt == "auto" else fmt
+    report.format = fmt
     report.records_read += len(records)
     info = tokenizer_info(tokenizer, cfg.chat_template)
-    before = dict(report.skipped)
     out = []
     for i, record in enumerate(records):
         try:
@@ -139,7 +246,7 @@ def _examples(path: str, cfg: DataConfig, tokenizer: Any, report: DataReport, ke
         report.add(fitted, info.bos_id, info.eos_id, info.stop_ids, truncated=fitted is not ex)
         out.append(fitted)
     if not out:
-        skipped = {r: c - before.get(r, 0) for r, c in report.skipped.items() if c > before.get(r, 0)}
+        skipped = report.skipped
         why = ", ".join(f"{c} {r}" for r, c in skipped.items()) or "none were readable"
         also = ", set data.overlong: truncate" if OVERLONG in skipped else ""
         raise DataError(f"all {len(records)} examples of {key} were skipped: {why} — raise data.max_length "

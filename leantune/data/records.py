@@ -1,7 +1,9 @@
-"""Read training records: local .jsonl/.json/.csv/.parquet files, or a hub dataset when online.
+"""Read training records: local .jsonl/.json/.csv/.parquet/.txt files, or a hub dataset when online.
 
 A record is a plain dict, one per example, exactly as stored; nothing here knows about formats or
-tokenizers. Every way a file can be unusable (missing, empty, a bad JSON line, a record that is not
+tokenizers. A .txt file is raw text: one record {"text": paragraph} per paragraph, paragraphs being
+separated by blank lines (lines that are empty or only whitespace); the line breaks inside a
+paragraph are kept. For one example per line, put a blank line between the lines. Every way a file can be unusable (missing, empty, a bad JSON line, a record that is not
 an object, an extension we cannot read) is a `DataError` that says where and what to do.
 
 pyarrow and datasets are imported only when a .parquet file or a hub id asks for them.
@@ -19,8 +21,8 @@ from typing import Any
 
 from ..errors import DataError
 
-EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
-_FILES = "a .jsonl, .json, .csv or .parquet file"
+EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+_FILES = "a .jsonl, .json, .csv, .parquet or .txt file"
 # owner/name or name, the shape of a hub dataset id; anything else that does not exist is a missing file.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -41,7 +43,8 @@ def read_file(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         raise DataError(f"{path} is a folder; point data.path at {_FILES} inside it")
     suffix = path.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
+               ".txt": _read_txt}
     if suffix not in readers:
         raise DataError(f"{path.name}: cannot read {suffix or 'files without an extension'}; "
                         f"convert it to {_FILES} (or rename it if it already is one)")
@@ -88,6 +91,12 @@ def _parse_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
                             f"fix or remove that line") from None
         records.append(_check_object(value, f"{path.name} line {n}"))
     return records
+
+
+def _read_txt(path: Path) -> list[dict[str, Any]]:
+    text = _read_text(path).replace("\r\n", "\n")
+    paragraphs = re.split(r"\n[ \t]*\n", text)  # a blank line (possibly holding spaces) ends a paragraph
+    return [{"text": p.strip("\n").rstrip()} for p in paragraphs if p.strip()]
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:

@@ -68,7 +68,7 @@ def test_jsonl_skips_blank_lines_and_a_bom(tmp_path):
     ("bad.json", '[{"text": "a"},', "not valid JSON"),
     ("scalar.json", '[{"text": "a"}, 3]', "record 2 is a JSON number, not an object"),
     ("obj.json", '{"rows": []}', 'a list of records or {"data"'),
-    ("data.txt", "hello", "cannot read .txt"),
+    ("data.xml", "<a/>", "cannot read .xml"),
     ("noheader.csv", "\n", "is empty|no header"),
 ])
 def test_unusable_files_name_the_problem(tmp_path, name, content, match):

@@ -438,9 +438,10 @@ def test_demo_dataset_is_what_its_script_writes_and_every_reply_is_json():
         reply = json.loads(assistant["content"])
         assert list(reply) == ["answer", "topic"] and reply["topic"] in make.TOPICS and reply["answer"]
     held_out = json.loads(prompts)
-    assert 4 <= len(held_out) <= 5
+    assert held_out["topics"] == list(make.TOPICS) and 10 <= len(held_out["questions"]) <= 30
+    assert all(h["topic"] in make.TOPICS and h["answers"] for h in held_out["questions"])
     questions = {r["messages"][0]["content"] for r in records}
-    assert not questions & {h["prompt"] for h in held_out}
+    assert not questions & {h["prompt"] for h in held_out["questions"]}
 
 
 @pytest.mark.slow
