@@ -111,15 +111,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="leantune",
-        description="Lean, faithful fine-tuning of open LLMs: LoRA adapters that PEFT and vLLM load unchanged.",
-        epilog="Run `leantune demo` first: it fine-tunes a small real model on this machine, offline.",
-    )
-    parser.add_argument("--version", action="version", version=f"leantune {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_train(sub) -> None:
     p = sub.add_parser("train", usage="leantune train [CONFIG] [--section.field VALUE ...] [--resume]", help="fine-tune a model from a YAML config (every field overridable here)",
                        description="Fine-tune a causal LM: LoRA (rsLoRA, LoRA+), DoRA, IA3, prompt or prefix tuning, "
                        "bottleneck adapters, full or freeze fine-tuning (method:), over a 16-bit or a 4/8-bit base "
@@ -132,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorthand for --train.max_steps")
     _add_config_fields(p)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate with a base model plus an adapter (a prompt or a chat)",
                        description="Generate text from a run folder, an adapter folder or a plain model.",
                        epilog="examples:\n  leantune generate runs/first --prompt 'What is LoRA?'\n"
@@ -153,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the base to 4 or 8 bits (default: as the run that trained the adapter)")
 
+
+def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="fold an adapter into its base (an HF model folder), or merge adapters by a recipe",
                        description="Fold a run's adapter (LoRA, DoRA or IA3) into its base and write a plain Hugging "
                        "Face model folder with merge_report.json, or combine several adapters as a YAML recipe says (linear, cat, svd, ties, dare_linear, "
@@ -173,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 4)")
     p.add_argument("--no-report", action="store_true", help="QLoRA runs: skip measuring the merge's cost")
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="fine-tune the built-in small real model on this machine (offline, CPU)",
                        description="Fine-tunes a LoRA on SmolLM2-135M-Instruct with the built-in dataset and "
                        "prints the same prompts before and after. Needs no network.")
@@ -181,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (fast smoke runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_inspect_data(sub) -> None:
     p = sub.add_parser("inspect-data", help="render N examples the way training sees them, marking trained tokens",
                        description="Tokenizes a dataset exactly as `train` would and shows which tokens are trained "
                        "([[...]] marks trained tokens), with counts of BOS/EOS per example.")
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num", type=int, default=3, help="examples to show (default: 3)")
     _add_data_flags(p)
 
+
+def _add_preprocess(sub) -> None:
     p = sub.add_parser("preprocess", help="tokenize the data once and cache it; train and inspect-data then read the cache",
                        description="Tokenizes every data source exactly as `train` would and writes the tokens to the\n"
                        "cache (data.cache_dir). A run reads them instead of tokenizing again whenever the data\n"
@@ -201,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", dest="cfg:data.cache_dir", default=argparse.SUPPRESS, metavar="DIR",
                    help="where to write the cache (default: data.cache_dir, else ~/.cache/leantune/data)")
 
-    from ..export.base import available, quant_help
+
+def _add_export(sub) -> None:
+    from ..export.base import available, quant_help  # a light name table: no exporter is imported
 
     p = sub.add_parser("export", help="write a model or a run (its adapter merged, or alone) as GGUF, with a fidelity report",
                        description="Write a model or a run (LoRA, DoRA or IA3 merged into its base) in a serving "
@@ -227,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-text", help="held-out text file for the model-level check (one passage per line)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="predict peak memory and step time of every method before training; recommend one that fits",
                        description="Plans a fine-tuning run from the model's config.json alone (no weights): for each "
                        "method, the predicted peak memory with and without gradient checkpointing, a breakdown, the "
@@ -247,11 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpointing, optimizer, quant) of the recommended configuration")
     p.add_argument("--json", action="store_true", help="the same plan as JSON")
 
+
+def _add_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="print versions, device, bf16 support and bitsandbytes' state; warn on untested versions",
                        description="Checks this environment against the versions leantune was tested with "
                        "(leantune/assets/constraints.txt), reports the device and whether it computes bf16 in "
                        "hardware, and runs a 4-bit round trip through bitsandbytes' kernels. Exit 1 when a check fails.")
     p.add_argument("--json", action="store_true", help="the same report as JSON")
+
+SUBCOMMANDS = (_add_train, _add_generate, _add_merge, _add_demo, _add_inspect_data, _add_preprocess, _add_export, _add_plan, _add_doctor)  # in --help order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="leantune",
+        description="Lean, faithful fine-tuning of open LLMs: LoRA adapters that PEFT and vLLM load unchanged.",
+        epilog="Run `leantune demo` first: it fine-tunes a small real model on this machine, offline.",
+    )
+    parser.add_argument("--version", action="version", version=f"leantune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
