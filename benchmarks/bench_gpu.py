@@ -12,12 +12,20 @@ synchronizes); peak = torch.cuda.max_memory_allocated of that process. Ratios co
         --work /tmp/bench --steps 10 --warmup 2 --row-timeout 150 --deadline 330 --json $OUT/bench.jsonl
     python benchmarks/bench_gpu.py fixture --out /tmp/fx --size 1b          # the pieces, one at a time
     python benchmarks/bench_gpu.py peer --fx /tmp/fx --mode qlora --gc
-    python benchmarks/bench_gpu.py ours --fx /tmp/fx --mode qlora --gc
+    python benchmarks/bench_gpu.py ours --fx /tmp/fx --mode qlora --gc --compile
+    python benchmarks/bench_gpu.py ours --fx /tmp/fx --mode lora --compile --steps 6 --profile 30
 
-A row is size:mode[:gc]; sizes 1b (TinyLlama-1.1B's shape, batch 8 x 1024) and 3b (Llama-3.2-3B's shape,
+A row is size:mode[:gc][:compile]; sizes 1b (TinyLlama-1.1B's shape, batch 8 x 1024) and 3b (Llama-3.2-3B's shape,
 128k vocabulary, batch 4 x 1024), plus tiny for a smoke test. The table prints as markdown, the speed
 ratio being leantune's tokens/s over the peer's (>1: faster) and the memory ratio leantune's peak over
 the peer's (<1: smaller).
+
+`:compile` runs leantune with `train.compile true` (each decoder layer through torch.compile) against the
+peer's time of the same row without it (measured once per table). The compile is paid in the first step,
+which the warm-up skips; `first_step_s` (first step end minus the moment the optimizer was built) shows
+it, and the table's compile column is that time minus the plain row's `first_step_s`. `--profile N` runs
+leantune under torch.profiler from step 2 on (the compile stays out) and prints the top N ops by self
+CUDA time.
 """
 
 from __future__ import annotations
@@ -128,23 +136,96 @@ def _ours_argv(a, out: Path) -> list[str]:
             "--lora.rank", "16", "--lora.alpha", "32", "--train.batch_size", str(a.batch), "--train.lr", "2e-4",
             "--train.max_steps", str(a.steps), "--train.warmup_steps", "1", "--train.save_every", "0",
             "--train.progress", "false", "--train.tensorboard", "false", "--train.log_every", "1",
-            "--train.gradient_checkpointing", str(a.gc).lower(), "--output_dir", str(out)]
+            "--train.gradient_checkpointing", str(a.gc).lower(), "--train.compile", str(a.compile).lower(),
+            "--output_dir", str(out)]
     if a.mode == "qlora":
         argv += ["--quant.bits", "4", "--train.optimizer", "paged_adamw_8bit"]
     return argv
 
 
 def ours(a) -> None:
-    """The leantune CLI in its own process; step ends and the CUDA peak read back from metrics.jsonl."""
-    out = Path(a.fx) / f"lt-{a.mode}-{int(a.gc)}-{time.monotonic_ns()}"
-    r = subprocess.run([sys.executable, "-m", "leantune.cli.main", *_ours_argv(a, out)], capture_output=True, text=True)
-    if r.returncode:
-        print(json.dumps({"side": "leantune", "mode": a.mode, "gc": a.gc, "error": r.stderr[-1500:]}), flush=True)
+    """The leantune CLI in this process (optionally under the profiler); step ends and the CUDA peak read
+    back from metrics.jsonl."""
+    import torch
+
+    from leantune.cli.main import main
+    from leantune.train import loop
+
+    try:  # where the loop builds its optimizer: the split loop's train/setup.py, else the loop itself
+        from leantune.train import setup as loop
+    except ImportError:
+        pass
+    out = Path(a.fx) / f"lt-{a.mode}-{int(a.gc)}-{int(a.compile)}-{time.monotonic_ns()}"
+    built: list[float] = []
+    if hasattr(loop, "build_optimizer"):  # the last thing before the first step: time it from there
+        build = loop.build_optimizer
+
+        def timed_build(*args, **kw):
+            opt = build(*args, **kw)
+            built.append(time.time())
+            return opt
+        loop.build_optimizer = timed_build
+    with _profiled(a):
+        rc = main(_ours_argv(a, out))
+    if rc:
+        print(json.dumps({"side": "leantune", "mode": a.mode, "gc": a.gc, "error": f"leantune train exited {rc}"}))
         return
     recs = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
     peak = max(rec.get("peak_memory_mib", 0) for rec in recs) * 2**20
-    _report("leantune", a, [rec["time"] for rec in recs], peak, {"tokens_per_s_logged": recs[-1].get("tokens_per_s"),
-                                                                 "loss_first_last": [recs[0]["loss"], recs[-1]["loss"]]})
+    extra = {"compile": a.compile, "tokens_per_s_logged": recs[-1].get("tokens_per_s"),
+             "loss_first_last": [recs[0]["loss"], recs[-1]["loss"]]}
+    if built:
+        extra["first_step_s"] = round(recs[0]["time"] - built[0], 2)
+    if a.compile:
+        from torch._dynamo.utils import compilation_time_metrics as ct
+
+        extra["dynamo_compile_s"] = round(sum(sum(v) for k, v in ct.items()
+                                              if k.endswith("compile_inner") or "bw_compiler" in k), 2)
+        extra["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
+        extra["unique_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    _report("leantune", a, [rec["time"] for rec in recs], peak, extra)
+
+
+def _profiled(a):
+    """torch.profiler from the second micro-batch on when --profile N (the first step, which holds the
+    compile, stays out): prints the top N ops by self CUDA time."""
+    import contextlib
+
+    if not a.profile:
+        return contextlib.nullcontext()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from leantune.train import step
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    calls, loss_fn = [0], step.micro_batch_loss
+
+    def counted(*args, **kw):  # the loop calls step.micro_batch_loss once per micro-batch
+        calls[0] += 1
+        if calls[0] == 2:
+            prof.__enter__()
+        return loss_fn(*args, **kw)
+
+    @contextlib.contextmanager
+    def run():
+        step.micro_batch_loss = counted
+        try:
+            yield
+        finally:
+            step.micro_batch_loss = loss_fn
+        if calls[0] < 2:
+            print("=== profile: fewer than 2 micro-batches ran; nothing profiled")
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof.__exit__(None, None, None)
+        ka = prof.key_averages()
+        total, n = sum(e.self_device_time_total for e in ka) / 1e6, a.steps - 1
+        print(f"=== leantune {a.mode} gc={a.gc} compile={a.compile}: total self CUDA time {total:.3f} s over "
+              f"steps 2-{a.steps} ({total / n:.3f} s/step)")
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=a.profile, max_name_column_width=70))
+    return run()
 
 
 def _report(side: str, a, ends: list[float], peak: float, extra: dict | None = None) -> None:
@@ -159,14 +240,18 @@ def table(a) -> None:
     """Every row: fixture once per size, then peer and leantune, each under a timeout and the deadline."""
     start, results = time.monotonic(), []
     work = Path(a.work)
+    peers: dict[tuple, dict] = {}  # (size, mode, gc) -> the peer's result: a compiled row reuses its plain row's
     for spec in a.rows.split(","):
         size, mode, *rest = spec.split(":")
-        gc = rest == ["gc"]
+        gc, compiled = "gc" in rest, "compile" in rest
         fx = work / f"fx-{size}"
-        row = {"row": spec, "size": size, "mode": mode, "gc": gc}
+        row = {"row": spec, "size": size, "mode": mode, "gc": gc, "compile": compiled}
         for what in ("fixture", "peer", "ours"):
             left = a.deadline - (time.monotonic() - start)
-            if left < 20:
+            if what == "peer" and "step_s" in peers.get((size, mode, gc), {}):
+                row[what] = peers[(size, mode, gc)]
+                continue
+            if left < 40:  # no 1.1B side loads and steps in less: a doomed start would only burn the budget
                 row[what] = {"error": "skipped: out of time"}
                 continue
             if what == "fixture":
@@ -176,14 +261,26 @@ def table(a) -> None:
             else:
                 cmd = [sys.executable, __file__, what, "--fx", str(fx), "--mode", mode, "--steps", str(a.steps),
                        "--warmup", str(a.warmup), "--batch", str(SIZES[size][6]), "--seq", str(a.seq)]
-                cmd += ["--gc"] if gc else []
+                cmd += (["--gc"] if gc else []) + (["--compile"] if compiled and what == "ours" else [])
             row[what] = _run(cmd, min(a.row_timeout, left))
+            if what == "peer":
+                peers[(size, mode, gc)] = row[what]
             print(f"[{time.monotonic() - start:6.1f}s] {spec} {what}: {json.dumps(row[what])[:400]}", flush=True)
         results.append(row)
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
+    _compile_times(results)
     print(markdown(results))
+
+
+def _compile_times(results: list[dict]) -> None:
+    """A compiled row's compile time: its first step less the plain row's first step (same size/mode/gc)."""
+    plain = {(r["size"], r["mode"], r["gc"]): r["ours"] for r in results if not r.get("compile")}
+    for r in results:
+        first, ref = r["ours"].get("first_step_s"), plain.get((r["size"], r["mode"], r["gc"]), {}).get("first_step_s")
+        if r.get("compile") and first is not None and ref is not None:
+            r["ours"]["compile_s"] = round(first - ref, 1)
 
 
 def _run(cmd: list[str], timeout: float) -> dict:
@@ -210,6 +307,8 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         p, o = r.get("peer", {}), r.get("ours", {})
         config = {"lora": "LoRA", "qlora": "QLoRA nf4+dq, paged_adamw_8bit"}[r["mode"]] + (" + checkpointing" if r["gc"] else "")
+        if r.get("compile"):
+            config += f" + compile ({o['compile_s']} s)" if "compile_s" in o else " + compile"
         shape = f"{NAMES[r['size']]}, {SIZES[r['size']][6]} x {p.get('seq', o.get('seq', SEQ))}"
         if "step_s" in p and "step_s" in o:
             speed = f"**{p['step_s'] / o['step_s']:.2f}x**"
@@ -235,6 +334,8 @@ if __name__ == "__main__":
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--mode", default="lora", choices=["lora", "qlora"])
     ap.add_argument("--gc", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="ours: train.compile true (each decoder layer compiled)")
+    ap.add_argument("--profile", type=int, default=0, help="ours: profile the run and print the top N ops by CUDA time")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=SEQ)
     ap.add_argument("--steps", type=int, default=14)

@@ -93,6 +93,8 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "warmup as a fraction of the total steps")
     max_grad_norm: float | None = _f(1.0, "clip the gradient norm to this (null disables)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, ~30% slower")
+    compile: bool = _f(False, "torch.compile each decoder layer (regional: one layer's compile time, paid in the first step); "
+                        "needs Triton on CUDA, a C++ compiler on CPU")
     loss_chunk: int = _f(256, "tokens per chunk of the cross-entropy; full-vocabulary fp32 logits never exist for the whole batch")
     eval_every: int = _f(50, "evaluate held-out loss every N steps (0: only at the end)")
     eval_batches: int | None = _f(None, "cap on eval micro-batches per evaluation, >= 1 (null: the whole eval set)")

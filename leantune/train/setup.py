@@ -30,6 +30,7 @@ from ..io.atomic import write_json, write_text
 from ..models.load import check_vocab, load_model, load_tokenizer, resolve_source
 from ..models.quantized import local_model_dir
 from ..quant import spec_of
+from .compile import compile_layers
 from .memory import SavedTensorMeter
 from .metrics import MetricsLog
 from .optim import build_optimizer
@@ -123,6 +124,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
     model.to(device)
     console(format_trainable(model))
     model.train()
+    if cfg.train.compile:
+        compile_layers(model, console=console)
 
     t = cfg.train
     batches = Batches(cfg, data)
