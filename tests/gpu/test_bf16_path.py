@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from leantune.adapters.base import ADAPTERS, mark_only_adapters_trainable  # noqa: E402
-from leantune.config import LoraConfig, QuantConfig  # noqa: E402
+from leantune.adapters.lora import LoraConfig  # noqa: E402
+from leantune.config import QuantConfig  # noqa: E402
 from leantune.models.load import load_model  # noqa: E402
 from leantune.ops.cross_entropy import causal_lm_loss  # noqa: E402
 from leantune.train.step import micro_batch_loss  # noqa: E402
