@@ -7,11 +7,14 @@ for leantune and for the peer, whatever each prints itself.
 
 import atexit
 import os
-import runpy
 import sys
+
+from launch import run_command
 
 
 def _report() -> None:
+    if "torch" not in sys.modules:  # the command never used torch: nothing on a GPU to report
+        return
     import torch
 
     path = os.environ.get("LEANTUNE_CUDA_PEAK_FILE")
@@ -22,10 +25,4 @@ def _report() -> None:
 
 if __name__ == "__main__":
     atexit.register(_report)
-    if sys.argv[1] == "-m":
-        sys.argv = sys.argv[2:]
-        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = sys.argv[1:]
-        sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
-        runpy.run_path(sys.argv[0], run_name="__main__")
+    run_command(sys.argv[1:])

@@ -10,8 +10,9 @@ steps differ from it by 3-23% on the CPU fixture).
 """
 
 import os
-import runpy
 import sys
+
+from launch import run_command
 
 
 def _record(n: int) -> None:
@@ -53,10 +54,4 @@ if __name__ == "__main__":
         # Patch only the side that runs: importing the other's trainer would add to this process's peak RSS.
         ours = any(arg.startswith("leantune") for arg in sys.argv[1:4])
         _patch_leantune() if ours else _patch_trainer()
-    if sys.argv[1] == "-m":
-        sys.argv = sys.argv[2:]
-        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = sys.argv[1:]
-        sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
-        runpy.run_path(sys.argv[0], run_name="__main__")
+    run_command(sys.argv[1:])

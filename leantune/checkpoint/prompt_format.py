@@ -96,18 +96,24 @@ def save_prefix(model, out_dir: str | Path, *, base_model_name_or_path: str | No
     return out
 
 
-class PromptFormat(AdapterFormat, method=PromptTuning, peft_type="PROMPT_TUNING"):
+class _VirtualTokenFormat(AdapterFormat):
+    """PEFT's prompt-learning folders: leantune reads those of decoder-only models."""
+
+    @classmethod
+    def check_config(cls, config: dict, where: Path) -> None:
+        super().check_config(config, where)
+        if config.get("num_transformer_submodules", 1) != 1:
+            raise ModelError(f"{where} is for an encoder-decoder (num_transformer_submodules=2); leantune "
+                             "trains decoder-only models")
+
+
+class PromptFormat(_VirtualTokenFormat, method=PromptTuning, peft_type="PROMPT_TUNING"):
     """PEFT's prompt-tuning folder."""
 
     @classmethod
     def save(cls, model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, section=None) -> Path:
         init_text = section.init_text if section is not None and section.init == "text" else None
         return save_prompt(model, out_dir, base_model_name_or_path=base_model_name_or_path, init_text=init_text)
-
-    @classmethod
-    def check_config(cls, config: dict, where: Path) -> None:
-        super().check_config(config, where)
-        _decoder_only(config, where)
 
     @classmethod
     def build(cls, model, config: dict, weights: dict, where: Path) -> dict:
@@ -121,17 +127,12 @@ class PromptFormat(AdapterFormat, method=PromptTuning, peft_type="PROMPT_TUNING"
         return {path: adapter}
 
 
-class PrefixFormat(AdapterFormat, method=PrefixTuning, peft_type="PREFIX_TUNING"):
+class PrefixFormat(_VirtualTokenFormat, method=PrefixTuning, peft_type="PREFIX_TUNING"):
     """PEFT's prefix-tuning folder (the prefix after the projection MLP, if any)."""
 
     @classmethod
     def save(cls, model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, section=None) -> Path:
         return save_prefix(model, out_dir, base_model_name_or_path=base_model_name_or_path)
-
-    @classmethod
-    def check_config(cls, config: dict, where: Path) -> None:
-        super().check_config(config, where)
-        _decoder_only(config, where)
 
     @classmethod
     def build(cls, model, config: dict, weights: dict, where: Path) -> dict:
@@ -144,12 +145,6 @@ class PrefixFormat(AdapterFormat, method=PrefixTuning, peft_type="PREFIX_TUNING"
         path, adapter = prefix_adapter(model, int(flat.shape[0]))
         adapter.embedding.weight.copy_(flat)
         return {path: adapter}
-
-
-def _decoder_only(config: dict, where: Path) -> None:
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise ModelError(f"{where} is for an encoder-decoder (num_transformer_submodules=2); leantune "
-                         "trains decoder-only models")
 
 
 def _the_tensor(weights: dict, where: Path, what: str):

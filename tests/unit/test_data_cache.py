@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import build_tokenizer
+from data_helpers import alpaca, write_jsonl
 
 from leantune.cli.main import main
 from leantune.config import DataConfig, SourceConfig
@@ -17,13 +18,6 @@ def tok():
     return build_tokenizer()
 
 
-def _jsonl(path, records):
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    return str(path)
-
-
-def _alpaca(n, word="one"):
-    return [{"instruction": f"count to {i}", "output": " ".join([word] * (i % 5 + 1))} for i in range(n)]
 
 
 def _key(p):
@@ -35,7 +29,7 @@ def _cached(p):
 
 
 def test_preprocess_then_build_reads_the_same_examples_from_the_cache(tmp_path, tok):
-    cfg = DataConfig(path=_jsonl(tmp_path / "t.jsonl", _alpaca(30)), cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(path=write_jsonl(tmp_path / "t.jsonl", alpaca(30)), cache_dir=str(tmp_path / "cache"))
     fresh = build(cfg, tok, seed=0)
     assert not _cached(fresh) and not (tmp_path / "cache").exists()  # a run only reads the cache
     written = build(cfg, tok, seed=0, save_cache=True)
@@ -49,8 +43,8 @@ def test_preprocess_then_build_reads_the_same_examples_from_the_cache(tmp_path, 
 
 
 def test_settings_applied_after_tokenization_share_one_cache(tmp_path, tok):
-    a = _jsonl(tmp_path / "a.jsonl", _alpaca(20))
-    b = _jsonl(tmp_path / "b.jsonl", _alpaca(12, "two"))
+    a = write_jsonl(tmp_path / "a.jsonl", alpaca(20))
+    b = write_jsonl(tmp_path / "b.jsonl", alpaca(12, "two"))
     cache = str(tmp_path / "cache")
     build(DataConfig(path=[a, b], cache_dir=cache), tok, seed=0, save_cache=True)
     cfg = DataConfig(sources=[SourceConfig(path=a, weight=1.0), SourceConfig(path=b, weight=2.0)], eval_fraction=0.2,
@@ -63,12 +57,12 @@ def test_settings_applied_after_tokenization_share_one_cache(tmp_path, tok):
 @pytest.mark.parametrize("change", ["file", "max_length", "train_on_prompt", "system_prompt", "tokenizer", "fields"])
 def test_anything_that_changes_the_tokens_is_a_miss_never_stale(tmp_path, tok, change):
     path = tmp_path / "t.jsonl"
-    _jsonl(path, _alpaca(10))
+    write_jsonl(path, alpaca(10))
     cache = str(tmp_path / "cache")
     build(DataConfig(path=str(path), cache_dir=cache, eval_fraction=0), tok, seed=0, save_cache=True)
     cfg, tokenizer = DataConfig(path=str(path), cache_dir=cache, eval_fraction=0), tok
     if change == "file":
-        _jsonl(path, _alpaca(9) + [{"instruction": "count to nine", "output": "one two three"}])
+        write_jsonl(path, alpaca(9) + [{"instruction": "count to nine", "output": "one two three"}])
     elif change == "max_length":
         cfg.max_length = 27  # truncates the longer answers
     elif change == "train_on_prompt":
@@ -87,7 +81,7 @@ def test_anything_that_changes_the_tokens_is_a_miss_never_stale(tmp_path, tok, c
 
 
 def test_a_damaged_cache_file_is_a_miss(tmp_path, tok):
-    cfg = DataConfig(path=_jsonl(tmp_path / "t.jsonl", _alpaca(8)), cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(path=write_jsonl(tmp_path / "t.jsonl", alpaca(8)), cache_dir=str(tmp_path / "cache"))
     build(cfg, tok, seed=0, save_cache=True)
     (f,) = (tmp_path / "cache").rglob("*.safetensors")
     f.write_bytes(f.read_bytes()[:50])
@@ -96,7 +90,7 @@ def test_a_damaged_cache_file_is_a_miss(tmp_path, tok):
 
 
 def test_preprocess_command_writes_the_cache_that_train_reads(tmp_path, tiny_llama_dir, capsys):
-    data = _jsonl(tmp_path / "t.jsonl", _alpaca(16))
+    data = write_jsonl(tmp_path / "t.jsonl", alpaca(16))
     cache = str(tmp_path / "cache")
     assert main(["preprocess", "--model", str(tiny_llama_dir), "--data", data, "--cache-dir", cache]) == 0
     assert "cached in" in capsys.readouterr().out and list((tmp_path / "cache").rglob("*.safetensors"))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
 from conftest import build_tokenizer
+from data_helpers import alpaca, write_jsonl
 
 from leantune.config import DataConfig, SourceConfig, from_dict, load
 from leantune.data.dataset import build
@@ -21,13 +21,6 @@ def tok():
     return build_tokenizer()
 
 
-def _jsonl(path, records):
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    return str(path)
-
-
-def _alpaca(n, word="one"):
-    return [{"instruction": f"count to {i}", "output": " ".join([word] * (i % 5 + 1))} for i in range(n)]
 
 
 def _ids(examples):
@@ -53,7 +46,7 @@ def test_txt_trains_every_token_of_each_paragraph_as_raw_text(tmp_path, tok):
 
 
 def test_one_source_as_path_or_sources_gives_the_same_examples(tmp_path, tok):
-    path = _jsonl(tmp_path / "t.jsonl", _alpaca(40))
+    path = write_jsonl(tmp_path / "t.jsonl", alpaca(40))
     a = build(DataConfig(path=path, eval_fraction=0.1, cache=False), tok, seed=3)
     b = build(DataConfig(sources=[SourceConfig(path=path)], eval_fraction=0.1, cache=False), tok, seed=3)
     c = build(DataConfig(sources=[SourceConfig(path=path, weight=5.0)], eval_fraction=0.1, cache=False), tok, seed=3)
@@ -62,7 +55,7 @@ def test_one_source_as_path_or_sources_gives_the_same_examples(tmp_path, tok):
 
 
 def test_a_path_list_uses_each_source_once_and_reports_per_source_counts(tmp_path, tok):
-    a = _jsonl(tmp_path / "a.jsonl", _alpaca(20))
+    a = write_jsonl(tmp_path / "a.jsonl", alpaca(20))
     b = tmp_path / "b.txt"
     b.write_text("\n\n".join(f"paragraph {i} one two three" for i in range(10)))
     p = build(DataConfig(path=[a, str(b)], eval_fraction=0.1, cache=False), tok, seed=0)
@@ -74,8 +67,8 @@ def test_a_path_list_uses_each_source_once_and_reports_per_source_counts(tmp_pat
 
 
 def test_weights_set_each_source_share_repeating_or_cutting(tmp_path, tok):
-    big = _jsonl(tmp_path / "big.jsonl", _alpaca(30, "one"))
-    small = _jsonl(tmp_path / "small.jsonl", _alpaca(10, "two"))
+    big = write_jsonl(tmp_path / "big.jsonl", alpaca(30, "one"))
+    small = write_jsonl(tmp_path / "small.jsonl", alpaca(10, "two"))
     cfg = DataConfig(sources=[SourceConfig(path=big, weight=1.0), SourceConfig(path=small, weight=3.0)],
                      eval_fraction=0, cache=False)
     p = build(cfg, tok, seed=0)
@@ -103,9 +96,9 @@ def test_mix_shares_add_up_and_follow_the_weights():
 
 
 def test_each_source_has_its_own_format_and_field_mapping(tmp_path, tok):
-    renamed = [{"question": r["instruction"], "answer": r["output"], "id": i} for i, r in enumerate(_alpaca(6))]
-    qa = _jsonl(tmp_path / "qa.jsonl", renamed)
-    plain = _jsonl(tmp_path / "plain.jsonl", _alpaca(6))
+    renamed = [{"question": r["instruction"], "answer": r["output"], "id": i} for i, r in enumerate(alpaca(6))]
+    qa = write_jsonl(tmp_path / "qa.jsonl", renamed)
+    plain = write_jsonl(tmp_path / "plain.jsonl", alpaca(6))
     cfg = DataConfig(sources=[SourceConfig(path=qa, format="alpaca", fields={"instruction": "question", "output": "answer"}),
                               SourceConfig(path=plain)], eval_fraction=0, cache=False)
     p = build(cfg, tok, seed=0)
@@ -116,8 +109,8 @@ def test_each_source_has_its_own_format_and_field_mapping(tmp_path, tok):
 
 
 def test_errors_name_the_source(tmp_path, tok):
-    good = _jsonl(tmp_path / "g.jsonl", _alpaca(3))
-    empty_answers = _jsonl(tmp_path / "e.jsonl", [{"instruction": "x", "output": ""}] * 2)
+    good = write_jsonl(tmp_path / "g.jsonl", alpaca(3))
+    empty_answers = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "x", "output": ""}] * 2)
     with pytest.raises(DataError, match=r"all 2 examples of data.path\[1\] were skipped"):
         build(DataConfig(path=[good, empty_answers], cache=False), tok, seed=0)
 
