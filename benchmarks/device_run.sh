@@ -28,7 +28,7 @@ fi
 } 2>&1 | tee "$OUT/versions.txt"
 
 # the most telling pairs first: whatever runs out of time is at the end
-ROWS=${ROWS:-1b:lora,1b:lora:compile,1b:qlora:gc,1b:qlora:gc:compile,1b:lora:gc,1b:lora:gc:compile}
+ROWS=${ROWS:-1b:qlora:gc,1b:qlora:gc:compile,1b:lora,1b:lora:compile,1b:lora:gc,1b:lora:gc:compile}
 PROFILE=${PROFILE-1b:lora:compile}
 # tests/gpu: at most 90 s
 if [ -z "${SKIP_TESTS:-}" ]; then
