@@ -8,6 +8,7 @@
   adapter/                 the final adapter (PEFT's format), or
   model/                   the whole model after full or freeze tuning
   summary.json             written last: the run finished
+  leantune.lock            while a run is training in it: the pid that owns the folder (io/lock.py)
 
 Beside every adapter (and in `model/`) the trainer writes `leantune.json`, the facts a consumer needs to
 use it as it was trained: the method, the base as the run named it, the dtype, the `quant` section, the
@@ -42,6 +43,7 @@ ADAPTER = "adapter"
 MODEL = "model"
 SUMMARY = "summary.json"
 SIDECAR = "leantune.json"
+LOCK = "leantune.lock"
 CKPT_RE = re.compile(r"^step-(\d+)$")
 SIDECAR_VERSION = 1
 
@@ -63,6 +65,7 @@ class RunFolder:
     adapter = property(lambda self: self.path / ADAPTER)
     model = property(lambda self: self.path / MODEL)
     summary = property(lambda self: self.path / SUMMARY)
+    lock = property(lambda self: self.path / LOCK)
 
     def output(self, whole_model: bool) -> Path:
         """Where the run's result goes: model/ after full or freeze tuning, else adapter/."""

@@ -20,18 +20,19 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint.run_folder import checkpoint_dirs
+from ..adapters.whole_model import save_model
+from ..checkpoint.run_folder import RunFolder, checkpoint_dirs
 from ..config import RunConfig
 from ..errors import TrainingError
 from ..io.atomic import atomic_dir, write_json
+from ..io.lock import held
 from . import step
 from .distributed import global_token_count
-from ..adapters.whole_model import save_model
 from .memory import breakdown, describe, gradient_bytes, peak_memory_bytes
 from .metrics import Throughput
 from .plot import write_loss_svg
 from .schedule import lr_factor, set_lr
-from .setup import Session, setup
+from .setup import Session, check_writable, setup
 from .state import Progress
 
 
@@ -61,7 +62,14 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
         stop_after: int | None = None) -> RunResult:
     """Train `cfg` to its last step, an early stop or Ctrl-C; save the adapter (or model) and summary.json.
 
-    `resume` continues from the run's newest checkpoint; `stop_after` (tests) dies after that step."""
+    `resume` continues from the run's newest checkpoint; `stop_after` (tests) dies after that step.
+    One run at a time holds output_dir (a pid lock file, taken over when its process is gone)."""
+    check_writable(Path(cfg.output_dir))  # before the lock creates the folder: one line, not a traceback
+    with held(RunFolder(cfg.output_dir).lock, f"output_dir {cfg.output_dir}", console):
+        return _run(cfg, resume, console, stop_after)
+
+
+def _run(cfg: RunConfig, resume: bool, console: Callable[[str], None], stop_after: int | None) -> RunResult:
     s = setup(cfg, resume=resume, console=console)
     t, progress = cfg.train, s.progress
     bar = _progress_bar(t.progress, s.total_steps, progress.step)
