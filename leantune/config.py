@@ -33,96 +33,93 @@ def option(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-_f = option
-
-
 @dataclass
 class SourceConfig:
     """One dataset of a mix (data.sources); unset fields take the value of the data section."""
 
-    path: str | None = _f(None, "a data file (.jsonl/.json/.csv/.parquet/.txt) or a hub dataset id")
-    weight: float | None = _f(None, "share of the training mix, relative to the other sources' weights "
+    path: str | None = option(None, "a data file (.jsonl/.json/.csv/.parquet/.txt) or a hub dataset id")
+    weight: float | None = option(None, "share of the training mix, relative to the other sources' weights "
                                     "(give every source a weight, or none: then each is used once)")
-    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] | None = _f(
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] | None = option(
         None, "this source's record format (default: data.format)")
-    split: str | None = _f(None, "split to read when `path` is a hub dataset (default: data.split)")
-    fields: dict[str, str] = _f({}, "rename fields before the format is read: {format field: record field}, "
+    split: str | None = option(None, "split to read when `path` is a hub dataset (default: data.split)")
+    fields: dict[str, str] = option({}, "rename fields before the format is read: {format field: record field}, "
                                     "e.g. {instruction: question, output: answer}")
 
 
 @dataclass
 class DataConfig:
-    path: str | list[str] | None = _f(
+    path: str | list[str] | None = option(
         None, "training data: a .jsonl/.json/.csv/.parquet file, a .txt file (one example per blank-line-separated "
         "paragraph, trained as raw text), a hub dataset id (online only), or a list of these (each used once)")
-    sources: list[SourceConfig] = _f(
+    sources: list[SourceConfig] = option(
         [], "several datasets mixed by weight, instead of `path`: a list of {path, weight, format, split, fields}; "
         "see README 'Data'")
-    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = _f(
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = option(
         "auto", "record format; auto detects it from the fields of the first record")
-    split: str = _f("train", "split to read when `path` is a hub dataset")
-    eval_path: str | None = _f(None, "held-out data file; when unset, `eval_fraction` of each source is held out")
-    eval_fraction: float = _f(0.05, "fraction of the training examples held out for eval when there is no eval_path (0 disables)")
-    max_length: int = _f(1024, "longest example in tokens; longer ones are truncated or skipped (see `overlong`)")
-    overlong: Literal["truncate", "skip"] = _f("truncate", "what to do with examples longer than max_length (both are counted and reported)")
-    packing: bool = _f(True, "pack several examples per row; examples never attend to each other")
-    train_on_prompt: bool = _f(False, "also train on prompt/system/user tokens (default: responses only)")
-    system_prompt: str | None = _f(None, "system message added to chat/alpaca examples that have none")
-    chat_template: str | None = _f(None, "a Jinja chat template (inline or a file path) to use instead of the tokenizer's")
-    cache: bool = _f(True, "use the tokenized data that `leantune preprocess` wrote, when its key (file contents, "
+    split: str = option("train", "split to read when `path` is a hub dataset")
+    eval_path: str | None = option(None, "held-out data file; when unset, `eval_fraction` of each source is held out")
+    eval_fraction: float = option(0.05, "fraction of the training examples held out for eval when there is no eval_path (0 disables)")
+    max_length: int = option(1024, "longest example in tokens; longer ones are truncated or skipped (see `overlong`)")
+    overlong: Literal["truncate", "skip"] = option("truncate", "what to do with examples longer than max_length (both are counted and reported)")
+    packing: bool = option(True, "pack several examples per row; examples never attend to each other")
+    train_on_prompt: bool = option(False, "also train on prompt/system/user tokens (default: responses only)")
+    system_prompt: str | None = option(None, "system message added to chat/alpaca examples that have none")
+    chat_template: str | None = option(None, "a Jinja chat template (inline or a file path) to use instead of the tokenizer's")
+    cache: bool = option(True, "use the tokenized data that `leantune preprocess` wrote, when its key (file contents, "
                            "tokenizer, data settings) matches; a stale cache is never used")
-    cache_dir: str | None = _f(None, "folder of the tokenized-data cache (null: $LEANTUNE_CACHE/data, "
+    cache_dir: str | None = option(None, "folder of the tokenized-data cache (null: $LEANTUNE_CACHE/data, "
                                      "default ~/.cache/leantune/data)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = _f(1.0, "passes over the training data (ignored when max_steps is set)")
-    max_steps: int | None = _f(None, "optimizer steps to run; overrides epochs")
-    batch_size: int = _f(4, "rows per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step; the loss is normalised by the label tokens of all of them")
-    lr: float = _f(2e-4, "peak learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "adafactor", "sgd", "galore_adamw"] = _f(
+    epochs: float = option(1.0, "passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = option(None, "optimizer steps to run; overrides epochs")
+    batch_size: int = option(4, "rows per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step; the loss is normalised by the label tokens of all of them")
+    lr: float = option(2e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    betas: list[float] = option([0.9, 0.999], "AdamW betas")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "adafactor", "sgd", "galore_adamw"] = option(
         "adamw", "adamw (torch), adamw_8bit / paged_adamw_8bit / paged_adamw (bitsandbytes; paging needs CUDA), "
         "adafactor (torch), sgd, or galore_adamw (low-rank gradient projection; for method full/freeze)")
-    momentum: float = _f(0.0, "SGD momentum (optimizer sgd only)")
-    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
-    warmup_steps: int | None = _f(None, "linear warmup steps; when unset, warmup_ratio of the run")
-    warmup_ratio: float = _f(0.03, "warmup as a fraction of the total steps")
-    max_grad_norm: float | None = _f(1.0, "clip the gradient norm to this (null disables)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, ~30% slower")
-    compile: bool = _f(False, "torch.compile each decoder layer (regional: one layer's compile time, paid in the first step); "
+    momentum: float = option(0.0, "SGD momentum (optimizer sgd only)")
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "learning-rate schedule after warmup")
+    warmup_steps: int | None = option(None, "linear warmup steps; when unset, warmup_ratio of the run")
+    warmup_ratio: float = option(0.03, "warmup as a fraction of the total steps")
+    max_grad_norm: float | None = option(1.0, "clip the gradient norm to this (null disables)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, ~30% slower")
+    compile: bool = option(False, "torch.compile each decoder layer (regional: one layer's compile time, paid in the first step); "
                         "needs Triton on CUDA, a C++ compiler on CPU")
-    loss_chunk: int = _f(256, "tokens per chunk of the cross-entropy; full-vocabulary fp32 logits never exist for the whole batch")
-    eval_every: int = _f(50, "evaluate held-out loss every N steps (0: only at the end)")
-    eval_batches: int | None = _f(None, "cap on eval micro-batches per evaluation, >= 1 (null: the whole eval set)")
-    save_every: int = _f(100, "write a resumable checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = _f(2, "how many step checkpoints to keep (0 keeps all; the final adapter is always kept)")
-    early_stopping_patience: int | None = _f(None, "stop after this many evaluations without a better eval loss")
-    log_every: int = _f(1, "write metrics every N steps (0 means every step)")
-    tensorboard: bool = _f(True, "also write TensorBoard event files (needs the tensorboard package)")
-    progress: bool = _f(True, "show a progress bar")
+    loss_chunk: int = option(256, "tokens per chunk of the cross-entropy; full-vocabulary fp32 logits never exist for the whole batch")
+    eval_every: int = option(50, "evaluate held-out loss every N steps (0: only at the end)")
+    eval_batches: int | None = option(None, "cap on eval micro-batches per evaluation, >= 1 (null: the whole eval set)")
+    save_every: int = option(100, "write a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "how many step checkpoints to keep (0 keeps all; the final adapter is always kept)")
+    early_stopping_patience: int | None = option(None, "stop after this many evaluations without a better eval loss")
+    log_every: int = option(1, "write metrics every N steps (0 means every step)")
+    tensorboard: bool = option(True, "also write TensorBoard event files (needs the tensorboard package)")
+    progress: bool = option(True, "show a progress bar")
 
 
 @dataclass
 class GaloreConfig:
-    rank: int = _f(128, "GaLore: rank r of the projected gradient of each 2-D weight")
-    update_proj_gap: int = _f(200, "GaLore: recompute the projection by SVD every T optimizer steps")
-    scale: float = _f(0.25, "GaLore: scale alpha of the projected-back update")
+    rank: int = option(128, "GaLore: rank r of the projected gradient of each 2-D weight")
+    update_proj_gap: int = option(200, "GaLore: recompute the projection by SVD every T optimizer steps")
+    scale: float = option(0.25, "GaLore: scale alpha of the projected-back update")
 
 
 @dataclass
 class QuantConfig:
-    bits: int | None = _f(None, "quantize the frozen base through bitsandbytes: 4 (QLoRA, NF4/FP4) or 8 (LLM.int8); "
+    bits: int | None = option(None, "quantize the frozen base through bitsandbytes: 4 (QLoRA, NF4/FP4) or 8 (LLM.int8); "
                                 "null keeps it in `dtype`. Embeddings, lm_head and norms stay high precision")
-    type: Literal["nf4", "fp4"] = _f("nf4", "4-bit code: nf4 (normal-float, QLoRA's choice) or fp4")
-    double_quant: bool = _f(True, "4-bit: quantize the block scales too (about 4.13 instead of 4.5 bits per weight)")
-    compute_dtype: Literal["auto", "bf16", "fp32", "fp16"] = _f(
+    type: Literal["nf4", "fp4"] = option("nf4", "4-bit code: nf4 (normal-float, QLoRA's choice) or fp4")
+    double_quant: bool = option(True, "4-bit: quantize the block scales too (about 4.13 instead of 4.5 bits per weight)")
+    compute_dtype: Literal["auto", "bf16", "fp32", "fp16"] = option(
         "auto", "dtype of the 4-bit matmuls: auto follows the `dtype` rule (bf16 where the hardware runs it fast, "
         "else fp32); fp16 only on CUDA")
-    blocksize: int = _f(64, "4-bit: weights per block scale (64, as QLoRA and transformers)")
+    blocksize: int = option(64, "4-bit: weights per block scale (64, as QLoRA and transformers)")
 
 
 QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' blockwise kernels take
@@ -173,16 +170,16 @@ def _method_sections() -> dict[str, Any]:
 
 @dataclass
 class RunConfig:
-    model: str | None = _f(None, "base model: a local HF folder, a hub id, or a .gguf file")
-    output_dir: str = _f("runs/leantune", "run folder: resolved config, metrics, checkpoints and the final adapter")
-    method: str = _f("lora", "fine-tuning method")  # its type and help are built from METHODS (_schema)
-    seed: int = _f(0, "random seed (data order, init, dropout)")
-    dtype: Literal["auto", "bf16", "fp32"] = _f(
+    model: str | None = option(None, "base model: a local HF folder, a hub id, or a .gguf file")
+    output_dir: str = option("runs/leantune", "run folder: resolved config, metrics, checkpoints and the final adapter")
+    method: str = option("lora", "fine-tuning method")  # its type and help are built from METHODS (_schema)
+    seed: int = option(0, "random seed (data order, init, dropout)")
+    dtype: Literal["auto", "bf16", "fp32"] = option(
         "auto", "dtype of the frozen base weights: auto picks bf16 where the hardware runs it fast, else fp32 (never fp16 on CPU)")
-    device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
-    threads: int | None = _f(None, "CPU threads for torch, >= 1 (null: torch's default)")
-    attn_implementation: str = _f("sdpa", "attention kernel passed to transformers (sdpa, eager)")
-    trust_remote_code: bool = _f(False, "allow model code from the model folder (only for models you trust)")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "where to train")
+    threads: int | None = option(None, "CPU threads for torch, >= 1 (null: torch's default)")
+    attn_implementation: str = option("sdpa", "attention kernel passed to transformers (sdpa, eager)")
+    trust_remote_code: bool = option(False, "allow model code from the model folder (only for models you trust)")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     galore: GaloreConfig = field(default_factory=GaloreConfig)
