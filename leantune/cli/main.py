@@ -7,7 +7,6 @@ Heavy libraries (torch, transformers) are imported only inside the subcommand th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 

@@ -7,13 +7,13 @@ What a path means (a run folder, an adapter folder, a plain model) is decided by
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
 from ..adapters.base import prepare_inputs
 from ..checkpoint.adapter_io import load_adapter
-from ..checkpoint.run_folder import find_model_and_adapter, run_info, run_quant
+from ..checkpoint.run_folder import find_model_and_adapter, run_info
+from ..config import QuantConfig
 from ..data.tokenize import resolve_chat_template
 from ..device import pick_dtype, resolve_device
 from ..models.load import check_vocab, load_model, load_tokenizer
@@ -31,11 +31,11 @@ def load_for_inference(source: str, *, base: str | None = None, dtype: str = "au
     """
     model_src, adapter = find_model_and_adapter(source, base)
     device = resolve_device(device)
-    info = run_info(source) if use_adapter else None
+    info = run_info(source)  # the sidecar, read once: how the base was loaded and prompted in training
     tok = load_tokenizer(model_src, trust_remote_code=bool(info and info.trust_remote_code))
-    if info is not None and info.chat_template:
+    if use_adapter and info is not None and info.chat_template:
         tok.chat_template = resolve_chat_template(tok, info.chat_template)
-    quant = run_quant(source, quant_bits) if Path(source).exists() or quant_bits else None
+    quant = QuantConfig(bits=quant_bits) if quant_bits is not None else info.quant_config() if info else None
     model = load_model(model_src, dtype=pick_dtype(dtype, device), device=device, quant=quant)
     check_vocab(model, tok)
     if (spec := spec_of(model)) is not None:

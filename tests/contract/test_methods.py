@@ -12,6 +12,7 @@ base weights. Rows build the method from its config section exactly as `leantune
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -48,7 +49,7 @@ def lora_count(h, i, L, kv, r=RANK) -> int:  # r * (in + out) over q, k, v, o, g
 @dataclass
 class Row:
     section: dict                 # the method's config section, as YAML would give it
-    formula: typing.Callable      # trainable parameters from dims(model)
+    formula: Callable             # trainable parameters from dims(model)
     identity_at_init: bool = True
     mergeable: bool = True
     extra: dict = field(default_factory=dict)  # other top-level config keys
