@@ -180,6 +180,9 @@ class RunConfig:
     threads: int | None = option(None, "CPU threads for torch, >= 1 (null: torch's default)")
     attn_implementation: str = option("sdpa", "attention kernel passed to transformers (sdpa, eager)")
     trust_remote_code: bool = option(False, "allow model code from the model folder (only for models you trust)")
+    deploy_targets: list[Literal["vllm", "llamacpp"]] = option(
+        [], "runtimes that must serve the result (vllm, llamacpp): their rules are checked before training starts, "
+        "and a conflict (e.g. method dora with vllm) stops the run; `leantune lint` checks a saved adapter")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     galore: GaloreConfig = field(default_factory=GaloreConfig)

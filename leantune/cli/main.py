@@ -260,7 +260,31 @@ def _add_doctor(sub) -> None:
                        "hardware, and runs a 4-bit round trip through bitsandbytes' kernels. Exit 1 when a check fails.")
     p.add_argument("--json", action="store_true", help="the same report as JSON")
 
-SUBCOMMANDS = (_add_train, _add_generate, _add_merge, _add_demo, _add_inspect_data, _add_preprocess, _add_export, _add_plan, _add_doctor)  # in --help order
+
+def _add_lint(sub) -> None:
+    p = sub.add_parser("lint", help="check an adapter, a run or a train config against vLLM's and llama.cpp's rules",
+                       description="Checks what vLLM and llama.cpp refuse or serve wrong (DoRA, modules_to_save, "
+                       "biases, base-rewriting inits, ranks above 512, one GGUF alpha), from adapter_config.json and "
+                       "the safetensors header alone; a train config is checked as `deploy_targets` checks it before "
+                       "training. Exit 0: no errors; 2: errors, each naming the option and the fix.",
+                       epilog="examples:\n  leantune lint runs/first                      # vLLM and llama.cpp\n"
+                       "  leantune lint runs/first/adapter --target vllm --json\n"
+                       "  leantune lint my.yaml --target llamacpp      # before training\n"
+                       "  leantune lint legal=runs/legal support=runs/support --vllm-command   # the vllm serve line",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="an adapter folder, a run folder or a train config "
+                   ".yaml; NAME=PATH names an adapter for --vllm-command (default: the folder's name)")
+    p.add_argument("--target", choices=["vllm", "llamacpp", "all"], default="all", help="the runtime (default: all)")
+    p.add_argument("--json", action="store_true", help="the findings as JSON")
+    p.add_argument("--vllm-command", action="store_true", help="print the `vllm serve` command that serves these "
+                   "adapters on their base (--max-lora-rank from their ranks); refused while an adapter has errors")
+    p.add_argument("--base", help="--vllm-command: the base model (default: the one the adapters record)")
+    p.add_argument("--max-loras", type=int, help="--vllm-command: adapters in one batch (default: all of them)")
+    p.add_argument("--host", default="127.0.0.1", help="--vllm-command: the address vLLM binds (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="--vllm-command: the port (default: 8000)")
+
+SUBCOMMANDS = (_add_train, _add_generate, _add_merge, _add_demo, _add_inspect_data, _add_preprocess, _add_export, _add_plan, _add_doctor,
+               _add_lint)  # in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             from .doctor import main as doctor_main
 
             return doctor_main(as_json=ns.json)
+        if ns.command == "lint":
+            from .lint import main as lint_main
+
+            return lint_main(ns)
     except LeantuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

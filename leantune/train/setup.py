@@ -1,6 +1,6 @@
 """Everything a run needs before its first step, gathered into one `Session` by `setup(cfg)`.
 
-    check output_dir -> seed, device, dtype -> tokenizer, model -> data -> method -> batch plan, steps
+    check deploy_targets and output_dir -> seed, device, dtype -> tokenizer, model -> data -> method -> batch plan, steps
     -> optimizer (and the checkpoint it resumes from) -> config.yaml, data_report.json, metrics log
 
 The checks that need no model come first, so a bad output_dir costs no minutes of loading. The loop
@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from ..adapters.base import METHODS, format_trainable
 from ..checkpoint.adapter_io import save_adapter
+from ..checkpoint.deploy_rules import check_deploy_targets
 from ..checkpoint.run_folder import RunFolder, RunInfo, write_run_info
 from ..config import RunConfig, dump_yaml
 from ..data.dataset import EpochPlan, Prepared, batch_plan, build as build_data
@@ -106,6 +107,7 @@ class Session:
 
 def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] = print) -> Session:
     """Load, prepare and plan the run of `cfg`; with `resume`, from its newest checkpoint."""
+    check_deploy_targets(cfg, console)  # a result vLLM or llama.cpp cannot serve is refused before any loading
     run_dir = Path(cfg.output_dir)
     folder = RunFolder(run_dir)
     ckpts = check_run_dir(run_dir, resume)
