@@ -263,10 +263,11 @@ def _add_doctor(sub) -> None:
 
 def _add_lint(sub) -> None:
     p = sub.add_parser("lint", help="check an adapter, a run or a train config against vLLM's and llama.cpp's rules",
-                       description="Checks what vLLM and llama.cpp refuse or serve wrong (DoRA, modules_to_save, "
-                       "biases, base-rewriting inits, ranks above 512, one GGUF alpha), from adapter_config.json and "
-                       "the safetensors header alone; a train config is checked as `deploy_targets` checks it before "
-                       "training. Exit 0: no errors; 2: errors, each naming the option and the fix.",
+                       description="Checks what vLLM and llama.cpp refuse or serve wrong (DoRA, modules_to_save,\n"
+                       "biases, base-rewriting inits, ranks above 512, one GGUF alpha per file), reading only\n"
+                       "adapter_config.json and the safetensors header. A train config is checked as its\n"
+                       "deploy_targets are before training. Exit 0: no errors (warnings are printed);\n"
+                       "2: errors, each naming the conflicting option and the fix.",
                        epilog="examples:\n  leantune lint runs/first                      # vLLM and llama.cpp\n"
                        "  leantune lint runs/first/adapter --target vllm --json\n"
                        "  leantune lint my.yaml --target llamacpp      # before training\n"
