@@ -118,6 +118,13 @@ def vllm_findings(config: dict, shapes: Shapes | None = None, max_lora_rank: int
     if missing:
         return out + [Finding("vllm", missing[0], f"missing required field(s) {missing}; re-save the adapter with "
                               "PEFT or leantune")]
+    alpha, targets = config["lora_alpha"], config["target_modules"]
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        out.append(Finding("vllm", "lora_alpha", f"lora_alpha must be a number, got {alpha!r}: the adapter config "
+                           "is damaged; re-save it"))
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        out.append(Finding("vllm", "target_modules", f"target_modules must be a string or a list of strings, got "
+                           f"{targets!r}: the adapter config is damaged; re-save it"))
     for field, what in VLLM_UNSUPPORTED.items():
         if config.get(field):
             fix = "use method lora" if field == "use_dora" else f"train without {field}"

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from leantune import adapters  # noqa: F401  (registers the methods' config sections)
 from leantune.adapters.lora import inject_lora
 from leantune.checkpoint.deploy_rules import (MAX_LORA_RANKS, adapter_folder, check_deploy_targets, config_findings,
-                                              errors, lint_adapter, read_adapter, serve_rank)
+                                              errors, lint_adapter, read_adapter, serve_rank, vllm_findings)
 from leantune.checkpoint.peft_format import save_adapter
 from leantune.config import from_dict
 from leantune.errors import ConfigError, ModelError
@@ -248,3 +248,30 @@ def test_config_and_adapter_rules_agree_on_what_leantune_saves(tiny_llama, tmp_p
 def test_unknown_deploy_target_is_a_config_error_naming_the_choices():
     with pytest.raises(ConfigError, match="deploy_targets\\[0\\] must be one of vllm, llamacpp; got 'vllm-cpu'"):
         _cfg(deploy_targets=["vllm-cpu"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the vLLM loader restated in tests/parity/test_vllm_format.py
+
+
+def test_lint_refuses_every_break_the_restated_vllm_loader_refuses(tiny_llama_dir, tmp_path):
+    """Each of the parity test's broken adapters: vLLM's checks (restated there) and the lint agree that it is
+    refused. Two of its breaks need the architecture's layer names, which an adapter folder alone does not
+    give (a LoRA on a norm, keys without the inner model. prefix): the parity test keeps those."""
+    from parity.test_vllm_format import BREAKS, save, vllm_problems
+    from transformers import AutoModelForCausalLM
+
+    needs_architecture = {"module vLLM lacks", "path vLLM lacks"}
+    for name, (mutate, _) in BREAKS.items():
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        d = save(model, tmp_path / name.replace(" ", "-"), rank=8, alpha=16, targets="all-linear")
+        assert vllm_problems(d, 8, model.config) == [] and lint_adapter(d, ["vllm"]) == []
+        mutate(d)
+        assert vllm_problems(d, 8, model.config), name
+        if name in needs_architecture:
+            continue
+        try:
+            config, shapes = read_adapter(d)
+        except ModelError:
+            continue  # refused as unreadable (no weights file)
+        assert errors(vllm_findings(config, shapes, max_lora_rank=8)), name
