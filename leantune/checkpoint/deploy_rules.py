@@ -88,8 +88,8 @@ def _common(config: dict, target: str) -> list[Finding]:
     name, out = NAMES[target], []
     if config.get("peft_type") != "LORA":
         return [Finding(target, "peft_type", f"{name} serves LoRA adapters only, and this adapter's peft_type is "
-                        f"{config.get('peft_type')}: merge it into its base (leantune merge) and serve the merged model, or train "
-                        f"method lora")]
+                        f"{config.get('peft_type')}: merge it into its base (leantune merge) and serve the merged "
+                        "model, or train method lora")]
     if config.get("bias", "none") != "none":
         out.append(Finding(target, "bias", f"bias={config['bias']!r} trains the base's biases, which {name} does not "
                            "load: train with bias none, or merge the adapter and serve the merged model"))
@@ -137,9 +137,11 @@ def vllm_findings(config: dict, shapes: Shapes | None = None, max_lora_rank: int
                            "is damaged; re-save it"))
     top = max(adapter_ranks(config, shapes), default=0)
     if top > max_lora_rank and not bad:
-        out.append(Finding("vllm", "rank_pattern" if top > config["r"] else "r",
-                           f"LoRA rank {top} is greater than max_lora_rank {max_lora_rank}, the largest vLLM takes: "
-                           f"retrain with lora.rank <= {max_lora_rank}, or merge the adapter"))
+        largest = max_lora_rank == MAX_LORA_RANKS[-1]
+        fix = (f", the largest vLLM takes: retrain with lora.rank <= {max_lora_rank}, or merge the adapter" if largest
+               else f": serve with --max-lora-rank {serve_rank(top)}")
+        option = "rank_pattern" if top in (config.get("rank_pattern") or {}).values() else "r"
+        out.append(Finding("vllm", option, f"LoRA rank {top} is greater than max_lora_rank {max_lora_rank}{fix}"))
     return out + _weight_findings(config, shapes, "vllm")
 
 

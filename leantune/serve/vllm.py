@@ -39,15 +39,16 @@ def handoff(adapters: Mapping[str, str | Path], base: str | None = None, *, max_
                               "starting with a letter or digit (NAME=PATH)")
         folder = adapter_folder(source)
         config, shapes = read_adapter(folder)
-        findings += [Finding(f.target, f"{name}: {f.option}", f.message, f.severity) for f in vllm_findings(config, shapes)]
+        findings += [Finding(f.target, f"{name}: {f.option}", f.message, f.severity)
+                     for f in vllm_findings(config, shapes)]
         ranks.append(max(adapter_ranks(config, shapes), default=1))
         bases[name] = config.get("base_model_name_or_path")
         modules.append(f"{name}={folder.resolve()}")
     recorded = {b for b in bases.values() if b}
     if base is None:
         if len(recorded) != 1:
-            raise ConfigError(f"the adapters record {'no base' if not recorded else f'different bases {sorted(recorded)}'}: "
-                              "pass the base model to serve them on (--base MODEL)")
+            what = f"different bases {sorted(recorded)}" if recorded else "no base"
+            raise ConfigError(f"the adapters record {what}: pass the base model to serve them on (--base MODEL)")
         base = recorded.pop()
     for name, b in bases.items():
         if b and b != base:
