@@ -50,7 +50,8 @@ def _add_config_fields(p: argparse.ArgumentParser) -> None:
     fields, section_titles = help_fields()
     groups: dict[str, argparse._ArgumentGroup] = {}
     titles = {"": "run", "data": "data (data.*)", "train": "training loop (train.*)",
-              "galore": "GaLore optimizer (galore.*)", "quant": "quantized base, QLoRA (quant.*)", **section_titles}
+              "galore": "GaLore optimizer (galore.*)", "quant": "quantized base, QLoRA (quant.*)",
+              "distributed": "several processes under torchrun (distributed.*)", **section_titles}
     for name, tname, default, help in fields:
         section = name.split(".")[0] if "." in name else ""
         g = groups.get(section) or groups.setdefault(section, p.add_argument_group(titles.get(section, section)))

@@ -27,7 +27,7 @@ TIERS: list[tuple[str, ...]] = [
     ("train",),                          # the training loop and what it needs
     ("infer", "eval"),                   # generation; scoring a model against another
     ("merge", "export", "serve", "plan", "demo"),  # things a user does with a run
-    ("cli", "ui"),                       # faces: parse, validate, call the library
+    ("cli", "ui", "__main__"),           # faces: parse, validate, call the library (python -m leantune)
 ]
 FACES = TIERS[-1]  # only these may import leantune lazily (`leantune --help` stays fast: test_cli_fast.py)
 TIER = {name: i for i, names in enumerate(TIERS) for name in names}
