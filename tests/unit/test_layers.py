@@ -27,9 +27,10 @@ TIERS: list[tuple[str, ...]] = [
     ("train",),                          # the training loop and what it needs
     ("infer", "eval"),                   # generation; scoring a model against another
     ("merge", "export", "serve", "plan", "demo"),  # things a user does with a run
-    ("cli", "ui", "__main__"),           # faces: parse, validate, call the library (python -m leantune)
+    ("cli", "ui"),                       # faces: parse, validate, call the library
+    ("__main__",),                       # `python -m leantune` (what torchrun starts): the CLI's main
 ]
-FACES = TIERS[-1]  # only these may import leantune lazily (`leantune --help` stays fast: test_cli_fast.py)
+FACES = TIERS[-2]  # only these may import leantune lazily (`leantune --help` stays fast: test_cli_fast.py)
 TIER = {name: i for i, names in enumerate(TIERS) for name in names}
 
 ROOT = Path(leantune.__file__).parent
