@@ -122,6 +122,18 @@ class QuantConfig:
     blocksize: int = option(64, "4-bit: weights per block scale (64, as QLoRA and transformers)")
 
 
+@dataclass
+class DistributedConfig:
+    strategy: Literal["auto", "ddp", "fsdp2"] = option(
+        "auto", "how several processes (torchrun) share the work: ddp replicates the model and averages gradients; "
+        "fsdp2 shards weights, gradients and optimizer state per decoder layer (fully_shard); auto picks ddp when the "
+        "model and its optimizer fit one device, else fsdp2. Ignored in one process")
+    timeout_s: int = option(600, "seconds a process waits for the others at a collective before the job fails "
+                            "(a rank that dies ends the others sooner: torchrun stops them)")
+    reshard_after_forward: bool = option(True, "fsdp2: free each layer's gathered weights after its forward (less "
+                                         "memory, one more all-gather in the backward)")
+
+
 QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' blockwise kernels take
 
 
@@ -187,6 +199,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     galore: GaloreConfig = field(default_factory=GaloreConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # The registered methods' sections by name (cfg.lora is cfg.sections["lora"]); in the YAML and on the
     # command line they are top-level sections like the others.
     sections: dict[str, Any] = field(default_factory=_method_sections, repr=False)
@@ -456,6 +469,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         if sec.check is not None:
             sec.check(cfg)
     check_quant(cfg.quant)
+    need(cfg.distributed.timeout_s >= 10, f"distributed.timeout_s must be >= 10 seconds, got {cfg.distributed.timeout_s}")
 
 
 def check_data(d: DataConfig) -> None:

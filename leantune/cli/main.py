@@ -19,6 +19,8 @@ examples:
   leantune train my.yaml --lora.rank 8 --train.lr 1e-4
   leantune train --model ./my-model --data.path train.jsonl --output_dir runs/first
   leantune train runs/first/config.yaml --resume # continue after a crash or Ctrl-C
+  leantune train my.yaml --nproc 2               # 2 processes on this machine (torchrun; docs/distributed.md)
+  torchrun --nproc-per-node 4 -m leantune train my.yaml --distributed.strategy fsdp2
 
 a minimal config file:
   model: ./SmolLM2-135M-Instruct        # local HF folder, hub id, or .gguf file
@@ -50,7 +52,8 @@ def _add_config_fields(p: argparse.ArgumentParser) -> None:
     fields, section_titles = help_fields()
     groups: dict[str, argparse._ArgumentGroup] = {}
     titles = {"": "run", "data": "data (data.*)", "train": "training loop (train.*)",
-              "galore": "GaLore optimizer (galore.*)", "quant": "quantized base, QLoRA (quant.*)", **section_titles}
+              "galore": "GaLore optimizer (galore.*)", "quant": "quantized base, QLoRA (quant.*)",
+              "distributed": "several processes under torchrun (distributed.*)", **section_titles}
     for name, tname, default, help in fields:
         section = name.split(".")[0] if "." in name else ""
         g = groups.get(section) or groups.setdefault(section, p.add_argument_group(titles.get(section, section)))
@@ -121,6 +124,10 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--max-steps", dest="cfg:train.max_steps", default=argparse.SUPPRESS, metavar="INT",
                    help="shorthand for --train.max_steps")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train in N processes on this machine: starts `torchrun --standalone --nproc-per-node N -m "
+                   "leantune train ...` with the other arguments (each process trains train.batch_size rows per "
+                   "micro-batch; see distributed.*). Several machines: run torchrun yourself (docs/distributed.md)")
     _add_config_fields(p)
 
 
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if ns.command == "train":
-            return _train(ns)
+            return _train(ns, argv)
         if ns.command == "generate":
             from .chat import main as generate_main
 
@@ -373,14 +380,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _train(ns: argparse.Namespace) -> int:
+def _train(ns: argparse.Namespace, argv: list[str]) -> int:
     from .. import config as config_mod
+
+    if ns.nproc is not None:
+        return _spawn_torchrun(ns.nproc, argv)
 
     cfg = config_mod.load(ns.config, _overrides(ns))
     from ..train.loop import run
 
     res = run(cfg, resume=ns.resume)
     return 130 if res.stopped == "interrupted" else 0
+
+
+def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
+    """`--nproc N`: the same command under torchrun, N processes on this machine (a free port each time)."""
+    import os
+    import subprocess
+
+    from ..errors import ConfigError
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--nproc inside a torchrun job would start torchrun again; drop --nproc")
+    rest, skip = [], False
+    for a in argv:  # the arguments less --nproc N / --nproc=N
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "leantune", *rest]
+    print("running: torchrun " + " ".join(cmd[3:]), flush=True)
+    return subprocess.call(cmd)
 
 
 def _plan(ns: argparse.Namespace) -> int:

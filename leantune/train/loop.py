@@ -20,13 +20,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters.whole_model import save_model
 from ..checkpoint.run_folder import RunFolder, checkpoint_dirs
 from ..config import RunConfig
 from ..errors import TrainingError
-from ..io.atomic import atomic_dir, write_json
+from ..io.atomic import write_json
 from ..io.lock import held
-from . import step
+from . import distributed, step
 from .distributed import global_token_count
 from .memory import breakdown, describe, gradient_bytes, peak_memory_bytes
 from .metrics import Throughput
@@ -65,8 +64,10 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     `resume` continues from the run's newest checkpoint; `stop_after` (tests) dies after that step.
     One run at a time holds output_dir (a pid lock file, taken over when its process is gone)."""
     check_writable(Path(cfg.output_dir))  # before the lock creates the folder: one line, not a traceback
-    with held(RunFolder(cfg.output_dir).lock, f"output_dir {cfg.output_dir}", console):
-        return _run(cfg, resume, console, stop_after)
+    with distributed.started(cfg) as main:  # under torchrun: join the other processes; rank 0 holds the lock
+        with held(RunFolder(cfg.output_dir).lock, f"output_dir {cfg.output_dir}", console) if main \
+                else contextlib.nullcontext():
+            return _run(cfg, resume, console, stop_after)
 
 
 def _run(cfg: RunConfig, resume: bool, console: Callable[[str], None], stop_after: int | None) -> RunResult:
@@ -122,10 +123,10 @@ def train_step(s: Session, micro: list[dict]) -> StepResult:
     first = s.memory is None
     n_tokens = global_token_count(sum(b["num_label_tokens"] for b in micro))
     loss = _accumulate_gradients(s.model, micro, n_tokens, chunk=t.loss_chunk, meter=s.meter if first else None)
+    loss = distributed.average(loss)  # each rank's loss is W x its share of the step's (distributed.py)
     if not math.isfinite(loss):
         raise _nan_error(loss, progress.step + 1, s.run_dir, t.lr)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(s.trainable, t.max_grad_norm) if t.max_grad_norm
-                      else _grad_norm(s.trainable))
+    grad_norm = distributed.clip_grad_norm(s.trainable, t.max_grad_norm)  # over every process's gradients
     if not math.isfinite(grad_norm):
         raise _nan_error(grad_norm, progress.step + 1, s.run_dir, t.lr, what="gradient norm")
     if first:
@@ -147,7 +148,7 @@ def train_step(s: Session, micro: list[dict]) -> StepResult:
 def evaluate_and_track(s: Session, bar) -> bool:
     """Held-out loss now, logged and tracked for early stopping; True when patience has run out."""
     t, progress = s.cfg.train, s.progress
-    res = step.evaluate(s.model, s.eval_plan, chunk=t.loss_chunk, limit=t.eval_batches)
+    res = distributed.evaluate(s.model, s.eval_plan, chunk=t.loss_chunk, limit=t.eval_batches)
     if not res:
         return False
     s.last_eval = res["eval_loss"]
@@ -167,10 +168,7 @@ def finish(s: Session, stopped: str, console: Callable[[str], None]) -> RunResul
     progress = s.progress
     s.checkpoint()
     out = s.folder.output(whole_model=s.whole_model)
-    with atomic_dir(out) as tmp:
-        if s.whole_model:
-            save_model(s.model, s.tokenizer, tmp)
-        s.save_adapter_to(s.model, tmp)  # the sidecar; the adapter too, unless the whole model was saved
+    s.save_final(out)
     summary = {"status": stopped, "steps": progress.step, "total_steps": s.total_steps, "train_loss": s.last_loss,
                "eval_loss": s.last_eval, "best_eval_loss": progress.best_eval_loss,
                "label_tokens": progress.tokens_seen, out.name: str(out), "progress": asdict(progress)}
@@ -178,8 +176,11 @@ def finish(s: Session, stopped: str, console: Callable[[str], None]) -> RunResul
         summary["memory"] = s.memory = _memory(s)
         console(describe(s.memory))
     s.log.close()
-    write_loss_svg(s.run_dir)
-    write_json(s.folder.summary, summary)
+    if not distributed.agree():  # every process got here: only then is the run done
+        raise TrainingError("another process of this run failed; see its error above")
+    if distributed.is_main():
+        write_loss_svg(s.run_dir)
+        write_json(s.folder.summary, summary)
     loss_text = f"train loss {s.last_loss:.4f}" if s.last_loss is not None else "nothing left to train"
     console(f"done: {progress.step} steps, {loss_text}"
             + (f", eval loss {s.last_eval:.4f}" if s.last_eval is not None else "") + f"; {out.name} in {out}")
@@ -220,10 +221,10 @@ def _accumulate_gradients(model, micro: list[dict], n_tokens: int, *, chunk: int
     `meter` (a SavedTensorMeter) counts the activations of the first micro-batch."""
     total = 0.0
     for b in micro:
-        if b["num_label_tokens"] == 0:
+        if distributed.skippable(b):  # no labels: skipped in one process, run in several (collectives)
             continue
         with meter if meter is not None else contextlib.nullcontext():
-            loss, _ = step.micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=chunk)
+            loss, _ = distributed.micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=chunk)
         meter = None
         loss.backward()
         total += float(loss.detach())
@@ -247,11 +248,6 @@ def _restore(progress: Progress, boundary: tuple) -> None:
     saved, rng = boundary
     progress.__dict__.update(saved.__dict__)
     torch.set_rng_state(rng)
-
-
-def _grad_norm(params) -> float:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 class _NoBar:

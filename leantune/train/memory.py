@@ -41,7 +41,13 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "peak RSS (getrusage)"  # bytes on macOS, KiB elsewhere
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of an FSDP2-sharded tensor (a DTensor); any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _nbytes(t: torch.Tensor) -> int:
+    t = _local(t)
     return t.numel() * t.element_size()
 
 
@@ -81,7 +87,7 @@ class SavedTensorMeter:
     parameter (a Linear saves its weight, which is already counted as weights)."""
 
     def __init__(self, model: nn.Module):
-        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._params = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
         self._seen: set[int] = set()
         self.bytes = 0
 

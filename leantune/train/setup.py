@@ -27,10 +27,12 @@ from ..data.dataset import EpochPlan, Prepared, batch_plan, build as build_data
 from ..data.tokenize import resolve_chat_template
 from ..device import pick_dtype, resolve_device
 from ..errors import ConfigError
-from ..io.atomic import write_json, write_text
+from ..adapters.whole_model import save_model
+from ..io.atomic import atomic_dir, write_json, write_text
 from ..models.load import check_vocab, load_model, load_tokenizer, resolve_source
 from ..models.quantized import local_model_dir
 from ..quant import spec_of
+from . import distributed
 from .compile import compile_layers
 from .memory import SavedTensorMeter
 from .metrics import MetricsLog
@@ -46,7 +48,8 @@ class Batches:
 
     def __init__(self, cfg: RunConfig, data: Prepared):
         self.cfg, self.data = cfg, data
-        self.epoch, self.plan = 0, batch_plan(cfg, data.train, data.pad_id, epoch=0)
+        # Under torchrun: this process's rows of every micro-batch (train/distributed.py).
+        self.epoch, self.plan = 0, distributed.rank_plan(cfg, data.train, data.pad_id, epoch=0)
         self.per_epoch = len(self.plan)
 
     def next(self, progress: Progress) -> dict:
@@ -54,8 +57,8 @@ class Batches:
             progress.epoch += 1
             progress.batch_index = 0
         if progress.epoch != self.epoch:
-            self.epoch, self.plan = progress.epoch, batch_plan(self.cfg, self.data.train, self.data.pad_id,
-                                                               epoch=progress.epoch)
+            self.epoch, self.plan = progress.epoch, distributed.rank_plan(self.cfg, self.data.train, self.data.pad_id,
+                                                                          epoch=progress.epoch)
         batch = self.plan[progress.batch_index]
         progress.batch_index += 1
         return batch
@@ -101,8 +104,23 @@ class Session:
         save_adapter(model, out, base_model_name_or_path=self.base_name, config=self.cfg)
 
     def checkpoint(self) -> Path:
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.progress,
-                               save_adapter_fn=self.save_adapter_to, keep=self.cfg.train.keep_checkpoints)
+        """Every process calls it (FSDP2 shards are gathered); rank 0 writes."""
+        with distributed.gathered(self.model, self.optimizer) as optimizer_state:
+            if distributed.is_main():
+                save_checkpoint(self.run_dir, self.model, self.optimizer, self.progress, optimizer_state=optimizer_state,
+                                save_adapter_fn=self.save_adapter_to, keep=self.cfg.train.keep_checkpoints)
+        distributed.barrier()
+        return self.folder.checkpoint(self.progress.step)
+
+    def save_final(self, out: Path) -> None:
+        """The final adapter (or whole model for full/freeze) into `out`: gathered on every process, written by rank 0."""
+        with distributed.gathered(self.model, whole=self.whole_model):
+            if distributed.is_main():
+                with atomic_dir(out) as tmp:
+                    if self.whole_model:
+                        save_model(self.model, self.tokenizer, tmp)
+                    self.save_adapter_to(self.model, tmp)  # the sidecar; the adapter too, unless the whole model was saved
+        distributed.barrier()
 
 
 def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] = print) -> Session:
@@ -114,7 +132,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     model, tokenizer, base_name = _load(cfg, device, console)
 
     unpack_if_needed(cfg, console)
@@ -128,6 +146,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
     model.train()
     if cfg.train.compile:
         compile_layers(model, console=console)
+    distributed.wrap(model, cfg, device, console)  # DDP or FSDP2 under torchrun; before the optimizer sees the params
 
     t = cfg.train
     batches = Batches(cfg, data)
@@ -139,13 +158,18 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
     progress = Progress()
     if resume:
         progress = load_checkpoint(ckpts[-1], model, optimizer)
+        distributed.check_resume(progress.rows_per_batch, cfg)
         console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
 
     template = resolve_chat_template(tokenizer, cfg.data.chat_template) if cfg.data.chat_template else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(folder.config, dump_yaml(cfg))
-    write_json(folder.data_report, asdict(data.report))
-    log = MetricsLog(run_dir, t.tensorboard, resume_step=progress.step if resume else 0)
+    progress.rows_per_batch = t.batch_size * distributed.world_size()
+    if distributed.is_main():  # under torchrun rank 0 alone writes
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(folder.config, dump_yaml(cfg))
+        write_json(folder.data_report, asdict(data.report))
+        log = MetricsLog(run_dir, t.tensorboard, resume_step=progress.step if resume else 0)
+    else:
+        log = distributed.NullLog()
     if log.tb_note:
         console(log.tb_note)
     return Session(cfg=cfg, run_dir=run_dir, folder=folder, device=device, model=model, tokenizer=tokenizer,

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from ..checkpoint.run_folder import RunFolder, checkpoint_dirs
 from ..errors import TrainingError
 from ..io.atomic import atomic_dir, save_safetensors, write_json
+from .distributed import copy_full, shard_optimizer_state
 
 
 @dataclass
@@ -32,15 +33,19 @@ class Progress:
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
     history: list = field(default_factory=list)  # eval results [(step, loss)]
+    rows_per_batch: int = 0    # rows of a micro-batch over every process (processes x batch_size); 0: not recorded
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, *, save_adapter_fn, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, *, save_adapter_fn, keep: int,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write the checkpoint of `progress.step`; `optimizer_state` replaces optimizer.state_dict() (under
+    FSDP2 the one gathered to full tensors, train/distributed.py)."""
     final = RunFolder(run_dir).checkpoint(progress.step)
     with atomic_dir(final) as tmp:
         save_adapter_fn(model, tmp)
         trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         save_safetensors(trainable, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state().tolist()}
         if torch.cuda.is_available():
             rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
@@ -73,9 +78,9 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> Progress:
             if saved[n].shape != p.shape:
                 raise TrainingError(f"checkpoint tensor {n} has shape {tuple(saved[n].shape)}, the run has "
                                     f"{tuple(p.shape)}; resume with the run's saved config.yaml")
-            p.copy_(saved[n])
+            copy_full(p, saved[n])  # p.copy_, also when p is this process's FSDP2 shard
     try:
-        optimizer.load_state_dict(opt_state)
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, opt_state))
     except ValueError:
         raise TrainingError(f"checkpoint {ckpt}'s optimizer state does not match this run's parameter groups "
                             "(was lora.lr_ratio changed?); resume with the run's saved config.yaml") from None
