@@ -2,6 +2,10 @@
 
 The JSONL file is the source of truth (easy to plot, grep or load with pandas); TensorBoard is a
 convenience. Lines are flushed as they are written, so a crash loses at most the line in flight.
+
+A resume (or a rollback) rewinds both to the step it continues from: metrics.jsonl keeps only the lines up
+to it, and the TensorBoard writer starts with `purge_step` one past it, so TensorBoard drops the events a
+killed run wrote after its checkpoint instead of drawing the lost tail beside the new one.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pathlib import Path
 
 from ..checkpoint.run_folder import METRICS, TENSORBOARD
 from ..io.atomic import write_text
+from ..io.faults import fault_point
 
 
 def _records(path: Path):
@@ -31,27 +36,40 @@ def read_metrics(path: Path) -> list[dict]:
 
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
-        self.path = Path(run_dir) / METRICS
-        if resume_step and self.path.exists():
-            # Drop lines past the checkpoint we resume from: they belong to the lost tail of the run.
-            kept = [ln for ln, rec in _records(self.path) if rec.get("step", 0) <= resume_step]
-            write_text(self.path, "".join(ln + "\n" for ln in kept))
-        elif self.path.exists():
+        self.run_dir, self.path = Path(run_dir), Path(run_dir) / METRICS
+        if not resume_step and self.path.exists():
             self.path.unlink()
-        self._f = open(self.path, "a", encoding="utf-8")
-        self._tb = None
+        self._f = self._tb = None
         self.tb_note = None
-        if tensorboard:
+        self._tensorboard = tensorboard
+        self._open(resume_step)
+
+    def _open(self, step: int) -> None:
+        if step and self.path.exists():
+            # Drop lines past the checkpoint we continue from: they belong to the lost tail of the run.
+            kept = [ln for ln, rec in _records(self.path) if rec.get("step", 0) <= step]
+            write_text(self.path, "".join(ln + "\n" for ln in kept))
+        self._f = open(self.path, "a", encoding="utf-8")
+        if self._tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD))
+                self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD), purge_step=step + 1 if step else None)
             except ImportError:
                 self.tb_note = "tensorboard is not installed; metrics go to metrics.jsonl only (pip install tensorboard)"
 
+    def rewind(self, step: int) -> None:
+        """Continue from `step` (a rollback): forget what was logged after it, in both places."""
+        self.close()
+        self._open(step)
+
     def log(self, step: int, **values: float) -> None:
         rec = {"step": step, "time": round(time.time(), 3), **values}
-        self._f.write(json.dumps(rec) + "\n")
+        line = json.dumps(rec) + "\n"
+        self._f.write(line[: len(line) // 2])
+        self._f.flush()
+        fault_point("log")  # a kill here leaves a torn line, which readers skip
+        self._f.write(line[len(line) // 2:])
         self._f.flush()
         if self._tb is not None:
             for k, v in values.items():
@@ -63,6 +81,7 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+            self._tb = None
 
 
 class Throughput:

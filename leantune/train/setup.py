@@ -35,7 +35,7 @@ from .memory import SavedTensorMeter
 from .metrics import MetricsLog
 from .optim import build_optimizer
 from .schedule import warmup_steps
-from .state import Progress, load_checkpoint, save_checkpoint
+from .state import Progress, resume_from, save_checkpoint
 
 class Batches:
     """The training micro-batches in order, from where `progress` points (epoch, index in its plan).
@@ -136,8 +136,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
     optimizer = build_optimizer(model, cfg, device, console)
     progress = Progress()
     if resume:
-        progress = load_checkpoint(ckpts[-1], model, optimizer)
-        console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
+        progress, ckpt = resume_from(ckpts, model, optimizer, console)  # the newest intact one
+        console(f"resuming from {ckpt.name} (step {progress.step} of {total_steps})")
 
     template = resolve_chat_template(tokenizer, cfg.data.chat_template) if cfg.data.chat_template else None
     run_dir.mkdir(parents=True, exist_ok=True)
