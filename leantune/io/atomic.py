@@ -50,10 +50,10 @@ def _no_space(e: BaseException) -> bool:
     return isinstance(e, Exception) and any(s in str(e) for s in ("No space left", "Disk quota exceeded"))
 
 
-def disk_full(path: Path, e: OSError | None = None) -> DiskFullError:
+def disk_full(path: Path, e: BaseException | None = None) -> DiskFullError:
     """The one-line error for a write of `path` that found no space."""
     kept = f"the previous {path.name} is kept as it was" if path.exists() else f"nothing was written to {path}"
-    why = "over the disk quota" if e is not None and e.errno == errno.EDQUOT else "no space left"
+    why = "over the disk quota" if getattr(e, "errno", None) == errno.EDQUOT else "no space left"
     return DiskFullError(f"{why} on the disk holding {path.parent} ({free_bytes(path.parent) / 2**20:.0f} MiB free) "
                          f"while writing {path.name}; {kept}. Free space there or choose a folder on a larger disk")
 
@@ -155,5 +155,5 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if _no_space(e):  # a file inside the folder ran out of space: name the folder, not the file
-            raise disk_full(path, e if isinstance(e, OSError) else None) from None
+            raise disk_full(path, e) from None
         raise

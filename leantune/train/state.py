@@ -50,6 +50,19 @@ class Progress:
 def save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, *, save_adapter_fn, keep: int) -> Path:
     final = RunFolder(run_dir).checkpoint(progress.step)
     check_space(Path(run_dir), model)
+    try:
+        _write_checkpoint(final, model, optimizer, progress, save_adapter_fn)
+    except DiskFullError as e:
+        ckpts = checkpoint_dirs(run_dir)
+        kept = f"the last good checkpoint, {ckpts[-1].name}, is intact" if ckpts else "no checkpoint was written yet"
+        raise DiskFullError(f"{e}; {kept} (resume with --resume once there is room)") from None
+    if keep > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(final: Path, model, optimizer, progress: Progress, save_adapter_fn) -> None:
     with atomic_dir(final) as tmp:
         save_adapter_fn(model, tmp)
         trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -62,10 +75,6 @@ def save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, *, save
         write_json(tmp / "state.json", {"progress": asdict(progress), "rng": rng})
         verify_saved(tmp, model)
         write_manifest(tmp)
-    if keep > 0:
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 class Damaged(TrainingError):
