@@ -11,6 +11,8 @@ killed run wrote after its checkpoint instead of drawing the lost tail beside th
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -34,11 +36,22 @@ def read_metrics(path: Path) -> list[dict]:
     return [rec for _, rec in _records(path)]
 
 
+def _after_existing_event_files(folder: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the second it was
+    made in: a purge only works from a file that sorts after the ones it purges. Wait (at most a second,
+    and only when a resume follows its crash within the same second) until a new name sorts last."""
+    stamps = [int(m.group(1)) for f in folder.glob("events.out.tfevents.*")
+              if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", f.name))]
+    if stamps and time.time() < max(stamps) + 1:
+        time.sleep(max(stamps) + 1 - time.time())
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
         self.run_dir, self.path = Path(run_dir), Path(run_dir) / METRICS
-        if not resume_step and self.path.exists():
-            self.path.unlink()
+        if not resume_step:  # a new run (or one started again before its first checkpoint) starts clean
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / TENSORBOARD, ignore_errors=True)
         self._f = self._tb = None
         self.tb_note = None
         self._tensorboard = tensorboard
@@ -54,6 +67,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
+                if step:
+                    _after_existing_event_files(self.run_dir / TENSORBOARD)
                 self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD), purge_step=step + 1 if step else None)
             except ImportError:
                 self.tb_note = "tensorboard is not installed; metrics go to metrics.jsonl only (pip install tensorboard)"
@@ -75,6 +90,7 @@ class MetricsLog:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+            self._tb.flush()  # as the JSONL line: a kill -9 must not take steps a checkpoint already holds
 
     def close(self) -> None:
         self._f.close()
