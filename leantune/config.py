@@ -101,6 +101,10 @@ class TrainConfig:
     log_every: int = option(1, "write metrics every N steps (0 means every step)")
     tensorboard: bool = option(True, "also write TensorBoard event files (needs the tensorboard package)")
     progress: bool = option(True, "show a progress bar")
+    on_nonfinite: Literal["stop", "skip_batch", "rollback"] = option(
+        "stop", "a NaN/inf loss or gradient: stop (the last checkpoint is kept), skip_batch (drop that step's "
+        "batches, no update), or rollback (reload the last checkpoint, go on past the batches since)")
+    max_nonfinite: int = option(3, "skip_batch/rollback: stop after this many non-finite steps in a run")
 
 
 @dataclass
@@ -452,7 +456,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(t.eval_batches is None or t.eval_batches >= 1,
          f"train.eval_batches must be >= 1 or null (the whole eval set), got {t.eval_batches}; to train without "
          "evaluation set data.eval_fraction 0 (and no data.eval_path)")
-    for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
+    for name in ("eval_every", "save_every", "log_every", "keep_checkpoints", "max_nonfinite"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
     need(0.0 <= t.momentum < 1.0, f"train.momentum must be in [0, 1), got {t.momentum}")
     whole_model = METHODS[cfg.method].whole_model

@@ -374,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     except LeantuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # SIGTERM arrives as Terminated where train handles it (io/faults.py)
+        from ..io.faults import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+
+        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     return 0
 
 
@@ -390,7 +392,7 @@ def _train(ns: argparse.Namespace, argv: list[str]) -> int:
     from ..train.loop import run
 
     res = run(cfg, resume=ns.resume)
-    return 130 if res.stopped == "interrupted" else 0
+    return {"interrupted": 130, "terminated": 143}.get(res.stopped, 0)  # as io/faults.py EXIT_*
 
 
 def _spawn_torchrun(nproc: int, argv: list[str]) -> int:

@@ -7,11 +7,15 @@ old artifact or the new one, never half of one that looks complete.
 The temporary file or folder is created private (0600/0700, tempfile's modes), and gets the mode a plain
 write would have given it (0666/0777 less the umask) just before it is renamed into place: another user,
 or a vLLM/Ollama service account, reads the adapter, the GGUF and the config as it would any other file.
+
+A write that runs out of space (ENOSPC, or EDQUOT past a quota) removes its temporary and raises
+`DiskFullError`, one line that names the disk and its free space; what was under the final name is untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -19,6 +23,39 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ..errors import LeantuneError
+from .faults import fault_point
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(LeantuneError):
+    """A write ran out of disk space (or quota); the message names the disk and what was kept."""
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes for this user on the filesystem that holds `path` (its nearest existing ancestor)."""
+    here = Path(os.path.abspath(path))
+    existing = next(p for p in (here, *here.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def _no_space(e: BaseException) -> bool:
+    """A write failed for want of space: an OSError with that errno, our own error from a nested write,
+    or a library's wrapper around it (torch.save and safetensors raise RuntimeError/SafetensorError
+    whose text carries the OS message)."""
+    if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in NO_SPACE):
+        return True
+    return isinstance(e, Exception) and any(s in str(e) for s in ("No space left", "Disk quota exceeded"))
+
+
+def disk_full(path: Path, e: BaseException | None = None) -> DiskFullError:
+    """The one-line error for a write of `path` that found no space."""
+    kept = f"the previous {path.name} is kept as it was" if path.exists() else f"nothing was written to {path}"
+    why = "over the disk quota" if getattr(e, "errno", None) == errno.EDQUOT else "no space left"
+    return DiskFullError(f"{why} on the disk holding {path.parent} ({free_bytes(path.parent) / 2**20:.0f} MiB free) "
+                         f"while writing {path.name}; {kept}. Free space there or choose a folder on a larger disk")
 
 
 def _umask() -> int:
@@ -60,10 +97,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+        fault_point("commit")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if _no_space(e):
+            raise disk_full(path, e) from None
         raise
 
 
@@ -101,6 +141,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        fault_point("commit")
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -111,6 +152,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(e):  # a file inside the folder ran out of space: name the folder, not the file
+            raise disk_full(path, e) from None
         raise

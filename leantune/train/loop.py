@@ -20,12 +20,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint.run_folder import RunFolder, checkpoint_dirs
+from ..checkpoint.run_folder import RunFolder
 from ..config import RunConfig
 from ..errors import TrainingError
 from ..io.atomic import write_json
+from ..io.faults import Terminated, fault_point, sigterm_as_interrupt
 from ..io.lock import held
-from . import distributed, step
+from . import distributed, faults
 from .distributed import global_token_count
 from .memory import breakdown, describe, gradient_bytes, peak_memory_bytes
 from .metrics import Throughput
@@ -42,7 +43,7 @@ class RunResult:
     steps: int
     train_loss: float | None
     eval_loss: float | None
-    stopped: str  # "completed" | "early_stopped" | "interrupted"
+    stopped: str  # "completed" | "early_stopped" | "interrupted" (Ctrl-C) | "terminated" (SIGTERM)
 
 
 @dataclass
@@ -62,17 +63,21 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] 
     """Train `cfg` to its last step, an early stop or Ctrl-C; save the adapter (or model) and summary.json.
 
     `resume` continues from the run's newest checkpoint; `stop_after` (tests) dies after that step.
-    One run at a time holds output_dir (a pid lock file, taken over when its process is gone)."""
+    One run at a time holds output_dir (a pid lock file, taken over when its process is gone); SIGTERM
+    is handled as Ctrl-C (a checkpoint of the last finished step), reported as "terminated"."""
     check_writable(Path(cfg.output_dir))  # before the lock creates the folder: one line, not a traceback
     with distributed.started(cfg) as main:  # under torchrun: join the other processes; rank 0 holds the lock
-        with held(RunFolder(cfg.output_dir).lock, f"output_dir {cfg.output_dir}", console) if main \
-                else contextlib.nullcontext():
+        with (held(RunFolder(cfg.output_dir).lock, f"output_dir {cfg.output_dir}", console) if main
+              else contextlib.nullcontext()), sigterm_as_interrupt():
+            if main:
+                faults.clean_stale(Path(cfg.output_dir), console)  # a dead run's half-written temporaries
             return _run(cfg, resume, console, stop_after)
 
 
 def _run(cfg: RunConfig, resume: bool, console: Callable[[str], None], stop_after: int | None) -> RunResult:
     s = setup(cfg, resume=resume, console=console)
     t, progress = cfg.train, s.progress
+    s.last_loss, s.last_eval = progress.last_loss, progress.last_eval  # a resume reports them too
     bar = _progress_bar(t.progress, s.total_steps, progress.step)
     speed, stopped = Throughput(), "completed"
     # The state at the last step boundary: Ctrl-C in the middle of a step rewinds to it, so the
@@ -80,7 +85,12 @@ def _run(cfg: RunConfig, resume: bool, console: Callable[[str], None], stop_afte
     boundary = _snapshot(progress)
     try:
         while progress.step < s.total_steps:
-            r = train_step(s, [s.batches.next(progress) for _ in range(t.grad_accum)])
+            try:
+                r = train_step(s, [s.batches.next(progress) for _ in range(t.grad_accum)])
+            except faults.NonFinite as e:  # train.on_nonfinite: stop raises; skip_batch/rollback go on
+                faults.recover(s, e, console)
+                boundary = _snapshot(progress)
+                continue
             boundary = _snapshot(progress)  # weights and optimizer now hold this step: rewind no further
             speed.add(r.tokens)
             if progress.step % max(t.log_every, 1) == 0 or progress.step == s.total_steps:
@@ -92,7 +102,7 @@ def _run(cfg: RunConfig, resume: bool, console: Callable[[str], None], stop_afte
             bar.update(1)
             is_last = progress.step == s.total_steps
             eval_due = bool(s.eval_plan) and ((t.eval_every and progress.step % t.eval_every == 0) or is_last)
-            if eval_due and evaluate_and_track(s, bar):
+            if eval_due and (fault_point("eval") or evaluate_and_track(s, bar)):
                 stopped = "early_stopped"
                 bar.write(f"early stopping: no better eval loss in {t.early_stopping_patience} evaluations")
                 break
@@ -101,9 +111,9 @@ def _run(cfg: RunConfig, resume: bool, console: Callable[[str], None], stop_afte
             if stop_after is not None and progress.step >= stop_after:
                 raise _Stop()
             boundary = _snapshot(progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _close(bar, s)
-        return _interrupted(s, boundary, console)
+        return _interrupted(s, boundary, console, isinstance(e, Terminated))
     except _Stop:
         _close(bar, s)
         return _result(s, None, "interrupted")
@@ -111,7 +121,13 @@ def _run(cfg: RunConfig, resume: bool, console: Callable[[str], None], stop_afte
         _close(bar, s)
         raise
     bar.close()
-    return finish(s, stopped, console)
+    try:
+        return finish(s, stopped, console)
+    except KeyboardInterrupt as e:  # during the final save: what is on disk resumes; say how
+        s.log.close()
+        console(f"interrupted during the final save at step {progress.step}; the newest complete checkpoint on disk "
+                f"is kept; continue with `leantune train {s.folder.config} --resume`")
+        return _result(s, None, "terminated" if isinstance(e, Terminated) else "interrupted")
 
 
 def train_step(s: Session, micro: list[dict]) -> StepResult:
@@ -125,19 +141,20 @@ def train_step(s: Session, micro: list[dict]) -> StepResult:
     loss = _accumulate_gradients(s.model, micro, n_tokens, chunk=t.loss_chunk, meter=s.meter if first else None)
     loss = distributed.average(loss)  # each rank's loss is W x its share of the step's (distributed.py)
     if not math.isfinite(loss):
-        raise _nan_error(loss, progress.step + 1, s.run_dir, t.lr)
+        raise faults.NonFinite(loss, "loss", progress.step + 1)
     grad_norm = distributed.clip_grad_norm(s.trainable, t.max_grad_norm)  # over every process's gradients
     if not math.isfinite(grad_norm):
-        raise _nan_error(grad_norm, progress.step + 1, s.run_dir, t.lr, what="gradient norm")
+        raise faults.NonFinite(grad_norm, "gradient norm", progress.step + 1)
     if first:
         s.grad_bytes = gradient_bytes(s.model)
     s.in_update = True
+    fault_point("optimizer")
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     progress.step += 1
     progress.tokens_seen += n_tokens
     s.in_update = False
-    s.last_loss = loss
+    s.last_loss = progress.last_loss = loss
     if first:
         s.memory = _memory(s)
         s.log.log(progress.step, **s.memory)
@@ -151,7 +168,7 @@ def evaluate_and_track(s: Session, bar) -> bool:
     res = distributed.evaluate(s.model, s.eval_plan, chunk=t.loss_chunk, limit=t.eval_batches)
     if not res:
         return False
-    s.last_eval = res["eval_loss"]
+    s.last_eval = progress.last_eval = res["eval_loss"]
     s.log.log(progress.step, **res)
     progress.history.append([progress.step, res["eval_loss"]])
     bar.write(f"step {progress.step}: eval loss {res['eval_loss']:.4f} (ppl {res['eval_ppl']:.2f})")
@@ -168,7 +185,7 @@ def finish(s: Session, stopped: str, console: Callable[[str], None]) -> RunResul
     progress = s.progress
     s.checkpoint()
     out = s.folder.output(whole_model=s.whole_model)
-    s.save_final(out)
+    s.save_final(out)  # gathered on every process, written by rank 0, re-read and checked (verify_saved)
     summary = {"status": stopped, "steps": progress.step, "total_steps": s.total_steps, "train_loss": s.last_loss,
                "eval_loss": s.last_eval, "best_eval_loss": progress.best_eval_loss,
                "label_tokens": progress.tokens_seen, out.name: str(out), "progress": asdict(progress)}
@@ -187,19 +204,20 @@ def finish(s: Session, stopped: str, console: Callable[[str], None]) -> RunResul
     return _result(s, out, stopped)
 
 
-def _interrupted(s: Session, boundary: tuple, console: Callable[[str], None]) -> RunResult:
-    """Ctrl-C: save the state at the last step boundary as a checkpoint, unless the weights may be
-    half-updated (then the last checkpoint on disk stays the one to resume from)."""
+def _interrupted(s: Session, boundary: tuple, console: Callable[[str], None], terminated: bool = False) -> RunResult:
+    """Ctrl-C or SIGTERM: save the state at the last step boundary as a checkpoint, unless the weights may
+    be half-updated (then the last checkpoint on disk stays the one to resume from)."""
     resume_hint = f"continue with `leantune train {s.folder.config} --resume`"
+    how, stopped = ("terminated (SIGTERM)", "terminated") if terminated else ("interrupted", "interrupted")
     if s.in_update:
-        console(f"interrupted during an optimizer update; the last checkpoint on disk is kept; {resume_hint}")
-        return _result(s, None, "interrupted")
+        console(f"{how} during an optimizer update; the last checkpoint on disk is kept; {resume_hint}")
+        return _result(s, None, stopped)
     s.optimizer.zero_grad(set_to_none=True)
     _restore(s.progress, boundary)
     path = s.checkpoint() if s.progress.step > 0 else None
-    console(f"interrupted at step {s.progress.step}" + (f": saved {path}; {resume_hint}" if path else
-                                                        " before the first step; nothing to save"))
-    return _result(s, None, "interrupted")
+    console(f"{how} at step {s.progress.step}" + (f": saved {path}; {resume_hint}" if path else
+                                                   " before the first step; nothing to save"))
+    return _result(s, None, stopped)
 
 
 def _result(s: Session, out: Path | None, stopped: str) -> RunResult:
@@ -223,21 +241,14 @@ def _accumulate_gradients(model, micro: list[dict], n_tokens: int, *, chunk: int
     for b in micro:
         if distributed.skippable(b):  # no labels: skipped in one process, run in several (collectives)
             continue
+        fault_point("forward")
         with meter if meter is not None else contextlib.nullcontext():
             loss, _ = distributed.micro_batch_loss(model, b, normalizer=max(n_tokens, 1), chunk=chunk)
         meter = None
+        fault_point("backward")
         loss.backward()
         total += float(loss.detach())
     return total
-
-
-def _nan_error(loss: float, step_no: int, run_dir: Path, lr: float, what: str = "loss") -> TrainingError:
-    last_good = checkpoint_dirs(run_dir)
-    kept = f"the last good checkpoint is {last_good[-1]}" if last_good else "no checkpoint was written yet"
-    return TrainingError(
-        f"the {what} became {loss} at step {step_no}; {kept}. Likely causes: a learning rate too high "
-        f"(train.lr={lr}; try {lr / 4:g}), no gradient clipping (train.max_grad_norm), fp16 overflow "
-        "(use bf16 or fp32), or a corrupt example")
 
 
 def _snapshot(progress: Progress) -> tuple:

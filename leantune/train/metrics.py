@@ -2,16 +2,23 @@
 
 The JSONL file is the source of truth (easy to plot, grep or load with pandas); TensorBoard is a
 convenience. Lines are flushed as they are written, so a crash loses at most the line in flight.
+
+A resume (or a rollback) rewinds both to the step it continues from: metrics.jsonl keeps only the lines up
+to it, and the TensorBoard writer starts with `purge_step` one past it, so TensorBoard drops the events a
+killed run wrote after its checkpoint instead of drawing the lost tail beside the new one.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 
 from ..checkpoint.run_folder import METRICS, TENSORBOARD
 from ..io.atomic import write_text
+from ..io.faults import fault_point
 
 
 def _records(path: Path):
@@ -29,40 +36,68 @@ def read_metrics(path: Path) -> list[dict]:
     return [rec for _, rec in _records(path)]
 
 
+def _after_existing_event_files(folder: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the second it was
+    made in: a purge only works from a file that sorts after the ones it purges. Wait (at most a second,
+    and only when a resume follows its crash within the same second) until a new name sorts last."""
+    stamps = [int(m.group(1)) for f in folder.glob("events.out.tfevents.*")
+              if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", f.name))]
+    if stamps and time.time() < max(stamps) + 1:
+        time.sleep(max(stamps) + 1 - time.time())
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
-        self.path = Path(run_dir) / METRICS
-        if resume_step and self.path.exists():
-            # Drop lines past the checkpoint we resume from: they belong to the lost tail of the run.
-            kept = [ln for ln, rec in _records(self.path) if rec.get("step", 0) <= resume_step]
-            write_text(self.path, "".join(ln + "\n" for ln in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        self._f = open(self.path, "a", encoding="utf-8")
-        self._tb = None
+        self.run_dir, self.path = Path(run_dir), Path(run_dir) / METRICS
+        if not resume_step:  # a new run (or one started again before its first checkpoint) starts clean
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / TENSORBOARD, ignore_errors=True)
+        self._f = self._tb = None
         self.tb_note = None
-        if tensorboard:
+        self._tensorboard = tensorboard
+        self._open(resume_step)
+
+    def _open(self, step: int) -> None:
+        if step and self.path.exists():
+            # Drop lines past the checkpoint we continue from: they belong to the lost tail of the run.
+            kept = [ln for ln, rec in _records(self.path) if rec.get("step", 0) <= step]
+            write_text(self.path, "".join(ln + "\n" for ln in kept))
+        self._f = open(self.path, "a", encoding="utf-8")
+        if self._tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD))
+                if step:
+                    _after_existing_event_files(self.run_dir / TENSORBOARD)
+                self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD), purge_step=step + 1 if step else None)
             except ImportError:
                 self.tb_note = "tensorboard is not installed; metrics go to metrics.jsonl only (pip install tensorboard)"
 
+    def rewind(self, step: int) -> None:
+        """Continue from `step` (a rollback): forget what was logged after it, in both places."""
+        self.close()
+        self._open(step)
+
     def log(self, step: int, **values: float) -> None:
         rec = {"step": step, "time": round(time.time(), 3), **values}
-        self._f.write(json.dumps(rec) + "\n")
+        line = json.dumps(rec) + "\n"
+        self._f.write(line[: len(line) // 2])
+        self._f.flush()
+        fault_point("log")  # a kill here leaves a torn line, which readers skip
+        self._f.write(line[len(line) // 2:])
         self._f.flush()
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+            self._tb.flush()  # as the JSONL line: a kill -9 must not take steps a checkpoint already holds
 
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+            self._tb = None
 
 
 class Throughput:

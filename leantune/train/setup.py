@@ -29,6 +29,7 @@ from ..device import pick_dtype, resolve_device
 from ..errors import ConfigError
 from ..adapters.whole_model import save_model
 from ..io.atomic import atomic_dir, write_json, write_text
+from ..io.faults import fault_point
 from ..models.load import check_vocab, load_model, load_tokenizer, resolve_source
 from ..models.quantized import local_model_dir
 from ..quant import spec_of
@@ -38,7 +39,7 @@ from .memory import SavedTensorMeter
 from .metrics import MetricsLog
 from .optim import build_optimizer
 from .schedule import warmup_steps
-from .state import Progress, load_checkpoint, save_checkpoint
+from .state import Progress, resume_from, save_checkpoint, verify_saved
 
 class Batches:
     """The training micro-batches in order, from where `progress` points (epoch, index in its plan).
@@ -120,6 +121,8 @@ class Session:
                     if self.whole_model:
                         save_model(self.model, self.tokenizer, tmp)
                     self.save_adapter_to(self.model, tmp)  # the sidecar; the adapter too, unless the whole model was saved
+                    fault_point("final")
+                    verify_saved(tmp)  # never report success on an empty or truncated adapter
         distributed.barrier()
 
 
@@ -157,9 +160,9 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
     optimizer = build_optimizer(model, cfg, device, console)
     progress = Progress()
     if resume:
-        progress = load_checkpoint(ckpts[-1], model, optimizer)
+        progress, ckpt = resume_from(ckpts, model, optimizer, console)  # the newest intact one
         distributed.check_resume(progress.rows_per_batch, cfg)
-        console(f"resuming from {ckpts[-1].name} (step {progress.step} of {total_steps})")
+        console(f"resuming from {ckpt.name} (step {progress.step} of {total_steps})")
 
     template = resolve_chat_template(tokenizer, cfg.data.chat_template) if cfg.data.chat_template else None
     progress.rows_per_batch = t.batch_size * distributed.world_size()
