@@ -258,7 +258,7 @@ def test_lint_refuses_every_break_the_restated_vllm_loader_refuses(tiny_llama_di
     """Each of the parity test's broken adapters: vLLM's checks (restated there) and the lint agree that it is
     refused. Two of its breaks need the architecture's layer names, which an adapter folder alone does not
     give (a LoRA on a norm, keys without the inner model. prefix): the parity test keeps those."""
-    from parity.test_vllm_format import BREAKS, save, vllm_problems
+    from tests.parity.test_vllm_format import BREAKS, save, vllm_problems
     from transformers import AutoModelForCausalLM
 
     needs_architecture = {"module vLLM lacks", "path vLLM lacks"}
