@@ -325,7 +325,7 @@ def clip_grad_norm(params: list, max_norm: float | None) -> float:
     if max_norm:
         norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
     else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+        norm = torch.nn.utils.get_total_norm([p.grad.detach().float() for p in grads])
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
