@@ -121,6 +121,9 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--max-steps", dest="cfg:train.max_steps", default=argparse.SUPPRESS, metavar="INT",
                    help="shorthand for --train.max_steps")
+    p.add_argument("--fit", dest="cfg:train.auto_fit", action="store_const", const=True, default=argparse.SUPPRESS,
+                   help="shorthand for --train.auto_fit true: the planner sizes batch, accumulation and checkpointing "
+                   "to this device's memory (or --train.fit_memory 6GB) before the run")
     _add_config_fields(p)
 
 
@@ -260,7 +263,22 @@ def _add_doctor(sub) -> None:
                        "hardware, and runs a 4-bit round trip through bitsandbytes' kernels. Exit 1 when a check fails.")
     p.add_argument("--json", action="store_true", help="the same report as JSON")
 
-SUBCOMMANDS = (_add_train, _add_generate, _add_merge, _add_demo, _add_inspect_data, _add_preprocess, _add_export, _add_plan, _add_doctor)  # in --help order
+def _add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="open the local web page: the methods guide, the planner, your runs' live curves",
+                       description="Serves one page on this machine (no internet, no CDN): a guide to the "
+                       "fine-tuning and quantization techniques, the planner as a form with a chart per method, "
+                       "and every run folder under --root with live loss curves, memory, data report and "
+                       "checkpoints, two runs side by side. docs/ui.md tells more.",
+                       epilog="examples:\n  leantune ui                      # runs under ./runs, http://127.0.0.1:7860/\n"
+                       "  leantune ui --root ~/runs --port 8080", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs", help="folder whose run folders the page lists (default: runs)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; "
+                   "0.0.0.0 shows your runs to the network)")
+    p.add_argument("--quiet", action="store_true", help="no request log")
+
+
+SUBCOMMANDS = (_add_train, _add_generate, _add_merge, _add_demo, _add_inspect_data, _add_preprocess, _add_export, _add_plan, _add_doctor, _add_ui)  # in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             return _export(ns)
         if ns.command == "plan":
             return _plan(ns)
+        if ns.command == "ui":
+            from ..ui.server import serve
+
+            return serve(ns.root, host=ns.host, port=ns.port, quiet=ns.quiet)
         if ns.command == "doctor":
             from .doctor import main as doctor_main
 
@@ -348,9 +370,11 @@ def _train(ns: argparse.Namespace) -> int:
     from .. import config as config_mod
 
     cfg = config_mod.load(ns.config, _overrides(ns))
+    from ..plan.fit import prepare
     from ..train.loop import run
 
-    res = run(cfg, resume=ns.resume)
+    fit = prepare(cfg, resume=ns.resume)  # train.auto_fit: sized by the planner before anything loads
+    res = run(cfg, resume=ns.resume, fit=fit)
     return 130 if res.stopped == "interrupted" else 0
 
 
