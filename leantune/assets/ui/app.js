@@ -11,7 +11,7 @@ function h(tag, attrs = {}, ...kids) {           // an element with attributes a
     if (v === null || v === undefined || v === false) continue;
     if (k.startsWith("on")) el.addEventListener(k.slice(2), v); else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const kid of kids.flat()) if (kid !== null && kid !== undefined) el.append(kid.nodeType ? kid : String(kid));
+  for (const kid of kids.flat(Infinity)) if (kid !== null && kid !== undefined) el.append(kid.nodeType ? kid : String(kid));
   return el;
 }
 function s(tag, attrs = {}, text) {               // an SVG element
@@ -133,7 +133,10 @@ function renderPlan(p) {
 }
 function planChart(p) {
   const rows = p.rows, usable = p.device.usable_bytes;
-  const W = 760, left = 190, right = 70, rowH = 20, top = 24;
+  // drawn at the width it is shown at, so its 11 px text stays 11 px from a phone to a wide screen
+  const W = Math.max(340, Math.min(1000, $("#plan-out").clientWidth || 760));
+  const left = Math.min(250, Math.round(W * 0.36)), right = 96, rowH = 20, top = 24;
+  const fit = t => t.length * 6.2 > left - 8 ? t.slice(0, Math.floor((left - 8) / 6.2) - 1) + "…" : t;
   const H = top + rows.length * rowH + 10;
   const max = Math.max(usable, ...rows.map(r => r.peak)) * 1.02;
   const x = v => left + (W - left - right) * v / max;
@@ -141,7 +144,9 @@ function planChart(p) {
     "aria-label": `predicted peak memory of ${rows.length} configurations against ${bytes(usable)} usable` });
   rows.forEach((r, i) => {
     const y = top + i * rowH, label = r.setup.label + (r.setup.checkpointing ? " · ckpt" : "");
-    svg.append(s("text", { x: left - 6, y: y + 13, "text-anchor": "end" }, label));
+    const name = s("text", { x: left - 6, y: y + 13, "text-anchor": "end" }, fit(label));
+    name.append(s("title", {}, label));
+    svg.append(name);
     let at = 0;
     const pr = parts(r);
     for (const [key, name, color] of PARTS) {
@@ -155,7 +160,7 @@ function planChart(p) {
       `${bytes(r.peak)} ${r.fits ? "fits" : "OOM"}`));
   });
   svg.append(s("line", { x1: x(usable), x2: x(usable), y1: top - 6, y2: H - 4, stroke: "var(--bad)", "stroke-width": 2, "stroke-dasharray": "4 3", id: "gpu-line" }));
-  svg.append(s("text", { x: Math.min(x(usable), W - 90), y: top - 10, fill: "var(--bad)" }, `${p.device.name}: ${bytes(usable)}`));
+  svg.append(s("text", { x: Math.max(4, Math.min(x(usable) - 40, W - 150)), y: top - 10, fill: "var(--bad)" }, `${p.device.name}: ${bytes(usable)}`));
   return svg;
 }
 
@@ -213,15 +218,16 @@ function memoryBlock(d) {
     ["gradients", m.mem_gradients_bytes, "var(--c6)"], ["optimizer state", m.mem_optimizer_state_bytes, "var(--c2)"],
     ["saved activations", m.mem_activations_bytes, "var(--c4)"]];
   const max = Math.max(m.mem_peak_bytes || 0, ...rows.map(r => r[1] || 0)) || 1;
-  const W = 460, left = 130, rowH = 18, H = (rows.length + 1) * rowH + 4;
+  const W = chartWidth(), left = 130, rowH = 18, H = (rows.length + 1) * rowH + 4;
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "memory breakdown", class: "memory" });
-  [["peak (" + (m.mem_peak_source || "") + ")", m.mem_peak_bytes, "var(--fg)"], ...rows].forEach(([name, v, c], i) => {
+  [["peak", m.mem_peak_bytes, "var(--fg)"], ...rows].forEach(([name, v, c], i) => {
     const y = i * rowH + 2;
     svg.append(s("text", { x: left - 6, y: y + 12, "text-anchor": "end" }, name.length > 22 ? name.slice(0, 21) + "…" : name));
     svg.append(s("rect", { x: left, y: y + 2, width: Math.max(0.5, (W - left - 70) * (v || 0) / max), height: rowH - 5, fill: c }));
     svg.append(s("text", { x: left + (W - left - 70) * (v || 0) / max + 4, y: y + 12 }, bytes(v)));
   });
-  return h("div", {}, h("h4", {}, "Memory, measured on the first step"), svg);
+  return h("div", {}, h("h4", {}, "Memory, measured on the first step"), svg,
+    h("p", { class: "note" }, `peak: ${m.mem_peak_source || "-"}; the parts are what the first step held, measured separately`));
 }
 function fitBlock(fit) {
   if (!fit) return null;
@@ -235,8 +241,12 @@ function dataBlock(r) {
   return h("details", {}, h("summary", {}, "Data report"),
     h("dl", {}, scalars.map(([k, v]) => [h("dt", {}, k.replaceAll("_", " ")), h("dd", {}, typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v))])));
 }
+function chartWidth() {  // the width a panel's chart is shown at (panels sit side by side above ~960 px)
+  const total = $("#run-panels").clientWidth || 480;
+  return Math.max(300, Math.min(720, (OPEN.length > 1 && total > 960 ? total / 2 : total) - 40));
+}
 function lossChart(series, id) {
-  const W = 480, H = 220, L = 48, R = 12, T = 10, B = 28;
+  const W = chartWidth(), H = Math.round(Math.min(260, W * 0.5)), L = 48, R = 12, T = 10, B = 28;
   const pts = series.flatMap(x => x.points);
   const xs = pts.map(p => p[0]), ys = pts.map(p => p[1]).filter(Number.isFinite);
   const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1), y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-6);
