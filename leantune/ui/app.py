@@ -6,6 +6,8 @@
     POST /api/plan              {model, gpu, seq, batch, method} -> leantune.plan's plan as JSON
     GET  /api/runs              every run folder under --root
     GET  /api/runs/{id}         one run: curves, memory breakdown, data report, checkpoints
+    POST /api/runs/start        {config, name} -> `leantune train CONFIG --output_dir ROOT/NAME` in a new process
+                                (only when the page listens on this machine alone: it runs what a config says)
 
 The page calls the same functions as the CLI (`make_plan` is `leantune plan`). A bad request is a 400
 with {"error": one line naming the fix}, the CLI's message.
@@ -56,7 +58,31 @@ def plan_request(body: dict) -> dict:
     return plan.as_dict()
 
 
-def create_app(root: str | Path = "runs") -> FastAPI:
+def start_run(root: Path, body: dict) -> dict:
+    """Spawn `leantune train CONFIG --output_dir ROOT/NAME` (its console goes to ROOT/NAME/train.log)."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    config = Path(str(body.get("config") or "").strip()).expanduser()
+    if not config.is_file() or config.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"config {str(config)!r} is not a YAML file on this machine; give the path of a leantune config")
+    name = str(body.get("name") or "").strip() or f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise ConfigError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (it becomes a folder under the root)")
+    out = root / name
+    if out.exists():
+        raise ConfigError(f"{out} already exists; choose another name")
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-c", "import sys; from leantune.cli.main import main; sys.exit(main())",
+           "train", str(config), "--output_dir", str(out), "--train.progress", "false"]
+    with open(out / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return {"id": name, "pid": proc.pid, "log": str(out / "train.log")}
+
+
+def create_app(root: str | Path = "runs", allow_start: bool = True) -> FastAPI:
     root = Path(root)
     app = FastAPI(title="leantune", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -98,6 +124,19 @@ def create_app(root: str | Path = "runs") -> FastAPI:
         if not root.is_dir():
             return {"root": str(root), "runs": [], "note": f"{root} does not exist yet; train with --output_dir {root}/NAME"}
         return {"root": str(root), "runs": [runs_mod.run_row(root, r) for r in runs_mod.find_runs(root)]}
+
+    @app.post("/api/runs/start")
+    async def api_start(request: Request):
+        if not allow_start:
+            return _bad("starting runs is off: this page listens beyond this machine (--host); start runs with "
+                        "leantune train", 403)
+        try:
+            body = await request.json()
+        except ValueError:
+            return _bad("the request body is not JSON; send {\"config\": \"my.yaml\", \"name\": \"first\"}")
+        if not isinstance(body, dict):
+            return _bad("the request body must be a JSON object with config and name")
+        return start_run(root, body)
 
     @app.get("/api/runs/{run_id:path}")
     def api_run(run_id: str):

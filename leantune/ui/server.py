@@ -27,9 +27,11 @@ def serve(root: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860, 
     from .app import create_app
 
     check_port(host, port)
-    app = create_app(root)
+    local = host in ("127.0.0.1", "localhost", "::1")
+    app = create_app(root, allow_start=local)  # the page can start runs only when no one else can reach it
     print(f"leantune ui: http://{host}:{port}/  (runs under {Path(root).resolve()}; Ctrl-C stops)", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {host}: anyone who can reach this machine can read the runs", flush=True)
+    if not local:
+        print(f"note: listening on {host}: anyone who can reach this machine can read the runs "
+              "(starting runs from the page is off)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info", access_log=not quiet)
     return 0

@@ -131,3 +131,43 @@ def test_leantune_ui_serves_the_page_on_localhost(tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert f"leantune ui: http://127.0.0.1:{port}/" in out
+
+
+def test_start_a_run_from_the_page_trains_it_under_the_root(tiny_llama_dir, tmp_path):
+    from tests.e2e.test_train_cli import write_chat_data
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"model: {tiny_llama_dir}\ndata: {{path: {write_chat_data(tmp_path / 'd.jsonl', n=8)}, max_length: 64}}\n"
+                   "lora: {rank: 4}\ntrain: {max_steps: 2, tensorboard: false}\ndtype: fp32\n")
+    root = tmp_path / "runs"
+    c = TestClient(create_app(root))
+    r = c.post("/api/runs/start", json={"config": str(cfg), "name": "from-page"})
+    assert r.status_code == 200, r.text
+    deadline, status = time.time() + 240, None
+    while time.time() < deadline and status not in ("completed", "stopped"):
+        time.sleep(1)
+        runs = c.get("/api/runs").json()["runs"]
+        status = runs[0]["status"] if runs else None
+    log = (root / "from-page" / "train.log").read_text()
+    assert status == "completed", log
+    assert c.get("/api/runs/from-page").json()["steps"] == 2
+    again = c.post("/api/runs/start", json={"config": str(cfg), "name": "from-page"})
+    assert again.status_code == 400 and "already exists" in again.json()["error"]
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"config": "/nowhere/my.yaml"}, "is not a YAML file on this machine"),
+    ({"config": __file__}, "is not a YAML file"),
+    ({"config": "CFG", "name": "../escape"}, "use letters, digits"),
+])
+def test_start_refuses_bad_input(tmp_path, body, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: x\n")
+    body = {k: (str(cfg) if v == "CFG" else v) for k, v in body.items()}
+    r = TestClient(create_app(tmp_path / "runs")).post("/api/runs/start", json=body)
+    assert r.status_code == 400 and message in r.json()["error"]
+
+
+def test_start_is_off_when_the_page_listens_beyond_this_machine(tmp_path):
+    r = TestClient(create_app(tmp_path, allow_start=False)).post("/api/runs/start", json={"config": "x.yaml"})
+    assert r.status_code == 403 and "--host" in r.json()["error"]

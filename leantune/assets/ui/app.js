@@ -270,8 +270,20 @@ function lossChart(series, id) {
   return svg;
 }
 
+async function startRun(ev) {
+  ev.preventDefault();
+  const body = Object.fromEntries(new FormData($("#start-form")).entries()), msg = $("#start-msg");
+  try {
+    const r = await getJSON("/api/runs/start", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    msg.className = ""; msg.textContent = `started ${r.id} (pid ${r.pid}); it is listed once its model has loaded. Console: ${r.log}`;
+    const wait = async (n) => { await loadRuns(); if (n > 0 && !RUNS.some(x => x.id === r.id)) setTimeout(() => wait(n - 1), 2000); else if (n > 0) openRuns([r.id]); };
+    wait(150);
+  } catch (e) { msg.className = "error"; msg.textContent = e.message; }
+}
+
 // ---- start ----------------------------------------------------------------------------------------------
 $("#plan-form").addEventListener("submit", submitPlan);
+$("#start-form").addEventListener("submit", startRun);
 $("#cmp-go").addEventListener("click", () => {
   const a = $("#cmp-a").value, b = $("#cmp-b").value;
   if (a && b) openRuns(a === b ? [a] : [a, b]);
