@@ -95,6 +95,7 @@ def test_cli_fit_sizes_the_run_and_summary_records_predicted_and_measured_peak(w
     out = tmp_path / "run"
     rc = main(["train", "--model", str(wide_llama), "--data.path", str(_text_data(tmp_path / "d.jsonl")),
                "--data.format", "text", "--data.max_length", "256", "--output_dir", str(out), "--dtype", "fp32",
+               "--device", "cpu",
                "--train.batch_size", "8", "--train.max_steps", "1", "--train.progress", "false",
                "--train.tensorboard", "false", "--train.eval_every", "0", "--lora.rank", "4",
                "--fit", "--train.fit_memory", f"{budget / MiB:.0f}MB"])
