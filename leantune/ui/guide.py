@@ -19,7 +19,7 @@ CATEGORIES = {
 }
 
 # Each entry: id, name, category, trainable (share of the weights that train), memory (vs 16-bit full
-# fine-tuning), quality (1-5, the relative ranking the literature and our runs agree on), best_for, summary,
+# fine-tuning), quality (1-5, a rough ranking, as the seed guide gives one), best_for, summary,
 # how (steps), use_cases, limitations, paper (title, url), command (leantune), measured (figure, doc) or None.
 TECHNIQUES: list[dict] = [
     {

@@ -38,7 +38,7 @@ function showTab() {
     const a = $(`nav a[data-tab=${t}]`);
     if (t === tab) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
-  if (tab === "runs") loadRuns();
+  if (tab === "runs") loadRuns().then(() => { if (OPEN.length) openRuns(OPEN); });  // polling resumes on return
 }
 window.addEventListener("hashchange", showTab);
 
