@@ -90,6 +90,10 @@ class TrainConfig:
     warmup_ratio: float = option(0.03, "warmup as a fraction of the total steps")
     max_grad_norm: float | None = option(1.0, "clip the gradient norm to this (null disables)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, ~30% slower")
+    auto_fit: bool = option(False, "before the run, let the planner choose batch_size, grad_accum (same global batch) and "
+                            "gradient_checkpointing to fit the device's memory; summary.json records predicted vs measured peak")
+    fit_memory: str | None = option(None, "the memory auto_fit sizes for: a size (6GB) or a GPU name; null: this device's "
+                                      "(a GPU's total, or the RAM available now on a CPU)")
     compile: bool = option(False, "torch.compile each decoder layer (regional: one layer's compile time, paid in the first step); "
                         "needs Triton on CUDA, a C++ compiler on CPU")
     loss_chunk: int = option(256, "tokens per chunk of the cross-entropy; full-vocabulary fp32 logits never exist for the whole batch")

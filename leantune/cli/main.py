@@ -128,6 +128,9 @@ def _add_train(sub) -> None:
                    help="train in N processes on this machine: starts `torchrun --standalone --nproc-per-node N -m "
                    "leantune train ...` with the other arguments (each process trains train.batch_size rows per "
                    "micro-batch; see distributed.*). Several machines: run torchrun yourself (docs/distributed.md)")
+    p.add_argument("--fit", dest="cfg:train.auto_fit", action="store_const", const=True, default=argparse.SUPPRESS,
+                   help="shorthand for --train.auto_fit true: the planner sizes batch, accumulation and checkpointing "
+                   "to this device's memory (or --train.fit_memory 6GB) before the run")
     _add_config_fields(p)
 
 
@@ -291,8 +294,24 @@ def _add_lint(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="--vllm-command: the address vLLM binds (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="--vllm-command: the port (default: 8000)")
 
+
+def _add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="open the local web page: the methods guide, the planner, your runs' live curves",
+                       description="Serves one page on this machine (no internet, no CDN): a guide to the "
+                       "fine-tuning and quantization techniques, the planner as a form with a chart per method, "
+                       "and every run folder under --root with live loss curves, memory, data report and "
+                       "checkpoints, two runs side by side. docs/ui.md tells more.",
+                       epilog="examples:\n  leantune ui                      # runs under ./runs, http://127.0.0.1:7860/\n"
+                       "  leantune ui --root ~/runs --port 8080", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs", help="folder whose run folders the page lists (default: runs)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; "
+                   "0.0.0.0 shows your runs to the network)")
+    p.add_argument("--quiet", action="store_true", help="no request log")
+
+
 SUBCOMMANDS = (_add_train, _add_generate, _add_merge, _add_demo, _add_inspect_data, _add_preprocess, _add_export, _add_plan, _add_doctor,
-               _add_lint)  # in --help order
+               _add_lint, _add_ui)  # in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
             return _export(ns)
         if ns.command == "plan":
             return _plan(ns)
+        if ns.command == "ui":
+            from ..ui.server import serve
+
+            return serve(ns.root, host=ns.host, port=ns.port, quiet=ns.quiet)
         if ns.command == "doctor":
             from .doctor import main as doctor_main
 
@@ -389,9 +412,11 @@ def _train(ns: argparse.Namespace, argv: list[str]) -> int:
         return _spawn_torchrun(ns.nproc, argv)
 
     cfg = config_mod.load(ns.config, _overrides(ns))
+    from ..plan.fit import prepare
     from ..train.loop import run
 
-    res = run(cfg, resume=ns.resume)
+    fit = prepare(cfg, resume=ns.resume)  # train.auto_fit: sized by the planner before anything loads
+    res = run(cfg, resume=ns.resume, fit=fit)
     return {"interrupted": 130, "terminated": 143}.get(res.stopped, 0)  # as io/faults.py EXIT_*
 
 

@@ -59,23 +59,30 @@ class _Stop(Exception):
 
 
 def run(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] = print,
-        stop_after: int | None = None) -> RunResult:
+        stop_after: int | None = None, fit: dict | None = None) -> RunResult:
     """Train `cfg` to its last step, an early stop or Ctrl-C; save the adapter (or model) and summary.json.
 
     `resume` continues from the run's newest checkpoint; `stop_after` (tests) dies after that step.
     One run at a time holds output_dir (a pid lock file, taken over when its process is gone); SIGTERM
-    is handled as Ctrl-C (a checkpoint of the last finished step), reported as "terminated"."""
+    is handled as Ctrl-C (a checkpoint of the last finished step), reported as "terminated".
+    `fit` is train.auto_fit's choice (leantune.plan.fit.prepare, applied to `cfg` already): summary.json
+    keeps it with the measured peak beside the predicted one."""
     check_writable(Path(cfg.output_dir))  # before the lock creates the folder: one line, not a traceback
     with distributed.started(cfg) as main:  # under torchrun: join the other processes; rank 0 holds the lock
         with (held(RunFolder(cfg.output_dir).lock, f"output_dir {cfg.output_dir}", console) if main
               else contextlib.nullcontext()), sigterm_as_interrupt():
             if main:
                 faults.clean_stale(Path(cfg.output_dir), console)  # a dead run's half-written temporaries
-            return _run(cfg, resume, console, stop_after)
+            return _run(cfg, resume, console, stop_after, fit)
 
 
-def _run(cfg: RunConfig, resume: bool, console: Callable[[str], None], stop_after: int | None) -> RunResult:
+def _run(cfg: RunConfig, resume: bool, console: Callable[[str], None], stop_after: int | None,
+         fit: dict | None = None) -> RunResult:
+    if cfg.train.auto_fit and fit is None and not resume:
+        console("note: train.auto_fit is applied by `leantune train` (from Python: leantune.plan.fit.prepare(cfg) "
+                "before run); this run keeps its configured batch")
     s = setup(cfg, resume=resume, console=console)
+    s.fit = fit
     t, progress = cfg.train, s.progress
     s.last_loss, s.last_eval = progress.last_loss, progress.last_eval  # a resume reports them too
     bar = _progress_bar(t.progress, s.total_steps, progress.step)
@@ -192,6 +199,11 @@ def finish(s: Session, stopped: str, console: Callable[[str], None]) -> RunResul
     if s.memory is not None:  # the peak again at the end: evaluation and saving can raise it
         summary["memory"] = s.memory = _memory(s)
         console(describe(s.memory))
+    if s.fit is not None:  # auto_fit: the planner's prediction beside what this run measured
+        summary["fit"] = dict(s.fit, measured_peak_bytes=(s.memory or {}).get("mem_peak_bytes"))
+        if s.memory is not None:
+            console(f"auto_fit: predicted peak {s.fit['predicted_peak_bytes'] / 2**20:.0f} MiB, measured "
+                    f"{s.memory['mem_peak_bytes'] / 2**20:.0f} MiB ({s.memory['mem_peak_source']})")
     s.log.close()
     if not distributed.agree():  # every process got here: only then is the run done
         raise TrainingError("another process of this run failed; see its error above")

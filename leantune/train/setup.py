@@ -93,6 +93,7 @@ class Session:
     in_update: bool = False  # inside optimizer.step(): the weights may be half-updated
     last_loss: float | None = None
     last_eval: float | None = None
+    fit: dict | None = None  # train.auto_fit's choice and predicted peak (plan/fit.py), for summary.json
 
     @property
     def whole_model(self) -> bool:  # full/freeze: the run saves the whole model, not an adapter

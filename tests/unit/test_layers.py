@@ -27,10 +27,11 @@ TIERS: list[tuple[str, ...]] = [
     ("train",),                          # the training loop and what it needs
     ("infer", "eval"),                   # generation; scoring a model against another
     ("merge", "export", "serve", "plan", "demo"),  # things a user does with a run
-    ("cli", "ui"),                       # faces: parse, validate, call the library
+    ("ui",),                             # the local web page: a face the CLI's `leantune ui` starts
+    ("cli",),                            # faces: parse, validate, call the library
     ("__main__",),                       # `python -m leantune` (what torchrun starts): the CLI's main
 ]
-FACES = TIERS[-2]  # only these may import leantune lazily (`leantune --help` stays fast: test_cli_fast.py)
+FACES = ("ui", "cli")  # only these may import leantune lazily (`leantune --help` stays fast: test_cli_fast.py)
 TIER = {name: i for i, names in enumerate(TIERS) for name in names}
 
 ROOT = Path(leantune.__file__).parent

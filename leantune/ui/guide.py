@@ -1,0 +1,286 @@
+"""The guide's content: every technique the page explains, as data (the page only lays it out).
+
+Written for leantune from the papers and from what leantune itself measured; the figures cite the doc
+that holds the measurement (docs/*.md), so a reader can check the conditions (a 135M model on a 2-core
+CPU is not a 7B model on a GPU). The "memory" column says what each technique saves relative to full
+fine-tuning in 16 bits, the rule of thumb; `leantune plan` gives the number for a given model and card.
+
+Categories: fine-tuning (what trains), quantization (how the weights are stored), composing (what happens
+to adapters after training), serving (how a trained model answers requests).
+"""
+
+from __future__ import annotations
+
+CATEGORIES = {
+    "fine-tuning": "Fine-tuning",
+    "quantization": "Quantization",
+    "composing": "Composing",
+    "serving": "Serving",
+}
+
+# Each entry: id, name, category, trainable (share of the weights that train), memory (vs 16-bit full
+# fine-tuning), quality (1-5, a rough ranking, as the seed guide gives one), best_for, summary,
+# how (steps), use_cases, limitations, paper (title, url), command (leantune), measured (figure, doc) or None.
+TECHNIQUES: list[dict] = [
+    {
+        "id": "full", "name": "Full fine-tuning", "category": "fine-tuning",
+        "trainable": "100%", "memory": "baseline (about 16 bytes per parameter with AdamW)", "quality": 5,
+        "best_for": "the most quality, large data sets, a big shift of domain",
+        "summary": "Every weight trains. Adam keeps two moments per weight, so the optimizer state alone is twice "
+                   "the model in fp32; a 7B model needs several GPUs or an 80 GB card with tricks.",
+        "how": ["Load the model in a trainable dtype (bf16 with fp32 master weights, or fp32).",
+                "Forward and backward through every layer; every weight gets a gradient.",
+                "AdamW updates every weight from its gradient and two running moments.",
+                "The result is a whole new model, as large as the base."],
+        "use_cases": ["Continued pre-training on a new domain or language", "Small models (under ~1B) where memory is not the limit",
+                      "When adapters measurably underfit"],
+        "limitations": ["Memory: weights + gradients + two moments, plus activations", "One full copy of the model per task",
+                        "Easier to forget what the base knew (catastrophic forgetting)"],
+        "paper": ["Howard & Ruder 2018, Universal Language Model Fine-tuning (ULMFiT)", "https://arxiv.org/abs/1801.06146"],
+        "command": "leantune train my.yaml --method full",
+        "measured": ["SmolLM2-135M, 20 steps on CPU: held-out loss 0.328, peak RSS 3178 MiB (LoRA: 0.334, 1823 MiB)",
+                     "docs/methods_comparison.md"],
+    },
+    {
+        "id": "lora", "name": "LoRA", "category": "fine-tuning",
+        "trainable": "~0.1-4%", "memory": "3-5x less", "quality": 4,
+        "best_for": "one GPU, swappable adapters per task",
+        "summary": "The base stays frozen; beside each chosen Linear a low-rank product B A learns the change. "
+                   "The adapter is a small file, and it can be folded into the weights after training.",
+        "how": ["For a frozen weight W (out x in), add A (r x in) and B (out x r) with r much smaller than either side.",
+                "The layer computes W x + (alpha / r) B A x; B starts at zero, so training starts from the base.",
+                "Only A and B get gradients and optimizer state.",
+                "After training, W + (alpha / r) B A can be merged into one weight: no extra latency."],
+        "use_cases": ["Instruction or style tuning on a single card", "Many task adapters over one shared base",
+                      "Serving several adapters at once (vLLM, leantune's multi-LoRA)"],
+        "limitations": ["A low rank can underfit a large shift of domain", "Rank, alpha and targets need some trials",
+                        "Activations still scale with the full model"],
+        "paper": ["Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models", "https://arxiv.org/abs/2106.09685"],
+        "command": "leantune train my.yaml --method lora --lora.rank 16",
+        "measured": ["SmolLM2-135M: 3.5% of the weights train, held-out loss 0.334 vs full fine-tuning's 0.328",
+                     "docs/methods_comparison.md"],
+    },
+    {
+        "id": "qlora", "name": "QLoRA", "category": "fine-tuning",
+        "trainable": "~0.1-4%", "memory": "8-12x less", "quality": 4,
+        "best_for": "consumer cards, 7B-70B models",
+        "summary": "LoRA over a base stored in 4 bits (NF4, with double-quantized block scales). The base costs "
+                   "about a quarter of its 16-bit size; the adapter still trains in 16/32 bits.",
+        "how": ["Quantize every Linear of the base to NF4 in blocks of 64 weights, one scale per block.",
+                "Quantize the block scales themselves to 8 bits (double quantization): ~4.13 bits per weight.",
+                "Each matmul dequantizes the weight to the compute dtype on the fly.",
+                "LoRA's A and B train on top exactly as in plain LoRA."],
+        "use_cases": ["A 7B model on a 12-16 GB card", "A 70B model on one 48 GB card",
+                      "When the base does not fit in 16 bits at all"],
+        "limitations": ["Slower steps: every weight is dequantized for every matmul",
+                        "Some quality loss against LoRA on a 16-bit base",
+                        "Merging folds the adapter into a dequantized base (not bit-equal to training)"],
+        "paper": ["Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs", "https://arxiv.org/abs/2305.14314"],
+        "command": "leantune train my.yaml --quant.bits 4",
+        "measured": ["135M model: held-out loss 9.2% above LoRA's (3 seeds); a 1.1B shape's step 1.56x LoRA's on an H100",
+                     "docs/qlora.md, docs/benchmarks.md"],
+    },
+    {
+        "id": "dora", "name": "DoRA", "category": "fine-tuning",
+        "trainable": "~0.1-4%", "memory": "3-5x less (a little above LoRA)", "quality": 4,
+        "best_for": "LoRA's budget with closer-to-full-fine-tuning behaviour",
+        "summary": "Splits each weight into a direction and a magnitude: LoRA adapts the direction, a trained "
+                   "vector per output row sets the magnitude.",
+        "how": ["Start from m = the column norms of W, and LoRA's A and B.",
+                "Form W + s B A and divide by its norm per output row (the norm is detached from the gradient).",
+                "Scale by the trained magnitude m.",
+                "Merging gives one plain weight, like LoRA."],
+        "use_cases": ["Where LoRA underfits and full fine-tuning does not fit", "Low ranks"],
+        "limitations": ["Slower and more memory than LoRA (it forms B A and a norm per step)",
+                        "vLLM does not serve DoRA adapters unmerged"],
+        "paper": ["Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation", "https://arxiv.org/abs/2402.09353"],
+        "command": "leantune train my.yaml --method dora",
+        "measured": ["SmolLM2-135M: held-out loss 0.334 (LoRA 0.334), step 3.86 s vs LoRA's 2.81 s on CPU",
+                     "docs/methods_comparison.md"],
+    },
+    {
+        "id": "ia3", "name": "IA3", "category": "fine-tuning",
+        "trainable": "< 0.1%", "memory": "about LoRA's", "quality": 3,
+        "best_for": "the smallest adapters, many tasks",
+        "summary": "Learns one scaling vector for the keys, one for the values and one for the feed-forward input. "
+                   "Tens of thousands of parameters even on large models.",
+        "how": ["Pick keys, values and the feed-forward down-projection (PEFT's defaults per architecture).",
+                "Multiply their outputs (or the down-projection's input) element-wise by a learned vector that starts at ones.",
+                "Only the vectors train; merging scales the weights' rows or columns."],
+        "use_cases": ["Thousands of tiny task adapters", "Few-shot adaptation"],
+        "limitations": ["Less capacity than LoRA: underfits harder tasks", "Needs known targets for the architecture"],
+        "paper": ["Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning",
+                  "https://arxiv.org/abs/2205.05638"],
+        "command": "leantune train my.yaml --method ia3",
+        "measured": ["SmolLM2-135M: 0.04% of the weights, held-out loss 0.437 (LoRA 0.334)", "docs/methods_comparison.md"],
+    },
+    {
+        "id": "prefix", "name": "Prefix tuning", "category": "fine-tuning",
+        "trainable": "< 2%", "memory": "about 10x less", "quality": 3,
+        "best_for": "multi-task, storage-light adapters",
+        "summary": "Trains key/value vectors that every layer's attention sees in front of the real tokens, as if "
+                   "a trained prefix had been run through the model.",
+        "how": ["Create n virtual positions of keys and values per layer (optionally through a small MLP).",
+                "Feed them to attention as a cache in front of the input.",
+                "Only the prefix trains; the model is unchanged."],
+        "use_cases": ["Generation tasks with many tasks over one model", "Keeping the base bit-identical"],
+        "limitations": ["Takes context length", "Cannot be merged into the weights", "Quality below LoRA on most tasks"],
+        "paper": ["Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation", "https://arxiv.org/abs/2101.00190"],
+        "command": "leantune train my.yaml --method prefix",
+        "measured": ["SmolLM2-135M: held-out loss 0.461, the fastest step (1.26 s on CPU)", "docs/methods_comparison.md"],
+    },
+    {
+        "id": "prompt", "name": "Prompt tuning", "category": "fine-tuning",
+        "trainable": "< 0.01%", "memory": "about 20x less", "quality": 2,
+        "best_for": "very large models, the lightest adapter",
+        "summary": "Trains only a few input embeddings put in front of every example: a soft prompt.",
+        "how": ["Initialise n virtual tokens (from random values or from a text's embeddings).",
+                "Prepend them to the input embeddings of every example.",
+                "Only these embeddings train."],
+        "use_cases": ["Models of 10B+ parameters, where it approaches LoRA", "Thousands of tasks"],
+        "limitations": ["Weak on small models", "Takes context length; each example needs its own row (no packing)",
+                        "Cannot be merged"],
+        "paper": ["Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning", "https://arxiv.org/abs/2104.08691"],
+        "command": "leantune train my.yaml --method prompt",
+        "measured": ["SmolLM2-135M: 11,520 parameters, held-out loss 0.585 (LoRA 0.334)", "docs/methods_comparison.md"],
+    },
+    {
+        "id": "bottleneck", "name": "Bottleneck adapters", "category": "fine-tuning",
+        "trainable": "~1-4%", "memory": "3-5x less", "quality": 4,
+        "best_for": "the original adapter design, stacking per task",
+        "summary": "Small residual MLPs (down-project, non-linearity, up-project) inserted after attention and/or "
+                   "the feed-forward block.",
+        "how": ["After a sublayer's output h, compute h + U f(D h) with D: hidden -> size, U: size -> hidden.",
+                "U starts at zero, so the model starts as the base.",
+                "Houlsby style: after attention and feed-forward; Pfeiffer style: after the feed-forward only."],
+        "use_cases": ["Per-task adapters kept separate", "Where LoRA's targets are awkward"],
+        "limitations": ["Adds latency (extra layers in series)", "Cannot be merged", "Saved in leantune's own format"],
+        "paper": ["Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP", "https://arxiv.org/abs/1902.00751"],
+        "command": "leantune train my.yaml --method bottleneck",
+        "measured": ["SmolLM2-135M: held-out loss 0.329, the best of the adapters in that run", "docs/methods_comparison.md"],
+    },
+    {
+        "id": "galore", "name": "GaLore", "category": "fine-tuning",
+        "trainable": "100%", "memory": "optimizer state ~r/d of Adam's", "quality": 5,
+        "best_for": "full fine-tuning when Adam's state does not fit",
+        "summary": "All weights train, but each 2-D weight's gradient is projected to rank r before Adam sees it, so "
+                   "the moments are small. The projection is refreshed by SVD every T steps.",
+        "how": ["Every T steps, take the SVD of a weight's gradient; keep the top r directions as P.",
+                "Project the gradient: R = P^T G (r x n instead of m x n).",
+                "Run Adam on R; project the update back with P and scale it.",
+                "Weights and gradients stay full size; only the optimizer state shrinks."],
+        "use_cases": ["Full fine-tuning on one card", "Pre-training-like updates with an adapter's optimizer budget"],
+        "limitations": ["The SVD every T steps costs time", "Gradients are still full size",
+                        "leantune uses it with method full or freeze only"],
+        "paper": ["Zhao et al. 2024, GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+                  "https://arxiv.org/abs/2403.03507"],
+        "command": "leantune train my.yaml --method full --train.optimizer galore_adamw --galore.rank 128",
+        "measured": ["4-layer demo model, fp32 on CPU: optimizer state 220 MiB against AdamW's 324 MiB",
+                     "docs/plan.md"],
+    },
+    {
+        "id": "int8", "name": "INT8 (LLM.int8)", "category": "quantization",
+        "trainable": "n/a", "memory": "2x less than 16 bits", "quality": 5,
+        "best_for": "halving the base's memory with almost no quality loss",
+        "summary": "Stores the weights in 8 bits per row; the few outlier feature columns of the activations are "
+                   "multiplied in 16 bits, the rest in int8.",
+        "how": ["Quantize each weight row to int8 with its own absolute-max scale.",
+                "At each matmul, find activation columns with outliers (magnitude above a threshold).",
+                "Multiply those columns in 16 bits and the rest in int8, then add the two results."],
+        "use_cases": ["A base for LoRA when 4 bits costs too much quality", "Inference on a card slightly too small"],
+        "limitations": ["Slower matmuls than 16 bits on most cards", "Only 2x saving"],
+        "paper": ["Dettmers et al. 2022, LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale",
+                  "https://arxiv.org/abs/2208.07339"],
+        "command": "leantune train my.yaml --quant.bits 8",
+        "measured": None,
+    },
+    {
+        "id": "gptq", "name": "GPTQ (4-bit)", "category": "quantization",
+        "trainable": "n/a", "memory": "4x less than 16 bits", "quality": 4,
+        "best_for": "production GPU serving of large models",
+        "summary": "Post-training quantization layer by layer: each weight column is rounded in turn and the "
+                   "error is pushed onto the columns not yet rounded, using second-order information from a "
+                   "small calibration set.",
+        "how": ["Run a few hundred calibration sequences and collect each layer's inputs.",
+                "From them, form the inverse Hessian of the layer's squared error.",
+                "Quantize columns one at a time; update the remaining ones to compensate the error.",
+                "Store 4-bit integers with a scale (and zero) per group of 128 weights."],
+        "use_cases": ["Serving with vLLM or transformers on GPUs", "Large models with fast 4-bit kernels"],
+        "limitations": ["Needs calibration data and a GPU pass", "Quality depends on the calibration set"],
+        "paper": ["Frantar et al. 2022, GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+                  "https://arxiv.org/abs/2210.17323"],
+        "command": "leantune merge runs/first --out merged/first   # then quantize merged/first with your GPTQ tool",
+        "measured": None,
+    },
+    {
+        "id": "awq", "name": "AWQ (4-bit)", "category": "quantization",
+        "trainable": "n/a", "memory": "4x less than 16 bits", "quality": 5,
+        "best_for": "the best 4-bit quality, edge devices",
+        "summary": "Activation-aware: the weight channels that meet large activations matter most, so they are "
+                   "scaled up before rounding (and the scale is undone on the activations).",
+        "how": ["Measure the mean activation magnitude per input channel on calibration data.",
+                "Search a per-channel scale that minimises the layer's output error after rounding.",
+                "Multiply the weights by the scale, divide the activations by it, quantize to 4 bits in groups."],
+        "use_cases": ["Serving on GPUs and edge devices", "When GPTQ loses too much quality"],
+        "limitations": ["Needs calibration data", "Fewer kernels than GPTQ on some stacks"],
+        "paper": ["Lin et al. 2023, AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration",
+                  "https://arxiv.org/abs/2306.00978"],
+        "command": "leantune merge runs/first --out merged/first   # then quantize merged/first with your AWQ tool",
+        "measured": None,
+    },
+    {
+        "id": "gguf", "name": "GGUF / llama.cpp", "category": "quantization",
+        "trainable": "n/a", "memory": "4-8x less (Q8_0 to Q4_K_M)", "quality": 4,
+        "best_for": "local and offline inference on CPU, Apple silicon, consumer GPUs",
+        "summary": "llama.cpp's single-file format: weights, tokenizer and chat template together, in block "
+                   "quantizations (Q8_0, Q4_K_M...) that Ollama, LM Studio and llama.cpp run.",
+        "how": ["Fold the adapter into the base.",
+                "Write each tensor in a GGML type; k-quants use super-blocks with 6-bit sub-block scales.",
+                "The _M mixes keep a few sensitive tensors (attn_v, ffn_down of some layers, output) at more bits.",
+                "Write the tokenizer and chat template into the file's metadata."],
+        "use_cases": ["Ollama / LM Studio / llama.cpp", "Laptops without a GPU"],
+        "limitations": ["Inference only", "Quality falls quickly below 4 bits"],
+        "paper": ["ggml-org, llama.cpp and the GGUF specification", "https://github.com/ggml-org/ggml/blob/master/docs/gguf.md"],
+        "command": "leantune export runs/first --quant Q4_K_M",
+        "measured": ["every export prints its fidelity: perplexity change, top-1 agreement and KL against the fp32 model",
+                     "docs/export.md"],
+    },
+    {
+        "id": "merging", "name": "Merging adapters", "category": "composing",
+        "trainable": "n/a", "memory": "host RAM of one model in fp32", "quality": 4,
+        "best_for": "one plain model from an adapter, or one adapter from several",
+        "summary": "Fold an adapter into its base to get a plain model any tool loads, or combine several LoRA "
+                   "adapters (linear, concatenation, SVD, TIES, DARE) into one.",
+        "how": ["Load the base in fp32 and attach the adapter.",
+                "Fold it: W + s B A (LoRA), the DoRA magnitude and direction, or IA3's scales.",
+                "For several adapters: combine their deltas as the recipe says, and re-factor to a rank if asked.",
+                "Write a plain Hugging Face folder (or a PEFT adapter)."],
+        "use_cases": ["Shipping a model without PEFT", "Combining task adapters", "Before GGUF/GPTQ/AWQ quantization"],
+        "limitations": ["Prompt, prefix and bottleneck adapters cannot be folded",
+                        "A QLoRA adapter folds into a dequantized base"],
+        "paper": ["Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models", "https://arxiv.org/abs/2306.01708"],
+        "command": "leantune merge runs/first --out merged/first",
+        "measured": ["the merge report gives the held-out loss before and after folding; KL against the unmerged "
+                     "model is rounding error", "docs/merging.md"],
+    },
+    {
+        "id": "serving", "name": "Serving adapters", "category": "serving",
+        "trainable": "n/a", "memory": "one base + small adapters", "quality": 5,
+        "best_for": "many fine-tunes behind one endpoint",
+        "summary": "Keep one base in memory and apply the request's adapter per row of the batch, so many fine-tunes "
+                   "share one GPU.",
+        "how": ["Load the base once; load each adapter's A and B.",
+                "Group a batch's rows by adapter; compute the base matmul once for all rows.",
+                "Add each row's own B A x; rows without an adapter get the base."],
+        "use_cases": ["Per-customer or per-task adapters", "A/B tests of fine-tunes"],
+        "limitations": ["Unmerged adapters cost some latency", "vLLM serves LoRA only (no DoRA, no bias)"],
+        "paper": ["Sheng et al. 2023, S-LoRA: Serving Thousands of Concurrent LoRA Adapters", "https://arxiv.org/abs/2311.03285"],
+        "command": "vllm serve BASE --enable-lora --lora-modules mine=runs/first/adapter   # leantune's own: leantune.serve",
+        "measured": ["leantune's adapters load in vLLM unchanged; the loader's rules are tested here", "docs/vllm.md"],
+    },
+]
+
+
+def guide() -> dict:
+    """The guide as the page reads it (GET /api/guide)."""
+    return {"categories": CATEGORIES, "techniques": TECHNIQUES}
