@@ -133,10 +133,11 @@ def gguf_tensors(model, arch: str):
         yield name, t.contiguous().numpy()
 
 
-def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "", progress: bool = True
-               ) -> list[TensorRecord]:
+def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "", progress: bool = True,
+               imatrix: dict[str, np.ndarray] | None = None) -> list[TensorRecord]:
     """Write `model` (a loaded HF Llama-family model, adapters already merged) to `out` as `quant`.
 
+    imatrix: {gguf tensor name: per-column importance} (imatrix.py) for the k-quant tensors.
     Returns one record per tensor: its GGML type, stored bytes and dequantization error vs the source.
     """
     import gguf
@@ -147,6 +148,7 @@ def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "
     _check_rope(cfg)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_layers = int(cfg.num_hidden_layers)
+    gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     records: list[TensorRecord] = []
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
@@ -156,8 +158,8 @@ def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "
         add_tokenizer(writer, folder, tok, arch, int(cfg.vocab_size))
         items = list(gguf_tensors(model, arch))
         for tname, data in _progress(items, progress, f"quantizing to {quant}"):
-            qtype = quant_mix.tensor_type(tname, data.shape, quant, n_layers, tied)
-            stored = quant_mix.encode(data, qtype)
+            qtype = quant_mix.tensor_type(tname, data.shape, quant, n_layers, tied, gqa)
+            stored = quant_mix.encode(data, qtype, (imatrix or {}).get(tname))
             records.append(_record(tname, data, stored, qtype))
             writer.add_tensor(tname, stored, raw_dtype=qtype if stored.dtype == np.uint8 else None)
         writer.write_header_to_file()
