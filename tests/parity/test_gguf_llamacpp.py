@@ -95,6 +95,7 @@ def _prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+@pytest.mark.slow  # two exports, transformers' GGUF reader and llama.cpp: ~1-2 min on 2 idle cores
 def test_quantized_files_run_in_llama_cpp(llamacpp, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,6 +133,7 @@ def test_quantized_files_run_in_llama_cpp(llamacpp, model_dir, tmp_path):
     assert report["Q4_K_M"]["top1_vs_torch"] >= 0.75, report
 
 
+@pytest.mark.slow
 def test_lora_gguf_over_f16_base_in_llama_cpp(llamacpp, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
