@@ -169,3 +169,21 @@ def test_lora_gguf_over_f16_base_in_llama_cpp(llamacpp, model_dir, tmp_path):
     print(json.dumps(report, indent=1))
     assert report["base_only_top1_vs_base_torch"] >= 0.95, report
     assert err < 0.05 and report["top1_vs_merged_torch"] >= 0.95 and report["greedy_prefix"] >= 8, report
+
+
+@pytest.mark.slow
+def test_qwen3_runs_in_llama_cpp(llamacpp, tmp_path):
+    """Qwen3 (per-head q/k RMSNorm, head_dim given apart from hidden / heads, NEOX RoPE): an F32 export's
+    logits in llama.cpp match the torch model's."""
+    from tests.parity.test_gguf_archs import tiny_qwen3
+
+    from leantune.export.gguf.writer import write_gguf
+
+    folder, model, tok = tiny_qwen3(tmp_path)
+    path = tmp_path / "qwen3.gguf"
+    write_gguf(model, tok, folder, path, "F32", progress=False)
+    ids, prompt, n = tok(TEXT)["input_ids"], tok("the quick brown fox")["input_ids"], 8
+    ref_logits, ref_top1, ref_greedy = _torch_top1_and_greedy(model, ids, prompt, n)
+    (got,) = llamacpp([{"model": str(path), "lora": None, "tokens": ids, "prompt": prompt, "n_predict": n}], tmp_path)
+    err = float(np.abs(np.array(got["logits"]) - ref_logits.numpy()).max()) / float(ref_logits.std())
+    assert err < 0.02 and _agreement(got["top1"], ref_top1) >= 0.97 and got["greedy"] == ref_greedy, err

@@ -5,7 +5,8 @@ Names follow llama.cpp's tensor map (gguf.constants TENSOR_NAMES): token_embd, b
 blk.N.attn_norm, blk.N.ffn_gate/up/down, blk.N.ffn_norm, output_norm, output. For the llama arch,
 convert_hf_to_gguf.py reorders the rows of q_proj and k_proj from HF's rotate-half RoPE layout to the
 interleaved pairs llama.cpp's RoPE expects: per head, rows (h, 2, d/2) -> (h, d/2, 2). transformers'
-GGUF loader undoes exactly this. Qwen2 uses llama.cpp's NEOX RoPE, so its rows stay as they are.
+GGUF loader undoes exactly this. Qwen2 and Qwen3 use llama.cpp's NEOX RoPE, so their rows stay as they
+are; Qwen3's per-head RMSNorms of q and k (q_norm, k_norm) are blk.N.attn_q_norm / attn_k_norm.
 The file is written to a temporary sibling and renamed into place (io/atomic.py).
 """
 
@@ -25,12 +26,14 @@ from . import quant_mix
 from .vocab import add_tokenizer
 
 # HF architecture -> llama.cpp architecture. Mistral v0.1-v0.3 is a Llama to llama.cpp.
-ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+         "Qwen3ForCausalLM": "qwen3"}
 
 _LAYER_PARTS = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
 }
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
@@ -107,7 +110,9 @@ def add_architecture(writer, cfg, arch: str, name: str) -> None:
     writer.add_head_count_kv(int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads))
     writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
     writer.add_vocab_size(int(c.vocab_size))
-    if arch == "llama" and head_dim * c.num_attention_heads != c.hidden_size:
+    # convert_hf_to_gguf.py writes these whenever config.json has head_dim; llama.cpp needs them when
+    # head_dim != hidden / heads (Qwen3: 128 with hidden 1024 and 16 heads)
+    if getattr(c, "head_dim", None) or head_dim * c.num_attention_heads != c.hidden_size:
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
 
