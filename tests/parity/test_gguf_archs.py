@@ -59,3 +59,74 @@ def test_qwen3_metadata_and_tensors_follow_the_converter(tmp_path):
     assert names <= allowed and {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
     # transformers 5.24's GGUF reader builds Qwen3's k_proj with the wrong shape from these (llama.cpp's) keys, so
     # the load-back check for Qwen3 is llama.cpp itself: test_gguf_llamacpp.py::test_qwen3_runs_in_llama_cpp
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}  # a short original context, so a short text is scaled
+
+
+def tiny_llama_rope(folder, rope: dict):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import build_tokenizer
+
+    build_tokenizer().save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_scaling=rope)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    return folder, model, tok
+
+
+def _converter_llama3_factors(head_dim: int, base: float, p: dict) -> list[float]:
+    """convert_hf_to_gguf.py's LlamaModel rope_freqs, written out from its loop."""
+    import math
+
+    low_wavelen = p["original_max_position_embeddings"] / p["low_freq_factor"]
+    high_wavelen = p["original_max_position_embeddings"] / p["high_freq_factor"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi / (1.0 / base ** (i / head_dim))
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(p["factor"])
+        else:
+            smooth = (p["original_max_position_embeddings"] / wavelen - p["low_freq_factor"]) / (
+                p["high_freq_factor"] - p["low_freq_factor"])
+            out.append(1 / ((1 - smooth) / p["factor"] + smooth))
+    return out
+
+
+def test_llama3_rope_scaling_writes_the_converters_rope_freqs(tmp_path):
+    import numpy as np
+
+    folder, model, tok = tiny_llama_rope(tmp_path, LLAMA3_ROPE)
+    path = tmp_path / "l3.gguf"
+    write_gguf(model, tok, folder, path, "Q8_0", progress=False)
+    r = gguf.GGUFReader(path)
+    freqs = {t.name: t for t in r.tensors}["rope_freqs.weight"]
+    assert freqs.tensor_type.name == "F32"
+    want = _converter_llama3_factors(64, 10000.0, LLAMA3_ROPE)
+    assert len(set(want)) > 2  # some frequencies kept, some divided by 8, some smoothed
+    np.testing.assert_allclose(np.array(freqs.data), want, rtol=1e-5)
+    assert "llama.rope.scaling.type" not in r.fields  # the converter writes no scaling keys for llama3
+
+
+def test_linear_rope_scaling_writes_type_and_factor(tmp_path):
+    folder, model, tok = tiny_llama_rope(tmp_path, {"rope_type": "linear", "factor": 4.0})
+    path = tmp_path / "lin.gguf"
+    write_gguf(model, tok, folder, path, "F16", progress=False)
+    f = {k: v.contents() for k, v in gguf.GGUFReader(path).fields.items()}
+    assert f["llama.rope.scaling.type"] == "linear" and f["llama.rope.scaling.factor"] == 4.0
+
+
+def test_unsupported_rope_scaling_is_refused_before_writing(tmp_path):
+    from leantune.errors import ModelError
+
+    folder, model, tok = tiny_llama_rope(tmp_path, {"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ModelError, match="RoPE scaling 'dynamic' is not exported yet"):
+        write_gguf(model, tok, folder, tmp_path / "x.gguf", "F16", progress=False)
+    assert not (tmp_path / "x.gguf").exists()

@@ -187,3 +187,22 @@ def test_qwen3_runs_in_llama_cpp(llamacpp, tmp_path):
     (got,) = llamacpp([{"model": str(path), "lora": None, "tokens": ids, "prompt": prompt, "n_predict": n}], tmp_path)
     err = float(np.abs(np.array(got["logits"]) - ref_logits.numpy()).max()) / float(ref_logits.std())
     assert err < 0.02 and _agreement(got["top1"], ref_top1) >= 0.97 and got["greedy"] == ref_greedy, err
+
+
+@pytest.mark.slow
+def test_llama3_rope_scaling_runs_in_llama_cpp(llamacpp, tmp_path):
+    """Llama 3.1-style RoPE scaling (rope_freqs.weight) over a text longer than the original context:
+    llama.cpp's logits match the torch model's, so the scaled frequencies are applied as torch does."""
+    from tests.parity.test_gguf_archs import LLAMA3_ROPE, tiny_llama_rope
+
+    from leantune.export.gguf.writer import write_gguf
+
+    folder, model, tok = tiny_llama_rope(tmp_path, LLAMA3_ROPE)
+    path = tmp_path / "l3.gguf"
+    write_gguf(model, tok, folder, path, "F32", progress=False)
+    ids, prompt, n = tok(TEXT)["input_ids"], tok("the quick brown fox")["input_ids"], 8
+    assert len(ids) > 2 * LLAMA3_ROPE["original_max_position_embeddings"]
+    ref_logits, ref_top1, _ = _torch_top1_and_greedy(model, ids, prompt, n)
+    (got,) = llamacpp([{"model": str(path), "lora": None, "tokens": ids, "prompt": prompt, "n_predict": n}], tmp_path)
+    err = float(np.abs(np.array(got["logits"]) - ref_logits.numpy()).max()) / float(ref_logits.std())
+    assert err < 0.02 and _agreement(got["top1"], ref_top1) >= 0.97, err

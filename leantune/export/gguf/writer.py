@@ -88,12 +88,33 @@ def _rope_theta(cfg) -> float:
     return float(theta or getattr(cfg, "rope_theta", None) or 10000.0)
 
 
-def _check_rope(cfg) -> None:
+def _rope_kind(cfg, arch: str = "llama") -> tuple[str, dict]:
+    """The RoPE scaling of a config, or a ModelError for one llama.cpp cannot be given by this writer.
+
+    default: nothing to write. linear (position interpolation): {arch}.rope.scaling.type "linear" and
+    .factor, as convert_hf_to_gguf.py writes them. llama3 (Llama 3.1+): the converter's rope_freqs.weight
+    tensor, one divisor per frequency that llama.cpp applies to base^(-2i/d) (`rope_freqs`)."""
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
-    if kind not in (None, "default"):
-        raise ModelError(f"RoPE scaling {kind!r} is not exported yet (llama.cpp needs rope_freqs for it); "
-                         f"export a model without rope scaling or use llama.cpp's convert_hf_to_gguf.py")
+    kind = (params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default") or "default"
+    if kind == "default" or kind == "linear" or (kind == "llama3" and arch == "llama"):
+        return kind, params
+    raise ModelError(f"RoPE scaling {kind!r} is not exported yet for {arch} (supported: linear, and llama3 for Llama); "
+                     f"export a model without it or use llama.cpp's convert_hf_to_gguf.py")
+
+
+def _check_rope(cfg, arch: str = "llama") -> None:
+    _rope_kind(cfg, arch)
+
+
+def rope_freqs(model) -> np.ndarray:
+    """llama3 RoPE scaling as llama.cpp's rope_freqs: the unscaled inverse frequencies divided by the ones
+    the torch model rotates with (its rotary_emb buffer), so the GGUF rotates exactly as the model does.
+    (head_dim / 2,)"""
+    c = _text_config(model.config)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    plain = 1.0 / (_rope_theta(c) ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    scaled = model.model.rotary_emb.inv_freq.detach().float().cpu()
+    return (plain / scaled).numpy().astype(np.float32)
 
 
 def add_architecture(writer, cfg, arch: str, name: str) -> None:
@@ -115,6 +136,12 @@ def add_architecture(writer, cfg, arch: str, name: str) -> None:
     if getattr(c, "head_dim", None) or head_dim * c.num_attention_heads != c.hidden_size:
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
+    kind, params = _rope_kind(c, arch)
+    if kind == "linear":
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
 
 
 def gguf_tensors(model, arch: str):
@@ -122,6 +149,8 @@ def gguf_tensors(model, arch: str):
     c = _text_config(model.config)
     tied = bool(getattr(c, "tie_word_embeddings", False))
     n_head, n_kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    if _rope_kind(c, arch)[0] == "llama3":
+        yield "rope_freqs.weight", rope_freqs(model)
     for hf_name, t in model.state_dict().items():
         name = gguf_name(hf_name)
         if name is None:
@@ -150,7 +179,7 @@ def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "
     quant = quant_mix.check_quant(quant)
     arch = architecture(folder)
     cfg = _text_config(model.config)
-    _check_rope(cfg)
+    _check_rope(cfg, arch)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_layers = int(cfg.num_hidden_layers)
     gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
