@@ -23,7 +23,7 @@ from ...errors import ConfigError
 from ...eval.compare import compare, text_batches
 from ...io.atomic import write_json, write_text
 from ..base import Exporter, ExportOptions
-from . import fidelity
+from . import fidelity, imatrix
 from .lora import write_lora_gguf
 from .quant_mix import FILE_TYPES, K_TYPES
 from .writer import architecture, write_gguf
@@ -49,8 +49,6 @@ class GGUFExporter(Exporter, format="gguf"):
             if FILE_TYPES[quant][1] not in K_TYPES:
                 raise ConfigError(f"--imatrix weights the k-quants; {quant} has none. Use Q2_K, Q3_K_S/M/L, "
                                   f"Q4_K_M, Q5_K_M or Q6_K, or drop --imatrix")
-            from . import imatrix
-
             matrix = imatrix.from_file(model, tokenizer, options.extra["imatrix"])
         records = write_gguf(model, tokenizer, folder, out, quant, name=options.name, progress=options.progress,
                              imatrix=matrix)
