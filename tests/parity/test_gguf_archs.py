@@ -130,3 +130,50 @@ def test_unsupported_rope_scaling_is_refused_before_writing(tmp_path):
     with pytest.raises(ModelError, match="RoPE scaling 'dynamic' is not exported yet"):
         write_gguf(model, tok, folder, tmp_path / "x.gguf", "F16", progress=False)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def tiny_phi3(folder):
+    """A 2-layer random Phi-3 (fused qkv_proj and gate_up_proj) with non-trivial norms."""
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    from tests.conftest import build_tokenizer
+
+    build_tokenizer().save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                     original_max_position_embeddings=512, bos_token_id=1, eos_token_id=5, pad_token_id=3)
+    model = Phi3ForCausalLM(cfg).eval()
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    return folder, model, tok
+
+
+def test_phi3_metadata_tensors_and_mix_follow_llama_cpp(tmp_path):
+    from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
+
+    from leantune.export.gguf.quant_mix import tensor_type, use_more_bits
+
+    folder, model, tok = tiny_phi3(tmp_path)
+    assert architecture(folder) == "phi3"
+    path = tmp_path / "p3.gguf"
+    write_gguf(model, tok, folder, path, "F32", progress=False)
+    r = gguf.GGUFReader(path)
+    f = {k: v.contents() for k, v in r.fields.items()}
+    want = {"phi3.embedding_length": 256, "phi3.block_count": 2, "phi3.feed_forward_length": 512,
+            "phi3.attention.head_count": 4, "phi3.attention.head_count_kv": 4, "phi3.rope.dimension_count": 64,
+            "phi3.rope.scaling.original_context_length": 512, "phi3.context_length": 512}
+    assert {k: f[k] for k in want} == want
+    allowed = {TENSOR_NAMES[t].format(bid=i) + ".weight" for t in MODEL_TENSORS[MODEL_ARCH.PHI3] for i in range(2)}
+    names = {t.name for t in r.tensors}
+    assert names <= allowed and {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names
+    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in r.tensors}
+    assert shapes["blk.0.attn_qkv.weight"] == (3 * 256, 256) and shapes["blk.0.ffn_up.weight"] == (2 * 512, 256)
+    # llama-quantize puts fused qkv in the attn_v category
+    for i in range(8):
+        more = "Q6_K" if use_more_bits(i, 8) else "Q4_K"
+        assert tensor_type(f"blk.{i}.attn_qkv.weight", (768, 256), "Q4_K_M", 8, False).name == more
+    assert tensor_type("blk.0.attn_qkv.weight", (768, 256), "Q3_K_M", 8, False).name == "Q5_K"

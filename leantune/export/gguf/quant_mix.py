@@ -75,7 +75,7 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layers: int, ti
     layer = int(name.split(".")[1]) if name.startswith("blk.") else 0
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         new = T.Q8_0 if cols % GGML_QUANT_SIZES[base][0] else (T.Q6_K if base != T.Q8_0 else base)
-    elif ".attn_v." in name:
+    elif ".attn_v." in name or ".attn_qkv." in name:  # llama.cpp's attn_v category holds fused qkv too
         new = {"Q2_K": T.Q4_K if gqa >= 4 else T.Q3_K, "Q3_K_M": T.Q5_K if layer < 2 else T.Q4_K,
                "Q3_K_L": T.Q5_K}.get(quant, new)
         if quant in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):

@@ -7,6 +7,9 @@ convert_hf_to_gguf.py reorders the rows of q_proj and k_proj from HF's rotate-ha
 interleaved pairs llama.cpp's RoPE expects: per head, rows (h, 2, d/2) -> (h, d/2, 2). transformers'
 GGUF loader undoes exactly this. Qwen2 and Qwen3 use llama.cpp's NEOX RoPE, so their rows stay as they
 are; Qwen3's per-head RMSNorms of q and k (q_norm, k_norm) are blk.N.attn_q_norm / attn_k_norm.
+Phi-3 (NEOX RoPE too) keeps its fused qkv_proj and gate_up_proj as attn_qkv and ffn_up, and, as
+convert_hf_to_gguf.py's Phi3MiniModel, writes rope.scaling.original_context_length (and sliding_window
+when set); its longrope / su scaling (128k models) is not exported yet.
 The file is written to a temporary sibling and renamed into place (io/atomic.py).
 """
 
@@ -27,13 +30,15 @@ from .vocab import add_tokenizer
 
 # HF architecture -> llama.cpp architecture. Mistral v0.1-v0.3 is a Llama to llama.cpp.
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-         "Qwen3ForCausalLM": "qwen3"}
+         "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3"}
 
 _LAYER_PARTS = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    # Phi-3's fused projections: llama.cpp keeps them fused, gate_up as ffn_up (gate rows first, as HF)
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
 }
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
@@ -136,6 +141,11 @@ def add_architecture(writer, cfg, arch: str, name: str) -> None:
     if getattr(c, "head_dim", None) or head_dim * c.num_attention_heads != c.hidden_size:
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
+    if arch == "phi3":
+        writer.add_rope_scaling_orig_ctx_len(int(getattr(c, "original_max_position_embeddings", None)
+                                                 or c.max_position_embeddings))
+        if getattr(c, "sliding_window", None):
+            writer.add_sliding_window(int(c.sliding_window))
     kind, params = _rope_kind(c, arch)
     if kind == "linear":
         import gguf
