@@ -236,6 +236,8 @@ def _add_export(sub) -> None:
                    "the original 16-bit weights (default: dequantized)")
     p.add_argument("--adapter-only", action="store_true", help="write the LoRA alone as a GGUF LoRA (llama.cpp --lora)")
     p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile beside the file")
+    p.add_argument("--imatrix", metavar="DATA", help="GGUF k-quants: weigh each column's rounding error by its mean "
+                   "squared input over this calibration data (any training data file), as llama-quantize --imatrix")
     p.add_argument("--no-eval", action="store_true", help="skip the model-level check (perplexity, top-1 agreement)")
     p.add_argument("--eval-text", help="held-out text file for the model-level check (one passage per line)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -516,7 +518,8 @@ def _export(ns: argparse.Namespace) -> int:
                 texts = [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise DataError(f"cannot read --eval-text {ns.eval_text!r}: {e.strerror}; pass a UTF-8 text file") from None
-    options = ExportOptions(modelfile=ns.modelfile, evaluate=not ns.no_eval, texts=texts, progress=not ns.quiet)
+    options = ExportOptions(modelfile=ns.modelfile, evaluate=not ns.no_eval, texts=texts, progress=not ns.quiet,
+                            extra={"imatrix": ns.imatrix} if ns.imatrix else {})
     result = export(ns.source, format=ns.format, quant=ns.quant, out=ns.out, base_model=ns.base,
                     merge_base=ns.merge_base, adapter_only=ns.adapter_only, overwrite=ns.overwrite, options=options)
     if ns.adapter_only:

@@ -27,7 +27,7 @@ EXPORTERS: dict[str, type[Exporter]] = {}
 # --help text only (the CLI must not import an exporter to print its help): each built-in format's quant
 # types, default first. tests/unit/test_exporters.py checks this table against the registered classes.
 BUILTIN_QUANTS: dict[str, tuple[str, ...]] = {
-    "gguf": ("Q4_K_M", "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_K_M", "Q6_K"),
+    "gguf": ("Q4_K_M", "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q5_K_M", "Q6_K"),
 }
 
 

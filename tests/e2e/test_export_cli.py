@@ -149,7 +149,7 @@ def test_export_refuses_to_replace_an_existing_file_unless_overwrite(adapter_dir
 
 
 def test_a_quant_the_format_does_not_have_is_a_one_line_error(adapter_dir, tmp_path, capsys):
-    assert main(["export", str(adapter_dir), "--quant", "Q3_K_S", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert main(["export", str(adapter_dir), "--quant", "IQ2_XS", "--out", str(tmp_path / "x.gguf")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a gguf quant type; choose one of" in err and "Q4_K_M" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.gguf").exists()

@@ -3,7 +3,7 @@ gguf's reader (metadata keys and tensor names of a real llama.cpp-made file, the
 and llama.cpp's convention for LoRA scale (alpha / r) applied to our adapter file.
 
 llama-cpp-python is not installed by default (a 15-minute compile); when it is, the last test loads our
-file in llama.cpp itself.
+file in llama.cpp itself. The prebuilt llama.cpp (npm) checks are in test_gguf_llamacpp.py.
 """
 
 from __future__ import annotations

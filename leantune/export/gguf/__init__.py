@@ -3,8 +3,9 @@ LoRA alone as a GGUF LoRA (`--adapter-only`), with a fidelity report and optiona
 
     writer.py     architecture metadata, tensors in llama.cpp's names and layout (the file itself)
     vocab.py      the tokenizer and its chat template as tokenizer.ggml.* / tokenizer.chat_template
-    quant_mix.py  which GGML type each tensor gets for a --quant (llama-quantize's _M mixes)
-    kquants.py    Q4_K / Q5_K / Q6_K encoders
+    quant_mix.py  which GGML type each tensor gets for a --quant (llama-quantize's mixes)
+    kquants.py    Q2_K / Q3_K / Q4_K / Q5_K / Q6_K encoders, with or without an importance matrix
+    imatrix.py    --imatrix FILE: per-column mean x^2 of every Linear's input over calibration text
     lora.py       the adapter alone, in convert_lora_to_gguf.py's layout
     fidelity.py   the report: per-tensor error, and the file read back against the model (eval/compare.py)
 
@@ -18,12 +19,13 @@ import time
 from pathlib import Path
 
 from ...data.tokenize import NAMED_TEMPLATES
+from ...errors import ConfigError
 from ...eval.compare import compare, text_batches
 from ...io.atomic import write_json, write_text
 from ..base import Exporter, ExportOptions
-from . import fidelity
+from . import fidelity, imatrix
 from .lora import write_lora_gguf
-from .quant_mix import FILE_TYPES
+from .quant_mix import FILE_TYPES, K_TYPES
 from .writer import architecture, write_gguf
 
 
@@ -42,7 +44,14 @@ class GGUFExporter(Exporter, format="gguf"):
     def write(self, model, tokenizer, facts, folder: Path, out: Path, quant: str | None,
               options: ExportOptions) -> dict:
         t0 = time.perf_counter()
-        records = write_gguf(model, tokenizer, folder, out, quant, name=options.name, progress=options.progress)
+        matrix = None
+        if options.extra.get("imatrix"):
+            if FILE_TYPES[quant][1] not in K_TYPES:
+                raise ConfigError(f"--imatrix weights the k-quants; {quant} has none. Use Q2_K, Q3_K_S/M/L, "
+                                  f"Q4_K_M, Q5_K_M or Q6_K, or drop --imatrix")
+            matrix = imatrix.from_file(model, tokenizer, options.extra["imatrix"])
+        records = write_gguf(model, tokenizer, folder, out, quant, name=options.name, progress=options.progress,
+                             imatrix=matrix)
         seconds = time.perf_counter() - t0
         level = None
         if options.evaluate:
@@ -52,6 +61,7 @@ class GGUFExporter(Exporter, format="gguf"):
         n_params = sum(p.numel() for p in model.parameters())
         report = fidelity.build_report(records, out, quant, n_params, level, seconds)
         report["merge"] = facts.as_dict()
+        report["imatrix"] = str(options.extra["imatrix"]) if matrix else None
         write_json(out.with_name(out.name.removesuffix(".gguf") + ".fidelity.json"), report)
         if options.modelfile:
             write_text(out.with_name("Modelfile"), ollama_modelfile(out, tokenizer, facts))

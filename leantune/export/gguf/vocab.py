@@ -19,7 +19,7 @@ from ...errors import ModelError
 
 
 def _pre_tokenizer(arch: str, tok, vocab_size: int) -> str:
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):  # Qwen3 keeps Qwen2's tokenizer
         return "qwen2"
     if vocab_size >= 128000 and "<|begin_of_text|>" in tok.get_vocab():
         return "llama-bpe"

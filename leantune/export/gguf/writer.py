@@ -5,7 +5,11 @@ Names follow llama.cpp's tensor map (gguf.constants TENSOR_NAMES): token_embd, b
 blk.N.attn_norm, blk.N.ffn_gate/up/down, blk.N.ffn_norm, output_norm, output. For the llama arch,
 convert_hf_to_gguf.py reorders the rows of q_proj and k_proj from HF's rotate-half RoPE layout to the
 interleaved pairs llama.cpp's RoPE expects: per head, rows (h, 2, d/2) -> (h, d/2, 2). transformers'
-GGUF loader undoes exactly this. Qwen2 uses llama.cpp's NEOX RoPE, so its rows stay as they are.
+GGUF loader undoes exactly this. Qwen2 and Qwen3 use llama.cpp's NEOX RoPE, so their rows stay as they
+are; Qwen3's per-head RMSNorms of q and k (q_norm, k_norm) are blk.N.attn_q_norm / attn_k_norm.
+Phi-3 (NEOX RoPE too) keeps its fused qkv_proj and gate_up_proj as attn_qkv and ffn_up, and, as
+convert_hf_to_gguf.py's Phi3MiniModel, writes rope.scaling.original_context_length (and sliding_window
+when set); its longrope / su scaling (128k models) is not exported yet.
 The file is written to a temporary sibling and renamed into place (io/atomic.py).
 """
 
@@ -25,12 +29,16 @@ from . import quant_mix
 from .vocab import add_tokenizer
 
 # HF architecture -> llama.cpp architecture. Mistral v0.1-v0.3 is a Llama to llama.cpp.
-ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+         "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3"}
 
 _LAYER_PARTS = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    # Phi-3's fused projections: llama.cpp keeps them fused, gate_up as ffn_up (gate rows first, as HF)
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
 }
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
@@ -85,12 +93,33 @@ def _rope_theta(cfg) -> float:
     return float(theta or getattr(cfg, "rope_theta", None) or 10000.0)
 
 
-def _check_rope(cfg) -> None:
+def _rope_kind(cfg, arch: str = "llama") -> tuple[str, dict]:
+    """The RoPE scaling of a config, or a ModelError for one llama.cpp cannot be given by this writer.
+
+    default: nothing to write. linear (position interpolation): {arch}.rope.scaling.type "linear" and
+    .factor, as convert_hf_to_gguf.py writes them. llama3 (Llama 3.1+): the converter's rope_freqs.weight
+    tensor, one divisor per frequency that llama.cpp applies to base^(-2i/d) (`rope_freqs`)."""
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
-    if kind not in (None, "default"):
-        raise ModelError(f"RoPE scaling {kind!r} is not exported yet (llama.cpp needs rope_freqs for it); "
-                         f"export a model without rope scaling or use llama.cpp's convert_hf_to_gguf.py")
+    kind = (params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default") or "default"
+    if kind == "default" or kind == "linear" or (kind == "llama3" and arch == "llama"):
+        return kind, params
+    raise ModelError(f"RoPE scaling {kind!r} is not exported yet for {arch} (supported: linear, and llama3 for Llama); "
+                     f"export a model without it or use llama.cpp's convert_hf_to_gguf.py")
+
+
+def _check_rope(cfg, arch: str = "llama") -> None:
+    _rope_kind(cfg, arch)
+
+
+def rope_freqs(model) -> np.ndarray:
+    """llama3 RoPE scaling as llama.cpp's rope_freqs: the unscaled inverse frequencies divided by the ones
+    the torch model rotates with (its rotary_emb buffer), so the GGUF rotates exactly as the model does.
+    (head_dim / 2,)"""
+    c = _text_config(model.config)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    plain = 1.0 / (_rope_theta(c) ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    scaled = model.model.rotary_emb.inv_freq.detach().float().cpu()
+    return (plain / scaled).numpy().astype(np.float32)
 
 
 def add_architecture(writer, cfg, arch: str, name: str) -> None:
@@ -107,9 +136,22 @@ def add_architecture(writer, cfg, arch: str, name: str) -> None:
     writer.add_head_count_kv(int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads))
     writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
     writer.add_vocab_size(int(c.vocab_size))
-    if arch == "llama" and head_dim * c.num_attention_heads != c.hidden_size:
+    # convert_hf_to_gguf.py writes these whenever config.json has head_dim; llama.cpp needs them when
+    # head_dim != hidden / heads (Qwen3: 128 with hidden 1024 and 16 heads)
+    if getattr(c, "head_dim", None) or head_dim * c.num_attention_heads != c.hidden_size:
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
+    if arch == "phi3":
+        writer.add_rope_scaling_orig_ctx_len(int(getattr(c, "original_max_position_embeddings", None)
+                                                 or c.max_position_embeddings))
+        if getattr(c, "sliding_window", None):
+            writer.add_sliding_window(int(c.sliding_window))
+    kind, params = _rope_kind(c, arch)
+    if kind == "linear":
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
 
 
 def gguf_tensors(model, arch: str):
@@ -117,6 +159,8 @@ def gguf_tensors(model, arch: str):
     c = _text_config(model.config)
     tied = bool(getattr(c, "tie_word_embeddings", False))
     n_head, n_kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    if _rope_kind(c, arch)[0] == "llama3":
+        yield "rope_freqs.weight", rope_freqs(model)
     for hf_name, t in model.state_dict().items():
         name = gguf_name(hf_name)
         if name is None:
@@ -133,10 +177,11 @@ def gguf_tensors(model, arch: str):
         yield name, t.contiguous().numpy()
 
 
-def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "", progress: bool = True
-               ) -> list[TensorRecord]:
+def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "", progress: bool = True,
+               imatrix: dict[str, np.ndarray] | None = None) -> list[TensorRecord]:
     """Write `model` (a loaded HF Llama-family model, adapters already merged) to `out` as `quant`.
 
+    imatrix: {gguf tensor name: per-column importance} (imatrix.py) for the k-quant tensors.
     Returns one record per tensor: its GGML type, stored bytes and dequantization error vs the source.
     """
     import gguf
@@ -144,9 +189,10 @@ def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "
     quant = quant_mix.check_quant(quant)
     arch = architecture(folder)
     cfg = _text_config(model.config)
-    _check_rope(cfg)
+    _check_rope(cfg, arch)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_layers = int(cfg.num_hidden_layers)
+    gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     records: list[TensorRecord] = []
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
@@ -156,8 +202,8 @@ def write_gguf(model, tok, folder: Path, out: Path, quant: str, *, name: str = "
         add_tokenizer(writer, folder, tok, arch, int(cfg.vocab_size))
         items = list(gguf_tensors(model, arch))
         for tname, data in _progress(items, progress, f"quantizing to {quant}"):
-            qtype = quant_mix.tensor_type(tname, data.shape, quant, n_layers, tied)
-            stored = quant_mix.encode(data, qtype)
+            qtype = quant_mix.tensor_type(tname, data.shape, quant, n_layers, tied, gqa)
+            stored = quant_mix.encode(data, qtype, (imatrix or {}).get(tname))
             records.append(_record(tname, data, stored, qtype))
             writer.add_tensor(tname, stored, raw_dtype=qtype if stored.dtype == np.uint8 else None)
         writer.write_header_to_file()

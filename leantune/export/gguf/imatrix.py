@@ -1,0 +1,98 @@
+"""Importance matrix for the k-quants: per input column of every Linear, the mean of x^2 over calibration
+text, as llama.cpp's `llama-imatrix` collects it and `llama-quantize --imatrix` uses it.
+
+For a weight W (out, in) the output error of a quantized row is sum_j (W_ij - Q_ij) x_j, whose expected
+square over the data is ~ sum_j (W_ij - Q_ij)^2 E[x_j^2] when the inputs are roughly uncorrelated; so
+E[x_j^2] (one number per column) is the weight each column's error gets in the scale/min search
+(kquants.py). Collected with forward hooks on the torch model, every token of every text counted once,
+texts in file order (deterministic: the same file and model give the same matrix).
+
+Calibration text: a file of records in any data format leantune trains on (JSON Lines, JSON, CSV,
+Parquet, .txt; text, chat, alpaca, prompt/completion): each record rendered with the tokenizer's chat
+template when it has one (as training sees it), then cut to `seq_len` tokens, up to `max_texts` records.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...data.formats import SkipExample, detect_format, normalize
+from ...data.records import read_records
+from ...errors import DataError
+from .writer import gguf_name
+
+
+def calibration_texts(path: str | Path, tokenizer, max_texts: int = 128) -> list[str]:
+    """The first `max_texts` records of `path` as the model would read them."""
+    records = read_records(str(path))
+    if not records:
+        raise DataError(f"--imatrix {path}: the file has no records; give calibration text (e.g. the training data)")
+    fmt = detect_format(records)
+    texts = []
+    for i, record in enumerate(records[:max_texts]):
+        try:
+            sample = normalize(record, fmt, i)
+        except SkipExample:
+            continue
+        if sample.text is not None:
+            texts.append(sample.text)
+        elif getattr(tokenizer, "chat_template", None):
+            texts.append(tokenizer.apply_chat_template(sample.messages, tokenize=False))
+        else:
+            texts.append("\n".join(m["content"] for m in sample.messages))
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"--imatrix {path}: no record has text; give calibration text (e.g. the training data)")
+    return texts
+
+
+@torch.no_grad()
+def collect(model, tokenizer, texts: list[str], seq_len: int = 512) -> tuple[dict[str, np.ndarray], int]:
+    """{gguf tensor name: mean x^2 per input column} for every Linear with a llama.cpp name, and the
+    number of tokens seen. The LM head's entry also serves token_embd when the embeddings are tied."""
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    names = {}
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            name = gguf_name(f"{path}.weight")
+            if name is not None:
+                names[module] = name
+
+    def hook(module, args, _out):
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
+        name = names[module]
+        sums[name] = sums.get(name, 0) + x.square().sum(0).double()
+
+    for module in names:
+        hooks.append(module.register_forward_hook(hook))
+    tokens = 0
+    try:
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :seq_len]  # (1, T)
+            if ids.shape[1] == 0:
+                continue
+            model(input_ids=ids)
+            tokens += ids.shape[1]
+    finally:
+        for h in hooks:
+            h.remove()
+    if tokens == 0:
+        raise DataError("the calibration text tokenizes to nothing; give longer text for --imatrix")
+    out = {name: (s / tokens).float().numpy() for name, s in sums.items()}
+    cfg = getattr(model.config, "text_config", None) or model.config
+    if getattr(cfg, "tie_word_embeddings", False) and "output.weight" in out:
+        out["token_embd.weight"] = out.pop("output.weight")
+    return out, tokens
+
+
+def from_file(model, tokenizer, path: str | Path, *, max_texts: int = 128, seq_len: int = 512) -> dict[str, np.ndarray]:
+    texts = calibration_texts(path, tokenizer, max_texts)
+    matrix, tokens = collect(model, tokenizer, texts, seq_len)
+    print(f"imatrix: {len(matrix)} tensors from {len(texts)} calibration texts ({tokens} tokens, "
+          f"up to {seq_len} per text) of {path}", file=sys.stderr)
+    return matrix
