@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from leantune.cli.main import main
 
@@ -24,7 +25,7 @@ def inject(kind: str, rank: int, at: int) -> None:
     def train_step(s, micro):
         if s.progress.step + 1 == at:
             if kind == "raise":
-                raise RuntimeError(f"injected failure on rank {rank} at step {at}")
+                raise RuntimeError(f"injected failure on rank {rank} at step {at} (t={time.time():.3f})")
             os.kill(os.getpid(), signal.SIGKILL)
         return original(s, micro)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -125,13 +126,13 @@ def test_full_fine_tuning_under_fsdp2_with_activation_checkpointing(runs, tiny_l
 
 
 def test_a_rank_that_raises_ends_the_job_fast_with_its_error(runs, tiny_llama_dir):
-    t0 = time.monotonic()
     r = torchrun(args(tiny_llama_dir, runs["data"], runs["tmp"] / "raise", batch=1),
-                 env={"LEANTUNE_TEST_FAULT": "raise:1:3"}, timeout=120)
-    took = time.monotonic() - t0
+                 env={"LEANTUNE_TEST_FAULT": "raise:1:3"}, timeout=300)
+    ended = time.time()
     assert r.returncode != 0
     assert "injected failure on rank 1 at step 3" in r.stdout + r.stderr
-    assert took < 60  # start-up (~10-20 s on two shared cores) plus seconds, far from the 600 s collective timeout
+    raised = float(re.search(r"injected failure on rank 1 at step 3 \(t=([0-9.]+)\)", r.stdout + r.stderr).group(1))
+    assert ended - raised < 30  # seconds from the error to the job's end, far from the 600 s collective timeout
     assert not (runs["tmp"] / "raise" / "summary.json").exists()
 
 
