@@ -135,7 +135,8 @@ def _convert_gguf(path: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as e:  # a damaged file fails anywhere in transformers' reader (struct.error, size mismatches)
-        raise ModelError(f"cannot read GGUF {str(path)!r}: {type(e).__name__}: {first_line(e)[:200]}. A damaged or "
+        kind = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"  # struct.error
+        raise ModelError(f"cannot read GGUF {str(path)!r}: {kind}: {first_line(e)[:200]}. A damaged or "
                          "truncated file (compare its size and sha256 with the source), or an architecture transformers "
                          "does not read (it reads llama, mistral, qwen2/3, gemma2/3, phi3 and a few more; convert "
                          "others with llama.cpp's tools)") from None
