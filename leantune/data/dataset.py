@@ -248,9 +248,13 @@ def _examples(records: list[dict], fmt: str, cfg: DataConfig, tokenizer: Any, re
     if not out:
         skipped = report.skipped
         why = ", ".join(f"{c} {r}" for r, c in skipped.items()) or "none were readable"
-        also = ", set data.overlong: truncate" if OVERLONG in skipped else ""
-        raise DataError(f"all {len(records)} examples of {key} were skipped: {why} — raise data.max_length "
-                        f"(now {cfg.max_length}){also} or check the format (read as {fmt})")
+        if OVERLONG in skipped or NO_TRAINED_AFTER_TRUNCATION in skipped:
+            also = ", set data.overlong: truncate" if OVERLONG in skipped else ""
+            fix = f"raise data.max_length (now {cfg.max_length}){also} or check the format (read as {fmt})"
+        else:  # empty replies, chats of user turns only: a longer max_length changes nothing
+            fix = (f"give each example a non-empty reply to train on (an assistant turn, or the format's response "
+                   f"field), or check the format (read as {fmt})")
+        raise DataError(f"all {len(records)} examples of {key} were skipped: {why} — {fix}")
     return out
 
 

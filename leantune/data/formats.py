@@ -101,6 +101,8 @@ def _string(record: dict, name: str, where: str, fmt: str, optional: bool = Fals
     if value is None:
         if optional:
             return ""
+        if name in record:  # present but null: say so, "missing" sends the user looking for a typo
+            raise DataError(f"{where}: {name!r} is null; the {fmt} format needs it as text: fill it in or drop the record")
         raise _missing(where, name, fmt)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a CSV-born number: still text
@@ -173,8 +175,10 @@ def _messages(raw: list, where: str, name: str, role_key: str, content_key: str,
         role = roles.get(str(m[role_key]).lower())
         if role is None:
             raise DataError(f"{at} has {role_key} {m[role_key]!r}; accepted: {', '.join(sorted(roles))}")
-        if content_key not in m or m[content_key] is None:
+        if content_key not in m:
             raise DataError(f"{at} has no {content_key!r} field; each message needs {role_key!r} and {content_key!r}")
+        if m[content_key] is None:
+            raise DataError(f"{at}: {content_key!r} is null; give the message its text (\"\" for none) or drop it")
         out.append({"role": role, "content": _content(m[content_key], at, content_key)})
     return out
 

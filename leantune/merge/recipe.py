@@ -57,6 +57,9 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     if not isinstance(adapters, list) or not adapters or not all(isinstance(a, str) for a in adapters):
         raise ConfigError(f"recipe {path}: adapters must be a list of adapter folders, e.g. adapters: [runs/a/adapter, "
                           "runs/b/adapter]")
+    for key in ("base", "out", "method", "output"):  # paths and names: text (fuzzing found a dict base's TypeError)
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ConfigError(f"recipe {path}: {key} must be text, got {type(raw[key]).__name__} {raw[key]!r:.60}")
     here = Path(path).resolve().parent
     recipe = Recipe(**{k: v for k, v in raw.items() if k in known})
     recipe.adapters = [str(_relative(a, here)) for a in adapters]

@@ -134,9 +134,12 @@ def _convert_gguf(path: Path, out: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot read GGUF {str(path)!r}: {first_line(e)} (transformers reads llama, mistral, "
-                         f"qwen2/3, gemma2/3, phi3 and a few more; convert other models with llama.cpp's tools)") from e
+    except Exception as e:  # a damaged file fails anywhere in transformers' reader (struct.error, size mismatches)
+        kind = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"  # struct.error
+        raise ModelError(f"cannot read GGUF {str(path)!r}: {kind}: {first_line(e)[:200]}. A damaged or "
+                         "truncated file (compare its size and sha256 with the source), or an architecture transformers "
+                         "does not read (it reads llama, mistral, qwen2/3, gemma2/3, phi3 and a few more; convert "
+                         "others with llama.cpp's tools)") from None
 
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import SafetensorError
+
 from ..device import pick_dtype, resolve_device
 from ..errors import ModelError, first_line
 from .gguf_import import gguf_to_hf
@@ -174,8 +176,9 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype, device: s
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        hint = ""
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or garbled weights file
+        hint = "; the weights file is damaged or truncated: copy or download it again" if isinstance(
+            e, SafetensorError) else ""
         if not trust_remote_code and ("trust_remote_code" in str(e) or "recognize this architecture" in str(e)):
             hint = "; if the folder ships its own model code and you trust it, set trust_remote_code: true"
         raise ModelError(f"cannot load model {os.fspath(source)!r}: {first_line(e)}{hint}") from e

@@ -91,7 +91,7 @@ def test_overlong_truncate_and_skip(tmp_path, tok):
 
 def test_all_skipped_is_an_error(tmp_path, tok):
     path = _jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "q"}]}] * 3)
-    with pytest.raises(DataError, match="all 3 examples of data.path were skipped: 3 no trained tokens — raise data.max_length"):
+    with pytest.raises(DataError, match="all 3 examples of data.path were skipped: 3 no trained tokens — give each example a non-empty reply"):
         build(DataConfig(path=path), tok, seed=0)
 
 

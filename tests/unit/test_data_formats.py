@@ -38,7 +38,6 @@ def test_unknown_format_name():
 @pytest.mark.parametrize("record,fmt,field", [
     ({"input": "x", "output": "y"}, "alpaca", "instruction"),
     ({"instruction": "x"}, "alpaca", "output"),
-    ({"instruction": None, "output": "y"}, "alpaca", "instruction"),
     ({"prompt": "x"}, "prompt_completion", "completion"),
     ({"content": "x"}, "text", "text"),
     ({"text": "x"}, "chat", "messages"),
@@ -46,6 +45,11 @@ def test_unknown_format_name():
 def test_missing_field_names_record_and_field(record, fmt, field):
     with pytest.raises(DataError, match=f"record 7 has no '{field}' field, which the {fmt} format needs"):
         normalize(record, fmt, 6)
+
+
+def test_a_null_field_is_called_null_not_missing():
+    with pytest.raises(DataError, match="record 7: 'instruction' is null; the alpaca format needs it as text"):
+        normalize({"instruction": None, "output": "y"}, "alpaca", 6)
 
 
 @pytest.mark.parametrize("messages,match", [
