@@ -328,9 +328,7 @@ class Engine:
         return admitted
 
     def _rows(self, requests: list[Request]) -> None:
-        idx = [self.slots.index(r.adapter) if r.adapter is not None else -1 for r in requests]
-        self.ctx.rows = torch.tensor(idx, device=self.device)
-        self.ctx.same = idx[0] if len(set(idx)) == 1 else None
+        self.ctx.set([self.slots.index(r.adapter) if r.adapter is not None else -1 for r in requests], self.device)
 
     @torch.no_grad()
     def _prefill(self, new: list[Request]) -> None:

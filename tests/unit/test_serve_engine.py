@@ -191,3 +191,22 @@ def test_refusals_are_one_line(base, tiny_tokenizer, folders, tmp_path):
         engine.submit(Request([1, 2], "nope", Sampling(), lambda *_: None))
     engine.add_adapter("a", folders["a"])
     assert list(engine.adapters) == ["a"]    # the failures left nothing behind
+
+
+def test_base_rows_read_no_slot_not_even_the_last_one():
+    """The vLLM #48421 shape at the layer: slot -1 must not wrap to the last slot."""
+    from leantune.serve.batched_lora import BatchContext, BatchedLoraLinear
+
+    torch.manual_seed(0)
+    ctx = BatchContext()
+    layer = BatchedLoraLinear(torch.nn.Linear(16, 8, bias=True), slots=3, ctx=ctx)
+    for slot in range(3):
+        layer.put(slot, torch.randn(4, 16), torch.randn(8, 4), scaling=2.0)
+    x = torch.randn(5, 2, 16)
+    ctx.set([-1, 2, -1, 0, 2], x.device)
+    y = layer(x)
+    plain = layer.base_layer(x)
+    torch.testing.assert_close(y[[0, 2]], plain[[0, 2]], rtol=0, atol=0)
+    for row, slot in [(1, 2), (3, 0), (4, 2)]:
+        want = plain[row] + 2.0 * (x[row] @ layer.A[slot].t()) @ (layer.B[slot] / 2.0)
+        torch.testing.assert_close(y[row], want, rtol=1e-5, atol=1e-5)
