@@ -200,10 +200,12 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=24, help="requests for the one-at-a-time baseline")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="throughput,swap,load,sequential")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="modules the adapters adapt (default: every linear)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    TARGETS[:] = args.targets.split(",")
     warnings.filterwarnings("ignore")
     only = set(args.only.split(","))
     with tempfile.TemporaryDirectory() as d:

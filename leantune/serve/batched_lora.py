@@ -13,7 +13,7 @@ and the batch carries one slot index per row, -1 for "no adapter". Per row b wit
 Computed over the k distinct slots the batch uses, stacked as (kR, in) and (kR, out): x @ A_k^T gives every
 row's projection on every used adapter, (B, T, kR); a 0/1 column mask keeps each row's own R columns (and
 none for base rows); @ Bs_k adds the deltas. Two dense GEMMs per Linear, no per-row weight copies. The
-per-row gather + bmm (Punica's BGMV as vLLM's torch fallback writes it) measured 1.5-2x slower than this
+per-row gather + bmm (Punica's BGMV as vLLM's torch fallback writes it) measured up to 1.5x slower than this
 at batch 8-32, 8 adapters r16 on this CPU (docs/serve.md). The -1 sentinel never indexes anything: it
 selects no column of the mask, so a base row cannot read any slot -- indexing with -1 silently reads the
 LAST slot, the bug vLLM fixed in PR #48421 (base rows of a mixed batch got another user's adapter).
