@@ -18,7 +18,6 @@ pytest.importorskip("fastapi")
 
 
 def test_serve_command_serves_finished_runs(tmp_path, tiny_llama_dir):
-    from leantune.errors import ModelError  # noqa: F401  (the package imports from this checkout)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
