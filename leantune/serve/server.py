@@ -1,0 +1,135 @@
+"""`leantune serve`: from what the user points at to a running server.
+
+    leantune serve BASE --adapters runs/        every finished run under runs/ is a model name (its folder name)
+    leantune serve runs/a runs/b                 each run (or adapter folder, or NAME=PATH) by name; the base
+                                                 is the one their adapters name
+
+An adapter that fails its checks is refused with its reason and the server starts with the others.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..adapters.format import CONFIG_NAME
+from ..checkpoint.run_folder import find_model_and_adapter, is_run_folder, run_info
+from ..device import pick_dtype, resolve_device
+from ..errors import ConfigError, LeantuneError, first_line
+from ..infer.materialize import run_tokenizer
+from ..models.load import check_vocab, load_model
+from .api import Limits, build_app, env_api_key, port_free
+from .engine import Engine, check_name, finished_runs
+
+
+@dataclass
+class Plan:
+    """What to serve: one base, adapters by name (name -> folder)."""
+
+    base: str
+    adapters: dict[str, Path] = field(default_factory=dict)
+    adapter_root: Path | None = None
+
+
+def adapter_name(path: Path) -> str:
+    """A run's folder name (runs/legal/adapter -> legal), else the adapter folder's own name."""
+    p = path.resolve()
+    return p.parent.name if p.name == "adapter" and is_run_folder(p.parent) else p.name
+
+
+def plan(sources: list[str], adapters_dir: str | None = None, base: str | None = None) -> Plan:
+    found: dict[str, Path] = {}
+    bases: dict[str, str] = {}   # base -> the source that named it
+    for src in sources:
+        name, _, path = src.partition("=") if "=" in src and not Path(src).exists() else ("", "", src)
+        p = Path(path)
+        if is_run_folder(p) or (p / CONFIG_NAME).is_file():
+            model, adapter = find_model_and_adapter(str(p))
+            if adapter is None:   # a full/freeze run: its model/ is a base
+                bases.setdefault(model, src)
+                continue
+            name = check_name(name or adapter_name(p))
+            if name in found:
+                raise ConfigError(f"two adapters would be named {name!r}; name one with NAME=PATH")
+            found[name] = p
+            bases.setdefault(model, src)
+        else:
+            bases.setdefault(path, src)
+    root = None
+    if adapters_dir is not None:
+        root = Path(adapters_dir)
+        runs = finished_runs(root)
+        if not runs:
+            print(f"note: no finished run under {root} (a run is finished once it wrote summary.json); "
+                  "adapters can still be loaded at run time with /v1/load_lora_adapter", file=sys.stderr)
+        for name, run in runs.items():
+            found.setdefault(name, run)
+    if base is not None:
+        chosen = base
+    elif len(bases) == 1:
+        chosen = next(iter(bases))
+    elif not bases and found:
+        chosen = find_model_and_adapter(str(next(iter(found.values()))))[0]
+    elif not bases:
+        raise ConfigError("nothing to serve: name a base model, run folders, or --adapters DIR")
+    else:
+        raise ConfigError(f"the sources name {len(bases)} different bases ({', '.join(bases)}); one server serves "
+                          "one base: pass --base MODEL, or start one server per base")
+    return Plan(chosen, found, root)
+
+
+def load_engine(p: Plan, *, max_loras: int, max_cpu_loras: int | None, max_batch: int, dtype: str = "auto",
+                device: str = "auto"):
+    """The base loaded once; each adapter checked and registered (a failing one is skipped with its reason)."""
+    dev = resolve_device(device)
+    info = run_info(p.base)
+    tok = run_tokenizer(p.base, info)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = load_model(p.base, dtype=pick_dtype(dtype, dev), device=dev,
+                       trust_remote_code=bool(info and info.trust_remote_code))
+    check_vocab(model, tok)
+    engine = Engine(model, tok, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_batch=max_batch)
+    for name, path in p.adapters.items():
+        try:
+            a = engine.add_adapter(name, path)
+            print(f"adapter {name}: {a.method} r={a.rank} from {a.path}", file=sys.stderr)
+        except LeantuneError as e:
+            print(f"refused adapter {name}: {first_line(e)}", file=sys.stderr)
+    return engine
+
+
+def base_name(p: Plan, served_name: str | None) -> str:
+    """The model name that means "no adapter": --served-model-name, else the base as given (vLLM's rule)."""
+    return served_name or p.base
+
+
+def serve(ns) -> int:
+    """The CLI entry: plan, check the port, load, run uvicorn until Ctrl-C."""
+    if ns.engine != "leantune":
+        raise ConfigError(f"--engine {ns.engine} is not available here; use --engine leantune")
+    p = plan(ns.sources, ns.adapters, ns.base)
+    port_free(ns.host, ns.port)       # before the minutes of loading, not after
+    engine = load_engine(p, max_loras=ns.max_loras, max_cpu_loras=ns.max_cpu_loras, max_batch=ns.max_batch,
+                         dtype=ns.dtype, device=ns.device)
+    name = base_name(p, ns.served_model_name)
+    if name in engine.adapters:
+        raise ConfigError(f"an adapter is named {name!r} like the base; rename it or pass --served-model-name")
+    api_key = ns.api_key or env_api_key()
+    app = build_app(engine, name, api_key=api_key, adapter_root=p.adapter_root,
+                    limits=Limits(max_tokens=ns.max_tokens, max_request_bytes=ns.max_request_bytes,
+                                  max_concurrent=ns.max_concurrent))
+    import uvicorn
+
+    if ns.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"warning: listening on {ns.host} without --api-key: anyone who reaches this port can use it",
+              file=sys.stderr)
+    models = ", ".join([name, *engine.adapters])
+    print(f"serving {models} on http://{ns.host}:{ns.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    engine.start()
+    try:
+        uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level)
+    finally:
+        engine.stop()
+    return 0
