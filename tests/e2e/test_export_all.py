@@ -99,3 +99,14 @@ def test_all_refuses_a_quant_and_a_users_folder_in_one_line(adapter_dir, tmp_pat
     assert len(err.splitlines()) == 1 and "earlier --all did not write" in err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     assert not (tmp_path / "x").exists()
+
+
+def test_all_on_a_run_folder_writes_into_the_run_and_scores_the_runs_held_out_data(tiny_llama_dir, tmp_path):
+    from .test_export_cli import _train
+
+    run = _train(tiny_llama_dir, tmp_path, "lora")
+    assert main(["export", str(run), "--all", "--quiet"]) == 0
+    summary = json.loads((run / "export" / "export_all.json").read_text())
+    assert summary["formats"] and all(r["status"] == "ok" for r in summary["formats"])
+    report = json.loads((run / "export" / "lora-W8A16.fidelity.json").read_text())
+    assert report["model"]["held_out"].startswith("the run's ")   # its eval split, not the built-in prose
