@@ -216,19 +216,31 @@ def _add_preprocess(sub) -> None:
 def _add_export(sub) -> None:
     from ..export.base import available, quant_help  # a light name table: no exporter is imported
 
-    p = sub.add_parser("export", help="write a model or a run (its adapter merged, or alone) as GGUF, with a fidelity report",
+    p = sub.add_parser("export", help="write a model or a run (its adapter merged, or alone) as GGUF or INT8 (or --all), "
+                       "with a fidelity report",
                        description="Write a model or a run (LoRA, DoRA or IA3 merged into its base) in a serving "
-                       "format: GGUF for llama.cpp / Ollama / LM Studio (k-quants in pure Python), with "
-                       "<file>.fidelity.json: per-tensor error, held-out perplexity and top-1 agreement.",
+                       "format: GGUF for llama.cpp / Ollama / LM Studio (k-quants in pure Python); INT8 as "
+                       "weight-only W8A16 in compressed-tensors (vLLM, transformers) or LLM.int8 (bitsandbytes, "
+                       "transformers). Beside each, <name>.fidelity.json: held-out perplexity, KL and greedy top-1 "
+                       "agreement against the unquantized model, size, bits/weight, time and peak memory.",
                        epilog="examples:\n  leantune export runs/first --quant Q4_K_M --modelfile\n"
                        "  leantune export ./SmolLM2-135M --quant Q8_0 --out smol.gguf\n"
+                       "  leantune export runs/first --format int8                # W8A16 folder for vLLM/transformers\n"
+                       "  leantune export runs/first --format int8 --quant llm_int8   # bitsandbytes LLM.int8\n"
+                       "  leantune export runs/first --all     # every format into runs/first/export/, one table\n"
                        "  leantune export runs/first --adapter-only     # a GGUF LoRA for llama.cpp --lora",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run folder, an adapter folder, an HF model folder or a .gguf file")
-    p.add_argument("--format", choices=available(), default="gguf", help="output format (default: gguf)")
+    p.add_argument("--format", default=None, metavar="NAME",  # checked by export.base.get: one line naming the choices
+                   help=f"output format: {', '.join(available())} (default: gguf)")
+    p.add_argument("--all", action="store_true", help="every format (each one's default quant, GGUF Q8_0 and Q4_K_M, "
+                   "INT8 W8A16 and LLM_INT8) into one folder (--out; default <run>/export or ./<name>-export), one "
+                   "fidelity table at the end and export_all.json; a failed format is a row of the table; rerun "
+                   "to resume (finished formats are kept); exit 1 if any format failed")
     p.add_argument("--quant", default=None, type=str.upper, metavar="TYPE",
                    help=f"the format's quant type ({quant_help()}); GGUF _M types use llama.cpp's per-tensor mix")
-    p.add_argument("--out", help="output file (default: <source name>-<quant>.gguf, in the run folder for a run)")
+    p.add_argument("--out", help="output file, or folder for a folder format (default: <source name>-<quant>[.gguf], "
+                   "in the run folder for a run)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and the Modelfile) when they exist")
     p.add_argument("--base", help="base model, when it differs from the one recorded in the adapter")
     p.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
@@ -567,11 +579,25 @@ def _export(ns: argparse.Namespace) -> int:
             raise DataError(f"cannot read --eval-text {ns.eval_text!r}: {e.strerror}; pass a UTF-8 text file") from None
     options = ExportOptions(modelfile=ns.modelfile, evaluate=not ns.no_eval, texts=texts, progress=not ns.quiet,
                             extra={"imatrix": ns.imatrix} if ns.imatrix else {})
-    result = export(ns.source, format=ns.format, quant=ns.quant, out=ns.out, base_model=ns.base,
+    if ns.all:
+        return _export_all(ns, options)
+    result = export(ns.source, format=ns.format or "gguf", quant=ns.quant, out=ns.out, base_model=ns.base,
                     merge_base=ns.merge_base, adapter_only=ns.adapter_only, overwrite=ns.overwrite, options=options)
     if ns.adapter_only:
         print(f"wrote {result['file']}: {result['tensors']} LoRA tensors, alpha {result['alpha']:g}")
     return 0
+
+
+def _export_all(ns: argparse.Namespace, options) -> int:
+    from ..errors import ConfigError
+    from ..export.run import export_all
+
+    clash = [flag for flag, on in (("--format", ns.format), ("--quant", ns.quant), ("--adapter-only", ns.adapter_only),
+                                   ("--modelfile", ns.modelfile), ("--overwrite", ns.overwrite)) if on]
+    if clash:
+        raise ConfigError(f"--all writes every format with its own quants; drop {', '.join(clash)} (or drop --all)")
+    summary = export_all(ns.source, out=ns.out, base_model=ns.base, merge_base=ns.merge_base, options=options)
+    return 1 if any(r["status"].startswith("failed") for r in summary["formats"]) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

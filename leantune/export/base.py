@@ -4,8 +4,11 @@
 
 An exporter declares its quant types (`quants`, `default_quant`), its file suffix and whether it can write
 an adapter alone, and implements `write` (and `write_adapter`): it receives the merged model from the one
-merge path (`infer/materialize.py`), never loads anything itself. `export/run.py` does the rest for every
-format: resolving the source, refusing an output it must not overwrite, materializing, reporting.
+merge path (`infer/materialize.py`), never loads anything itself, and leaves it as it found it (the same
+model is then scored against the artifact, and `--all` hands it to every format in turn). `load_back`
+reads the written artifact back as a float32 torch model, which the common fidelity report
+(`export/fidelity.py`) scores against the model. `export/run.py` does the rest for every format:
+resolving the source, refusing an output it must not overwrite, materializing, timing, reporting.
 
 The built-in exporters are the packages of this folder (`export/gguf/`); they are found by name without
 being imported (`leantune --help` stays fast) and imported when asked for. An exporter defined anywhere
@@ -18,9 +21,12 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:   # the annotation only: this file stays light
+    import torch
 
 EXPORTERS: dict[str, type[Exporter]] = {}
 
@@ -28,6 +34,7 @@ EXPORTERS: dict[str, type[Exporter]] = {}
 # types, default first. tests/unit/test_exporters.py checks this table against the registered classes.
 BUILTIN_QUANTS: dict[str, tuple[str, ...]] = {
     "gguf": ("Q4_K_M", "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q5_K_M", "Q6_K"),
+    "int8": ("W8A16", "LLM_INT8"),
 }
 
 
@@ -50,6 +57,7 @@ class Exporter:
     quants: ClassVar[tuple[str, ...]] = ()      # accepted --quant values, upper case; () means none
     default_quant: ClassVar[str | None] = None
     suffix: ClassVar[str] = ""                  # the default output's extension, e.g. ".gguf"
+    writes_folder: ClassVar[bool] = False       # the artifact is a folder (an HF model folder), not one file
     writes_adapter: ClassVar[bool] = False      # supports --adapter-only
 
     def __init_subclass__(cls, format: str | None = None, **kwargs) -> None:
@@ -79,8 +87,17 @@ class Exporter:
 
     def write(self, model, tokenizer, facts, folder: Path, out: Path, quant: str | None,
               options: ExportOptions) -> dict:
-        """Write the merged `model` (its tokenizer carries the run's chat template) to `out`; return a report."""
+        """Write the merged `model` (its tokenizer carries the run's chat template) to `out`, atomically (a
+        folder format: through `io.atomic.atomic_dir`); leave `model` unchanged. Return the format's own part
+        of the report (e.g. GGUF's per-tensor errors); `stored_bytes`, when given, is the bytes of stored
+        tensor data that bits/weight is computed from (default: the safetensors data in `out`, else its size)."""
         raise NotImplementedError
+
+    def load_back(self, out: Path) -> torch.nn.Module | None:
+        """The artifact at `out` loaded back, dequantized to a float32 model on the CPU, in eval mode: what the
+        fidelity report scores against the model it came from. None (the default): the model-level scores
+        are skipped, and the report says so."""
+        return None
 
     def write_adapter(self, model, tokenizer, facts, folder: Path, out: Path, options: ExportOptions) -> dict:
         """Write the adapter attached to `model` alone (when `writes_adapter`)."""

@@ -7,7 +7,7 @@ LoRA alone as a GGUF LoRA (`--adapter-only`), with a fidelity report and optiona
     kquants.py    Q2_K / Q3_K / Q4_K / Q5_K / Q6_K encoders, with or without an importance matrix
     imatrix.py    --imatrix FILE: per-column mean x^2 of every Linear's input over calibration text
     lora.py       the adapter alone, in convert_lora_to_gguf.py's layout
-    fidelity.py   the report: per-tensor error, and the file read back against the model (eval/compare.py)
+    fidelity.py   GGUF's part of the report (per-tensor error) and the read-back through transformers
 
 The chat template written is the run's (data.chat_template), which the tokenizer from the merge path
 carries; the Modelfile carries the run's system prompt as SYSTEM.
@@ -15,13 +15,11 @@ carries; the Modelfile carries the run's system prompt as SYSTEM.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from ...data.tokenize import NAMED_TEMPLATES
 from ...errors import ConfigError
-from ...eval.compare import compare, text_batches
-from ...io.atomic import write_json, write_text
+from ...io.atomic import write_text
 from ..base import Exporter, ExportOptions
 from . import fidelity, imatrix
 from .lora import write_lora_gguf
@@ -43,7 +41,6 @@ class GGUFExporter(Exporter, format="gguf"):
 
     def write(self, model, tokenizer, facts, folder: Path, out: Path, quant: str | None,
               options: ExportOptions) -> dict:
-        t0 = time.perf_counter()
         matrix = None
         if options.extra.get("imatrix"):
             if FILE_TYPES[quant][1] not in K_TYPES:
@@ -52,21 +49,15 @@ class GGUFExporter(Exporter, format="gguf"):
             matrix = imatrix.from_file(model, tokenizer, options.extra["imatrix"])
         records = write_gguf(model, tokenizer, folder, out, quant, name=options.name, progress=options.progress,
                              imatrix=matrix)
-        seconds = time.perf_counter() - t0
-        level = None
-        if options.evaluate:
-            back = fidelity.load_gguf_back(out)
-            texts = options.texts or fidelity.DEFAULT_TEXTS
-            level = fidelity.model_level(compare(model, back, text_batches(tokenizer, texts)))
-        n_params = sum(p.numel() for p in model.parameters())
-        report = fidelity.build_report(records, out, quant, n_params, level, seconds)
-        report["merge"] = facts.as_dict()
-        report["imatrix"] = str(options.extra["imatrix"]) if matrix else None
-        write_json(out.with_name(out.name.removesuffix(".gguf") + ".fidelity.json"), report)
         if options.modelfile:
             write_text(out.with_name("Modelfile"), ollama_modelfile(out, tokenizer, facts))
-        print(fidelity.format_table(report))
-        return report
+        part = fidelity.tensor_report(records)
+        part["imatrix"] = str(options.extra["imatrix"]) if matrix else None
+        print(fidelity.format_table(part))
+        return part
+
+    def load_back(self, out: Path):
+        return fidelity.load_gguf_back(out)
 
     def write_adapter(self, model, tokenizer, facts, folder: Path, out: Path, options: ExportOptions) -> dict:
         count, alpha = write_lora_gguf(model, architecture(folder), out, options.name)

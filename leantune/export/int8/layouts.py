@@ -1,0 +1,76 @@
+"""The two INT8 layouts: how one Linear weight is quantized, stored and read back. Pure torch.
+
+Both are per output channel (row) and symmetric, with no zero point: for a weight W (out, in)
+
+    s_o = max_i |W_oi| / 127          q_oi = round(W_oi / s_o) in [-127, 127]          W'_oi = q_oi * s_o
+
+W8A16 (compressed-tensors `pack-quantized`, 8 bits, strategy "channel"): the scale is stored in the
+model's dtype and q is computed against that stored scale, so dequantizing what is on disk gives W'
+exactly. q + 128 is packed four to an int32, element j of a word at bits 8j (compressed-tensors'
+`pack_to_int32`: dense, LSB first, offset 2^(bits-1)). Tensors per Linear: `weight_packed` int32
+(out, ceil(in/4)), `weight_scale` (out, 1), `weight_shape` int64 [out, in]. Scale = absmax / 127 rather than
+llm-compressor's absmax / 127.5: the largest weight of each row is then stored exactly, never clipped.
+
+LLM.int8 (Dettmers et al. 2022, https://arxiv.org/abs/2208.07339), as bitsandbytes quantizes and
+transformers serializes it: W is cast to fp16 first, then `SCB` = max|W16| per row (float32) and
+`weight` = round(127 * W16 / SCB) (int8), plus `weight_format` (uint8 0: row-major). The outlier
+decomposition (threshold 6.0) happens at inference on the activations; the stored weights are all int8.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PACK = 4   # int8 values per int32 word
+
+
+def w8a16_quantize(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (out, in), scale (out, 1) in `scale_dtype`) for a float weight (out, in)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127).to(scale_dtype)   # (out, 1)
+    safe = scale.float().clamp_min(torch.finfo(torch.float32).tiny)      # an all-zero row: q = 0
+    q = torch.round(w / safe).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 (out, in) -> int32 (out, ceil(in/4)): value + 128, element j of a word at bits 8j."""
+    out, n = q.shape
+    u = q.to(torch.int64) + 128                                          # (out, in) in [1, 255]
+    u = torch.nn.functional.pad(u, (0, -n % PACK))                       # (out, 4k); pad words hold 0
+    u = u.view(out, -1, PACK)                                            # (out, k, 4)
+    words = (u << (8 * torch.arange(PACK, dtype=torch.int64))).sum(-1)   # (out, k) in [0, 2^32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)   # the same bits, as int32
+
+
+def unpack_int8(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `pack_int8`: int32 (out, k) -> int8 (out, in)."""
+    out, n = shape
+    words = packed.to(torch.int64) & 0xFFFFFFFF                          # (out, k), unsigned
+    u = (words[..., None] >> (8 * torch.arange(PACK, dtype=torch.int64))) & 0xFF   # (out, k, 4)
+    return (u.reshape(out, -1)[:, :n] - 128).to(torch.int8)
+
+
+def w8a16_tensors(w: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    q, scale = w8a16_quantize(w, scale_dtype)
+    return {"weight_packed": pack_int8(q), "weight_scale": scale,
+            "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+
+
+def w8a16_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight the stored W8A16 tensors of one Linear stand for."""
+    shape = tuple(int(x) for x in t["weight_shape"])
+    return unpack_int8(t["weight_packed"], shape).float() * t["weight_scale"].float()
+
+
+def llm_int8_tensors(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """bitsandbytes' own row-wise quantization of the fp16 weight: what transformers would save."""
+    import bitsandbytes.functional as bnbf
+
+    q, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16).contiguous())
+    return {"weight": q.contiguous(), "SCB": scb.float().contiguous(), "weight_format": torch.tensor(0, dtype=torch.uint8)}
+
+
+def llm_int8_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight bitsandbytes dequantizes the stored int8 and SCB to."""
+    return t["weight"].float() * t["SCB"].float()[:, None] / 127

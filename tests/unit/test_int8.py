@@ -1,0 +1,141 @@
+"""INT8 export on the tiny Llama, checked live against the libraries that load it:
+
+* W8A16: our packing is compressed-tensors' own `pack_to_int32` bit for bit (a byte-order negative
+  control fails); the folder loads in transformers through compressed-tensors 0.20 with logits equal to
+  our read-back; every weight is within half a step of the source;
+* LLM.int8: the stored tensors are exactly what transformers + bitsandbytes save when they quantize the
+  same model themselves, and the folder reloads through them;
+* the common fidelity report lands beside the folder; bad input is one line, exit 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leantune.cli.main import main
+from leantune.export.int8 import layouts, load_int8_folder
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 230, 11, 64, 300, 2]])
+
+
+def _export(src, out, quant=None, *extra) -> int:
+    return main(["export", str(src), "--format", "int8", "--out", str(out), "--quiet",
+                 *(["--quant", quant] if quant else []), *extra])
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_llama_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("int8")
+    assert _export(tiny_llama_dir, tmp / "w8a16") == 0                  # the default quant
+    assert _export(tiny_llama_dir, tmp / "llm", "llm_int8") == 0
+    return tmp
+
+
+def _source(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("cols", [64, 70, 7])
+def test_w8a16_packing_is_compressed_tensors_own_and_round_trips(cols):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    q = torch.randint(-127, 128, (5, cols), generator=torch.Generator().manual_seed(cols), dtype=torch.int8)
+    q[0, :3] = torch.tensor([-127, 127, 0], dtype=torch.int8)
+    ours = layouts.pack_int8(q)
+    assert ours.dtype == torch.int32 and torch.equal(ours, pack_to_int32(q, 8))
+    assert torch.equal(layouts.unpack_int8(ours, tuple(q.shape)), q)
+    # negative control: the same bytes in the other order are a different tensor, and the check sees it
+    u = (q.to(torch.int64) + 128)
+    u = torch.nn.functional.pad(u, (0, -cols % 4)).view(5, -1, 4).flip(-1)
+    wrong = (u << (8 * torch.arange(4))).sum(-1)
+    assert not torch.equal(torch.where(wrong >= 2**31, wrong - 2**32, wrong).to(torch.int32), pack_to_int32(q, 8))
+
+
+def test_w8a16_folder_loads_in_transformers_with_our_logits(folders, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    out = folders / "w8a16"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == 8 and qc["ignore"] == ["lm_head"]
+    theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()   # compressed-tensors decompresses
+    ours = load_int8_folder(out)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(IDS).logits.float(), ours(IDS).logits, rtol=0, atol=1e-5)
+    src = _source(tiny_llama_dir)
+    for name, p in src.named_parameters():
+        back = ours.get_parameter(name)
+        if name.endswith("proj.weight"):          # quantized: within half a step of the source, per row
+            step = p.abs().amax(1, keepdim=True) / 127
+            assert ((back - p).abs() <= step / 2 + 1e-7).all(), name
+            assert not torch.equal(back, p)
+        else:
+            torch.testing.assert_close(back, p, rtol=0, atol=0)        # fp32 checkpoint: kept exactly
+    stored = load_file(out / "model.safetensors")
+    assert stored["model.layers.0.mlp.up_proj.weight_packed"].dtype == torch.int32
+    assert stored["model.layers.0.mlp.up_proj.weight_packed"].shape == (128, 64 // 4)
+    assert stored["model.layers.0.mlp.up_proj.weight_scale"].shape == (128, 1)
+
+
+def test_llm_int8_tensors_are_what_transformers_and_bitsandbytes_save(folders, tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    oracle = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, device_map="cpu",
+                                                  quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    oracle.save_pretrained(tmp_path / "oracle")
+    theirs = load_file(tmp_path / "oracle" / "model.safetensors")
+    ours = load_file(folders / "llm" / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for key, t in theirs.items():
+        assert ours[key].dtype == t.dtype and ours[key].shape == t.shape, key
+        assert torch.equal(ours[key], t), key
+    qc = json.loads((folders / "llm" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_8bit"] is True
+    reloaded = AutoModelForCausalLM.from_pretrained(folders / "llm", device_map="cpu").eval()
+    layer = reloaded.model.layers[1].mlp.down_proj
+    assert type(layer).__name__ == "Linear8bitLt"
+    assert torch.equal(layer.weight.data, ours["model.layers.1.mlp.down_proj.weight"])
+    with torch.no_grad():   # bitsandbytes quantizes activations too (fp16): close, not equal, to our read-back
+        a, b = reloaded(IDS).logits.float(), load_int8_folder(folders / "llm")(IDS).logits
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_the_fidelity_report_sits_beside_the_folder(folders):
+    for name, quant in (("w8a16", "W8A16"), ("llm", "LLM_INT8")):
+        report = json.loads((folders / f"{name}.fidelity.json").read_text())
+        assert report["format"] == "int8" and report["quant"] == quant and report["file"] == name
+        assert report["file_bytes"] == sum(f.stat().st_size for f in (folders / name).rglob("*") if f.is_file())
+        # linears in 8 bits (+ a scale per row), embeddings and head in fp32: between 8 and 32
+        assert 8 < report["bits_per_weight"] < 32
+        assert report["peak_rss_bytes"] >= report["rss_before_bytes"] > 0 and report["export_seconds"] >= 0
+        m = report["model"]
+        assert m["top1_agreement"] > 0.95 and 0 <= m["kl_mean"] < 1e-3 and abs(m["perplexity_delta_pct"]) < 1
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_llama_dir, folders, tmp_path, capsys, monkeypatch):
+    def one_line_error(*needles):
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        for n in needles:
+            assert n in err, err
+
+    assert main(["export", str(tiny_llama_dir), "--format", "int4", "--out", str(tmp_path / "a")]) == 2
+    one_line_error("unknown export format 'int4'", "int8")
+    assert _export(tiny_llama_dir, tmp_path / "b", "int4") == 2
+    one_line_error("not a int8 quant type; choose one of W8A16, LLM_INT8")
+    before = sorted(p.name for p in (folders / "w8a16").iterdir())
+    assert _export(tiny_llama_dir, folders / "w8a16") == 2                 # an existing output folder
+    one_line_error("--overwrite")
+    assert sorted(p.name for p in (folders / "w8a16").iterdir()) == before
+    import leantune.export.int8 as int8
+
+    monkeypatch.setattr(int8, "save_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):                      # a failure midway leaves nothing
+        _export(tiny_llama_dir, tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
