@@ -28,6 +28,8 @@ EXPORTERS: dict[str, type[Exporter]] = {}
 # types, default first. tests/unit/test_exporters.py checks this table against the registered classes.
 BUILTIN_QUANTS: dict[str, tuple[str, ...]] = {
     "gguf": ("Q4_K_M", "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_K_M", "Q6_K"),
+    "gptq": ("GPTQ_V1", "PACK_QUANTIZED"),
+    "awq": ("GEMM", "PACK_QUANTIZED"),
 }
 
 
