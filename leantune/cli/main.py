@@ -238,8 +238,9 @@ def _add_export(sub) -> None:
                    "group-aware: groups stay contiguous, as vLLM requires)")
     q.add_argument("--calibration", metavar="FILE", help="calibration examples (.jsonl/.txt; any format train reads); "
                    "default: the run's own training data")
-    q.add_argument("--calibration-samples", type=int, metavar="N", help="rows of calibration tokens (default: 64)")
-    q.add_argument("--calibration-seq", type=int, metavar="N", help="tokens per row (default: 256)")
+    q.add_argument("--calibration-samples", type=int, metavar="N",
+                   help="rows of calibration tokens (default: 16; more is slower and usually better)")
+    q.add_argument("--calibration-seq", type=int, metavar="N", help="tokens per row (default: 128)")
 
 
 def _add_plan(sub) -> None:

@@ -113,51 +113,57 @@ def gptq(w: Tensor, h: Tensor, bits: int, group_size: int, *, sym: bool = True, 
     w = w.detach().float().clone()
     out, n = w.shape
     gs = n if group_size == -1 else group_size
+    maxq = 2 ** bits - 1
     h = h.detach().float().clone()
     dead = torch.diag(h) == 0                       # an input never seen: any value is as good
     h[dead, dead] = 1
     w[:, dead] = 0
     g = n // gs
-    scales = torch.zeros(out, g)
-    zeros = torch.zeros(out, g)
+    st = torch.zeros(g, out)                        # scales, zeros: (groups, out)
+    zt = torch.zeros(g, out)
     perm = torch.arange(n)
     if act_order:
         for j in range(g):                          # static act-order: the grid comes from the unsolved weights
-            scales[:, j], zeros[:, j] = group_params(w[:, j * gs:(j + 1) * gs], bits, sym, scale_dtype)
+            st[j], zt[j] = group_params(w[:, j * gs:(j + 1) * gs], bits, sym, scale_dtype)
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (in, in)
-    group_of = perm // gs                           # the group of each solved column
-    q = torch.zeros(out, n)
+    group_of = (perm // gs).tolist()                # the group of each solved column
+    wt = w.T.contiguous()                           # (in, out): column i of W is row i here, contiguous
+    qt = torch.empty(n, out)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        wb = w[:, i1:i2].clone()                    # (out, b)
-        err = torch.zeros_like(wb)
+        wb = wt[i1:i2].clone()                      # (b, out)
+        err = torch.empty_like(wb)
         ub = u[i1:i2, i1:i2]
+        diag = ub.diagonal().tolist()
         for k in range(i2 - i1):
             i = i1 + k
-            j = int(group_of[i])
+            j = group_of[i]
             if not act_order and i % gs == 0:       # lazy grid: from the group's columns as updated so far
-                scales[:, j], zeros[:, j] = group_params(w_now(w, wb, i1, i, gs), bits, sym, scale_dtype)
-            col = wb[:, k]
-            qc = quantize(col, scales[:, j], zeros[:, j], bits)
-            q[:, i] = qc
-            e = (col - (qc - zeros[:, j]) * scales[:, j]) / ub[k, k]
-            wb[:, k:] -= e[:, None] * ub[k, k:][None, :]
-            err[:, k] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]           # (out, b) @ (b, rest): the block's error, pushed on
+                st[j], zt[j] = group_params(_rows_now(wt, wb, i1, i, gs).T, bits, sym, scale_dtype)
+            sc, zr = st[j], zt[j]
+            col = wb[k]
+            qc = torch.round(col / sc).add_(zr).clamp_(0, maxq)
+            qt[i] = qc
+            e = err[k]
+            torch.sub(col, (qc - zr).mul_(sc), out=e)
+            e.div_(diag[k])
+            if k + 1 < i2 - i1:
+                wb[k + 1:].sub_(torch.outer(ub[k, k + 1:], e))
+        wt[i2:] -= u[i1:i2, i2:].T @ err            # (rest, b) @ (b, out): the block's error, pushed on
     if act_order:
-        q = q[:, torch.argsort(perm)]
-    return q, scales, zeros
+        qt = qt[torch.argsort(perm)]
+    return qt.T.contiguous(), st.T.contiguous(), zt.T.contiguous()
 
 
-def w_now(w: Tensor, wb: Tensor, i1: int, i: int, gs: int) -> Tensor:
-    """Columns i .. i+gs of the weight as updated so far: the current block's part from `wb`, the rest
-    (later blocks, already updated by the earlier ones) from `w`."""
-    b = wb.shape[1]
-    inside = wb[:, i - i1: min(i - i1 + gs, b)]
-    return torch.cat([inside, w[:, i1 + b: i + gs]], dim=1) if i + gs > i1 + b else inside
+def _rows_now(wt: Tensor, wb: Tensor, i1: int, i: int, gs: int) -> Tensor:
+    """Columns i .. i+gs of the weight as updated so far, as rows of W^T: the current block's part from `wb`,
+    the rest (later blocks, already updated by the earlier ones) from `wt`."""
+    b = wb.shape[0]
+    inside = wb[i - i1: min(i - i1 + gs, b)]
+    return torch.cat([inside, wt[i1 + b: i + gs]]) if i + gs > i1 + b else inside
 
 
 # ---------------------------------------------------------------------------------------------------------
