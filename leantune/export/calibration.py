@@ -137,18 +137,17 @@ class LayerWalk:
         return outs
 
     def __iter__(self) -> Iterator[tuple[int, torch.nn.Module]]:
-        """(index, layer) in order; after the caller has quantized the layer the walk moves the inputs on
-        through it (the caller may also hand back a replacement via `advance`)."""
+        """(index, layer) in order. Before the next step the inputs move on through the layer, or through
+        the quantized copy the caller named with `advance_with`."""
         for i, layer in enumerate(self.layers):
+            self._through = layer
             yield i, layer
-            self.inputs = self.run(self._next or layer)
-            self._next = None
-
-    _next = None
+            if i + 1 < len(self.layers):                 # the last layer's outputs feed nothing we quantize
+                self.inputs = self.run(self._through)
 
     def advance_with(self, layer) -> None:
-        """Run the next step's inputs through `layer` (a quantized copy) instead of the model's own."""
-        self._next = layer
+        """Feed the next layer from `layer` (the quantized copy of the current one) instead of the model's own."""
+        self._through = layer
 
 
 def progress(i: int, n: int, label: str, enabled: bool) -> None:
