@@ -253,6 +253,18 @@ def _add_export(sub) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the model-level check (perplexity, top-1 agreement)")
     p.add_argument("--eval-text", help="held-out text file for the model-level check (one passage per line)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    q = p.add_argument_group("GPTQ / AWQ (--format gptq | awq; --quant picks the layout: gptq_v1 or gemm, or "
+                             "pack_quantized for compressed-tensors)")
+    q.add_argument("--bits", type=int, help="weight bits (default: 4; AWQ's gemm layout is 4-bit only)")
+    q.add_argument("--group-size", type=int, metavar="N", help="inputs sharing one scale: 32, 64, 128 or -1 for one "
+                   "per row (default: 128, or 64 or 32 when 128 does not divide the model's widths)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: solve columns in Hessian order (static, "
+                   "group-aware: groups stay contiguous, as vLLM requires)")
+    q.add_argument("--calibration", metavar="FILE", help="calibration examples (.jsonl/.txt; any format train reads); "
+                   "default: the run's own training data")
+    q.add_argument("--calibration-samples", type=int, metavar="N",
+                   help="rows of calibration tokens (default: 16; more is slower and usually better)")
+    q.add_argument("--calibration-seq", type=int, metavar="N", help="tokens per row (default: 128)")
 
 
 def _add_plan(sub) -> None:
@@ -577,8 +589,11 @@ def _export(ns: argparse.Namespace) -> int:
                 texts = [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise DataError(f"cannot read --eval-text {ns.eval_text!r}: {e.strerror}; pass a UTF-8 text file") from None
+    quant_options = {k: getattr(ns, k) for k in ("bits", "group_size", "act_order", "calibration",
+                                                 "calibration_samples", "calibration_seq")}
+    extra = {"source": ns.source, **quant_options, **({"imatrix": ns.imatrix} if ns.imatrix else {})}
     options = ExportOptions(modelfile=ns.modelfile, evaluate=not ns.no_eval, texts=texts, progress=not ns.quiet,
-                            extra={"imatrix": ns.imatrix} if ns.imatrix else {})
+                            extra=extra)
     if ns.all:
         return _export_all(ns, options)
     result = export(ns.source, format=ns.format or "gguf", quant=ns.quant, out=ns.out, base_model=ns.base,
