@@ -33,6 +33,14 @@ def adapter_dir(tiny_llama_dir, tmp_path_factory):
     return save_adapter(model, tmp_path_factory.mktemp("all") / "adapter", base_model_name_or_path=str(tiny_llama_dir))
 
 
+@pytest.fixture(autouse=True)
+def only_builtin_formats(monkeypatch):
+    """--all exports every registered format: formats other test files register (a toy one) stay out."""
+    for name, cls in list(EXPORTERS.items()):
+        if not cls.__module__.startswith("leantune.export."):
+            monkeypatch.delitem(EXPORTERS, name)
+
+
 class Broken(Exporter):   # registered by the test that needs it, and removed after
     quants = ("X",)
     default_quant = "X"
@@ -61,8 +69,8 @@ def test_all_writes_every_format_with_its_report_and_one_table_and_resumes(adapt
         line = next(ln for ln in printed.splitlines() if ln.startswith(f"{fmt:<8}{quant:<10}"))
         assert line.rstrip().endswith("ok")
         if report["model"]:   # a format with a read-back: scored against the merged model
-            # 8-bit and up agree closely; 4-bit formats on a random tiny model (flat logits) less so
-            assert report["model"]["top1_agreement"] > (0.8 if fmt in ("gguf", "int8") else 0.5), (fmt, quant)
+            # 8-bit and up agree closely; 4- and 5-bit formats on a random tiny model (flat logits) less so
+            assert report["model"]["top1_agreement"] > (0.8 if quant in ("Q8_0", "W8A16", "LLM_INT8") else 0.5), (fmt, quant)
             assert f"{100 * report['model']['top1_agreement']:.1f}" in line
     q8 = json.loads((out / "adapter-Q8_0.fidelity.json").read_text())
     assert q8["tensors"] and 8 < q8["bits_per_weight"] < 9           # GGUF keeps its per-tensor part
