@@ -375,7 +375,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--served-model-name", help="the base's model name in requests (default: the base as given)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="base weights dtype (default: auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--engine", default="leantune", help="serving engine (default: leantune)")
+    p.add_argument("--engine", choices=["leantune", "vllm"], default="leantune",
+                   help="leantune: serve here (default); vllm: print the `vllm serve` command for the same adapters "
+                   "after checking them against vLLM's rules (exit 2 when it would refuse one)")
+    p.add_argument("--print", action="store_true", help="with --engine vllm: print the command (what it always does)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
 
 

@@ -105,11 +105,30 @@ def base_name(p: Plan, served_name: str | None) -> str:
     return served_name or p.base
 
 
+def print_vllm(p: Plan, ns) -> int:
+    """--engine vllm: the `vllm serve` command for the same adapters and base, after the deployment lint
+    (checkpoint/deploy_rules.py); exit 2 when vLLM would refuse or mis-serve an adapter."""
+    from ..checkpoint.deploy_rules import errors
+    from .vllm import command_line, handoff
+
+    if not p.adapters:
+        raise ConfigError("--engine vllm hands adapters to vLLM: name at least one run or adapter folder")
+    argv, findings = handoff(p.adapters, p.base, max_loras=ns.max_loras, port=ns.port, host=ns.host)
+    for f in findings:
+        print(str(f), file=sys.stderr)
+    if errors(findings):
+        print("error: vLLM would refuse or mis-serve the adapters above; fix them, or serve with --engine leantune",
+              file=sys.stderr)
+        return 2
+    print(command_line(argv))
+    return 0
+
+
 def serve(ns) -> int:
     """The CLI entry: plan, check the port, load, run uvicorn until Ctrl-C."""
-    if ns.engine != "leantune":
-        raise ConfigError(f"--engine {ns.engine} is not available here; use --engine leantune")
     p = plan(ns.sources, ns.adapters, ns.base)
+    if ns.engine == "vllm":
+        return print_vllm(p, ns)
     port_free(ns.host, ns.port)       # before the minutes of loading, not after
     engine = load_engine(p, max_loras=ns.max_loras, max_cpu_loras=ns.max_cpu_loras, max_batch=ns.max_batch,
                          dtype=ns.dtype, device=ns.device)

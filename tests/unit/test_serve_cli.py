@@ -53,6 +53,22 @@ def test_port_in_use_exits_2_with_one_line(tmp_path, tiny_llama_dir, capsys):
     assert len(err) == 1 and f"127.0.0.1:{port}" in err[0] and "--port" in err[0]
 
 
-def test_only_the_leantune_engine_here(tiny_llama_dir, capsys):
-    assert main(["serve", str(tiny_llama_dir), "--engine", "tgi"]) == 2
-    assert "--engine leantune" in capsys.readouterr().err
+def test_engine_vllm_prints_the_vllm_command_for_the_same_adapters(tmp_path, tiny_llama_dir, capsys):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft.save_pretrained(tmp_path / "legal")
+    assert main(["serve", f"legal={tmp_path / 'legal'}", "--base", str(tiny_llama_dir), "--engine", "vllm",
+                 "--print"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("vllm serve") and "--enable-lora" in line and "legal=" in line
+    assert "--max-lora-rank 8" in line  # the smallest rank vLLM accepts that holds r=8
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+    peft.save_pretrained(tmp_path / "dora")
+    assert main(["serve", f"dora={tmp_path / 'dora'}", "--base", str(tiny_llama_dir), "--engine", "vllm"]) == 2
+    assert "DoRA" in capsys.readouterr().err
