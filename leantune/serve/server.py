@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters.format import CONFIG_NAME
+from ..checkpoint.deploy_rules import errors
 from ..checkpoint.run_folder import find_model_and_adapter, is_run_folder, run_info
 from ..device import pick_dtype, resolve_device
 from ..errors import ConfigError, LeantuneError, first_line
@@ -21,6 +22,7 @@ from ..infer.materialize import run_tokenizer
 from ..models.load import check_vocab, load_model
 from .api import Limits, build_app, env_api_key, port_free
 from .engine import Engine, check_name, finished_runs
+from .vllm import command_line, handoff
 
 
 @dataclass
@@ -108,9 +110,6 @@ def base_name(p: Plan, served_name: str | None) -> str:
 def print_vllm(p: Plan, ns) -> int:
     """--engine vllm: the `vllm serve` command for the same adapters and base, after the deployment lint
     (checkpoint/deploy_rules.py); exit 2 when vLLM would refuse or mis-serve an adapter."""
-    from ..checkpoint.deploy_rules import errors
-    from .vllm import command_line, handoff
-
     if not p.adapters:
         raise ConfigError("--engine vllm hands adapters to vLLM: name at least one run or adapter folder")
     argv, findings = handoff(p.adapters, p.base, max_loras=ns.max_loras, port=ns.port, host=ns.host)
