@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..io.atomic import atomic_dir
 from ..io.outputs import write_manifest
 from ..quant import wna16
+from .base import Exporter
 from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ, LayerWalk, calibration_rows, decoder_layers, progress
 
 LAYOUTS = ("GPTQ_V1", "GEMM", "PACK_QUANTIZED")
@@ -303,3 +304,16 @@ def export(model, tokenizer, out: Path, layout: str, spec: Spec, solve, extra: d
           f"({layout.lower()}), {report['quantized_bits_per_weight']:.2f} bits/weight, {q.seconds:.1f} s",
           file=sys.stderr)
     return report
+
+
+class WNA16Exporter(Exporter):
+    """What GPTQ and AWQ share: a folder artifact named `<stem>-<format>` (`-ct` for compressed-tensors
+    pack-quantized), read back through `load_back` above. Subclasses register with `format=`."""
+
+    writes_folder = True
+
+    def default_name(self, stem: str, quant: str | None, adapter_only: bool) -> str:
+        return f"{stem}-{self.format}" + ("-ct" if quant == "PACK_QUANTIZED" else "")
+
+    def load_back(self, out: Path) -> torch.nn.Module:
+        return load_back(out)

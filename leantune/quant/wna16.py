@@ -60,14 +60,14 @@ def fake_quant(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     return (quantize(w, scale, zero, bits) - zero) * scale
 
 
-def _groups(n_in: int, group_size: int) -> int:
+def n_groups(n_in: int, group_size: int) -> int:
     return 1 if group_size == -1 else n_in // group_size
 
 
 def rtn(w: Tensor, bits: int, group_size: int, sym: bool, scale_dtype=torch.float16) -> tuple[Tensor, Tensor, Tensor]:
     """Round-to-nearest per group: (codes (out, in), scales (out, groups), zeros (out, groups))."""
     out, n_in = w.shape
-    g = _groups(n_in, group_size)
+    g = n_groups(n_in, group_size)
     wg = w.float().reshape(out * g, n_in // g)                                 # (out*groups, group)
     scale, zero = group_params(wg, bits, sym, scale_dtype)
     q = quantize(wg, scale[:, None], zero[:, None], bits)
@@ -284,10 +284,6 @@ def unpack_ct(t: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor]:
     else:
         zero = torch.full_like(scale, 2 ** (bits - 1))
     return q[:, :int(t["weight_shape"][1])], scale, zero
-
-
-def n_groups(n_in: int, group_size: int) -> int:
-    return _groups(n_in, group_size)
 
 
 def bits_per_weight(bits: int, group_size: int, n_in: int, sym: bool) -> float:

@@ -27,20 +27,16 @@ import torch
 from ...errors import ConfigError
 from ...quant import wna16 as math
 from .. import wna16
-from ..base import Exporter, ExportOptions
+from ..base import ExportOptions
 
 GRID = 10                   # alpha in {0, 0.1, ..., 0.9} (AutoAWQ: 20 points; 10 halves the CPU time)
 SEARCH_TOKENS = 128         # calibration tokens the scale search scores on (evenly spaced; the clip search half)
 CLIP_STEPS = 10             # clip ratios 1, 0.95, ..., 0.55 of max |w| (AutoAWQ: 20 steps down to 0.5)
 
 
-class AWQExporter(Exporter, format="awq"):
+class AWQExporter(wna16.WNA16Exporter, format="awq"):
     quants = ("GEMM", "PACK_QUANTIZED")
     default_quant = "GEMM"
-    writes_folder = True
-
-    def default_name(self, stem: str, quant: str | None, adapter_only: bool) -> str:
-        return f"{stem}-awq" + ("-ct" if quant == "PACK_QUANTIZED" else "")
 
     def write(self, model, tokenizer, facts, folder: Path, out: Path, quant: str | None,
               options: ExportOptions) -> dict:
@@ -53,9 +49,6 @@ class AWQExporter(Exporter, format="awq"):
         report["clip_search"] = clip
         report["merge"] = facts.as_dict()
         return report
-
-    def load_back(self, out: Path) -> torch.nn.Module:
-        return wna16.load_back(out)
 
 
 def _sample(x: torch.Tensor, n: int) -> torch.Tensor:

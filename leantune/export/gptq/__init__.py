@@ -19,16 +19,12 @@ import torch
 
 from ...quant import wna16 as math
 from .. import wna16
-from ..base import Exporter, ExportOptions
+from ..base import ExportOptions
 
 
-class GPTQExporter(Exporter, format="gptq"):
+class GPTQExporter(wna16.WNA16Exporter, format="gptq"):
     quants = ("GPTQ_V1", "PACK_QUANTIZED")
     default_quant = "GPTQ_V1"
-    writes_folder = True
-
-    def default_name(self, stem: str, quant: str | None, adapter_only: bool) -> str:
-        return f"{stem}-gptq" + ("-ct" if quant == "PACK_QUANTIZED" else "")
 
     def write(self, model, tokenizer, facts, folder: Path, out: Path, quant: str | None,
               options: ExportOptions) -> dict:
@@ -37,9 +33,6 @@ class GPTQExporter(Exporter, format="gptq"):
                               lambda layer, walk: solve(layer, walk, spec), options.extra, options.progress)
         report["merge"] = facts.as_dict()
         return report
-
-    def load_back(self, out: Path) -> torch.nn.Module:
-        return wna16.load_back(out)
 
 
 def solve(layer: torch.nn.Module, walk, spec: wna16.Spec) -> dict[str, wna16.Packed]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from ...quant.wna16 import pack_rows, unpack_rows
+
 PACK = 4   # int8 values per int32 word
 
 
@@ -34,21 +36,15 @@ def w8a16_quantize(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Ten
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """int8 (out, in) -> int32 (out, ceil(in/4)): value + 128, element j of a word at bits 8j."""
-    out, n = q.shape
-    u = q.to(torch.int64) + 128                                          # (out, in) in [1, 255]
-    u = torch.nn.functional.pad(u, (0, -n % PACK))                       # (out, 4k); pad words hold 0
-    u = u.view(out, -1, PACK)                                            # (out, k, 4)
-    words = (u << (8 * torch.arange(PACK, dtype=torch.int64))).sum(-1)   # (out, k) in [0, 2^32)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)   # the same bits, as int32
+    """int8 (out, in) -> int32 (out, ceil(in/4)): value + 128, element j of a word at bits 8j (the 4/8-bit
+    packer of quant/wna16.py, the columns padded to whole words)."""
+    u = torch.nn.functional.pad(q.to(torch.int64) + 128, (0, -q.shape[1] % PACK))   # pad words hold 0
+    return pack_rows(u, 8)
 
 
 def unpack_int8(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The inverse of `pack_int8`: int32 (out, k) -> int8 (out, in)."""
-    out, n = shape
-    words = packed.to(torch.int64) & 0xFFFFFFFF                          # (out, k), unsigned
-    u = (words[..., None] >> (8 * torch.arange(PACK, dtype=torch.int64))) & 0xFF   # (out, k, 4)
-    return (u.reshape(out, -1)[:, :n] - 128).to(torch.int8)
+    return (unpack_rows(packed, 8)[:, :shape[1]] - 128).to(torch.int8)
 
 
 def w8a16_tensors(w: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
