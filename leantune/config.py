@@ -599,9 +599,17 @@ def _resolve_relative(raw: dict, base: Path) -> None:
 
 
 def to_dict(cfg: Any) -> dict:
-    """The config as plain data, in the order of `--help`: the method sections are top-level keys."""
+    """The config as plain data, in the order of `--help`: the core sections, then the section of the method
+    the run uses as a top-level key (DoRA's is `lora`; full fine-tuning has none).
+
+    Only that one: every other registered method's section holds defaults the run never reads, and a method
+    registered at run time (a plugin, the contract tests' toy) would otherwise leave its section in every
+    later run's config.yaml, which a process without that plugin (merge, export) then refuses as unknown.
+    Loading the file back fills the absent sections with their defaults, so it round-trips."""
     if not isinstance(cfg, RunConfig):
         return dataclasses.asdict(cfg)
+    info = METHODS.get(cfg.method)
+    used = set(cfg.sections) if info is None else {info.section}  # an unregistered method: keep all, lose nothing
     out = {}
     for f in dataclasses.fields(cfg):
         if f.name == "sections":
@@ -609,7 +617,7 @@ def to_dict(cfg: Any) -> dict:
         value = getattr(cfg, f.name)
         out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
         if f.name == "data":
-            out.update({name: dataclasses.asdict(sec) for name, sec in cfg.sections.items()})
+            out.update({name: dataclasses.asdict(sec) for name, sec in cfg.sections.items() if name in used})
     return out
 
 
