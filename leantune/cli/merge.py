@@ -11,16 +11,20 @@ def _add_merge(sub) -> None:
                        "Face model folder with merge_report.json, or combine several adapters as a YAML recipe says (linear, cat, svd, ties, dare_linear, "
                        "dare_ties, magnitude_prune).",
                        epilog="examples:\n  leantune merge runs/first --out merged/first\n"
-                       "  leantune merge runs/qlora --out merged/q --base original   # the 16-bit weights\n"
+                       "  leantune merge runs/qlora --out merged/q --merge-base original   # the 16-bit weights\n"
                        "  leantune merge recipe.yaml                                # see docs/merging.md",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run folder, an adapter folder, or a recipe .yaml")
     p.add_argument("--out", help="output folder, new or empty; a recipe may name it instead")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier leantune output "
                    "(a folder with any other file in it is never replaced)")
-    p.add_argument("--base", choices=["dequantized", "original"], default="dequantized",
+    p.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
                    help="QLoRA runs: merge into dequant(4-bit weights), what the adapter trained against, or into "
                    "the original 16-bit weights (default: dequantized)")
+    # The name this choice had before it took export's (--base names the base model in export, generate, serve and
+    # lint): still accepted, no longer listed.
+    p.add_argument("--base", dest="merge_base", choices=["dequantized", "original"], default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--base-model", help="base model, when it differs from the one recorded in the adapter")
     p.add_argument("--eval-batches", type=int, default=4, help="QLoRA runs: held-out batches for merge_report.json "
                    "(default: 4)")
