@@ -68,3 +68,21 @@ def test_offload_hook_round_trips_a_tensor_through_a_host_copy():
     y.backward()
     assert torch.equal(x.grad, 2 * x.detach())
     assert OffloadSaved.counts["packed"] == 2 and OffloadSaved.counts["bytes"] == 2 * 15 * 4
+
+
+def test_planner_counts_offloaded_layer_inputs_in_host_ram_not_on_the_device():
+    from dataclasses import replace
+    from pathlib import Path
+
+    from leantune.plan import Setup, estimate, read_config, shape_of, trainable_of
+
+    cfg = read_config(Path(__file__).parents[1] / "plan_configs" / "Mistral-7B-v0.1.json")
+    shape, tr = shape_of(cfg), trainable_of(cfg, "lora")
+    gc = Setup(method="lora", quant=4, batch=4, seq=1024, checkpointing=True)
+    plain, off = estimate(shape, gc, tr), estimate(shape, replace(gc, offload=True), tr)
+    inputs = shape.layers * 2 * shape.hidden * 4 * 1024  # one bf16 (B, T, H) input per layer
+    assert plain.activations - off.activations == inputs == off.outside["offload_host"]
+    assert off.peak == plain.peak - inputs and "offload_host" not in plain.outside
+    on_cpu = replace(gc, offload=True, device="cpu")  # the host is where they already are
+    assert estimate(shape, on_cpu, tr, runtime=0).activations == estimate(shape, replace(on_cpu, offload=False), tr,
+                                                                           runtime=0).activations
