@@ -2,22 +2,14 @@
 
 Values and gradients, fp32 and bf16, shapes that are not multiples of the kernels' block sizes."""
 
-import os
-
 import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: the kernels run on CPU tensors
-pytest.importorskip("triton")
+from .triton_interpreted import kernels
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 in this process", allow_module_level=True)
-
-from leantune.ops.triton.cross_entropy import ce_rows, cross_entropy  # noqa: E402
-from leantune.ops.triton.rmsnorm import rms_norm  # noqa: E402
-from leantune.ops.triton.swiglu import swiglu  # noqa: E402
+K = kernels()  # skips where triton is not installed
+ce_rows, cross_entropy, rms_norm, swiglu = K.ce_rows, K.cross_entropy, K.rms_norm, K.swiglu
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
