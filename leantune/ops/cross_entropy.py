@@ -30,18 +30,15 @@ from .transfer import to_device
 IGNORE_INDEX = -100
 
 # `train.kernels: triton` (ops/triton/patch.py) switches the chunk's softmax/NLL/gradient to one Triton pass
-# (ops/triton/cross_entropy.py) that writes the gradient over the chunk's logits; None: the torch ops below.
+# (ops/triton/cross_entropy.py `ce_rows`) that writes the gradient over the chunk's logits; None: the torch ops below.
 _fused_rows = None
 
 
-def use_triton(enabled: bool) -> None:
-    """Route each chunk's loss and gradient through the Triton kernel (True) or the torch ops (False)."""
+def use_fused_rows(rows_fn=None) -> None:
+    """Route each chunk's loss and gradient through `rows_fn` (ops/triton/cross_entropy.py `ce_rows`), or, with
+    None, through the torch ops."""
     global _fused_rows
-    if enabled:
-        from .triton.cross_entropy import ce_rows
-        _fused_rows = ce_rows
-    else:
-        _fused_rows = None
+    _fused_rows = rows_fn
 
 
 class _ChunkedLinearCE(torch.autograd.Function):

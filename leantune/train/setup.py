@@ -9,6 +9,7 @@ The checks that need no model come first, so a bad output_dir costs no minutes o
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -32,6 +33,8 @@ from ..io.atomic import atomic_dir, write_json, write_text
 from ..io.faults import fault_point
 from ..models.load import check_vocab, load_model, load_tokenizer, resolve_source
 from ..models.quantized import local_model_dir
+from ..ops import cross_entropy, triton as triton_kernels
+from ..ops.offload import offloaded_checkpoint
 from ..quant import spec_of
 from . import distributed
 from .compile import compile_layers
@@ -280,11 +283,8 @@ def unpack_if_needed(cfg: RunConfig, console: Callable[[str], None]) -> None:
 def offload_checkpoints(model, copy_on_cpu: bool = False) -> int:
     """Each checkpointed layer's saved input in (pinned) host memory until its recompute (ops/offload.py): the
     layers' checkpoint function, set by transformers, is swapped for the offloading one. Returns the layers."""
-    import functools
-
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from ..ops.offload import offloaded_checkpoint
     n = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
@@ -296,15 +296,12 @@ def offload_checkpoints(model, copy_on_cpu: bool = False) -> int:
 
 def use_kernels(model, cfg: RunConfig, device: torch.device, console: Callable[[str], None]) -> str:
     """`train.kernels`: the Triton kernels into the model and the chunked loss, or torch's ops (ops/triton/)."""
-    from ..ops import cross_entropy
-    from ..ops.triton import resolve
-    which = resolve(cfg.train.kernels, device.type)
+    which = triton_kernels.resolve(cfg.train.kernels, device.type)
     if which == "triton":
-        from ..ops.triton.patch import apply
-        counts = apply(model)
+        counts = triton_kernels.apply(model)
         console(f"kernels: triton (cross-entropy chunks, {counts['rmsnorm']} RMSNorm, {counts['swiglu']} SwiGLU MLPs)")
     else:
-        cross_entropy.use_triton(False)
+        cross_entropy.use_fused_rows(None)
     return which
 
 

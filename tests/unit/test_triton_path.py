@@ -62,7 +62,7 @@ def step(model_dir, triton: bool):
             loss, _ = micro_batch_loss(model, batch, normalizer=B * (T - 1), chunk=8)
             loss.backward()
     finally:
-        cross_entropy.use_triton(False)
+        cross_entropy.use_fused_rows(None)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), grads, counts, log.fp32_over_activations, model.config
 
@@ -90,3 +90,23 @@ def test_kernels_switch_resolves_and_refuses_in_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="needs a CUDA device.*--train.kernels torch") as err:
         resolve("triton", "cpu")
     assert "\n" not in str(err.value)
+
+
+def test_setup_applies_the_switch(tiny_llama, monkeypatch):
+    from leantune.config import from_dict
+    from leantune.train.setup import use_kernels
+
+    cfg = from_dict({"model": "x"}, validate=False)
+    cfg.train.kernels = "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+        use_kernels(tiny_llama, cfg, torch.device("cpu"), print)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    lines = []
+    try:
+        assert use_kernels(tiny_llama, cfg, torch.device("cpu"), lines.append) == "triton"
+        assert cross_entropy._fused_rows is not None and "RMSNorm" in lines[0]
+    finally:
+        cfg.train.kernels = "torch"
+        assert use_kernels(tiny_llama, cfg, torch.device("cpu"), lines.append) == "torch"
+    assert cross_entropy._fused_rows is None

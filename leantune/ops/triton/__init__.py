@@ -9,12 +9,16 @@ tensors through Triton's interpreter (slow: the unit tests use it to check them 
     swiglu         silu(gate) * up
     patch          swaps them into a loaded model (RMSNorm modules, SwiGLU MLPs) and the chunked loss
 
+This package's __init__ imports no triton; `apply` loads `patch` (which does) by name, only when asked: the
+one place leantune imports one of its modules at run time, because the module needs an optional package.
+
 A fused LoRA kernel is not here: ops/lora.py already adds the update into the base output through addmm
 (beta=1), saving x and the (N, r) product only, so a Triton version would fuse nothing torch does not.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -43,3 +47,8 @@ def resolve(setting: str, device_type: str) -> str:
         raise ConfigError(f"train.kernels triton needs a CUDA device (this run is on {device_type}); "
                             "set --train.kernels torch, or TRITON_INTERPRET=1 to run the kernels interpreted (slow)")
     return "triton"
+
+
+def apply(model) -> dict[str, int]:
+    """The kernels into `model` and the chunked loss (ops/triton/patch.py); returns what was swapped."""
+    return importlib.import_module(f"{__name__}.patch").apply(model)

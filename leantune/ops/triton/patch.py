@@ -12,17 +12,20 @@ import types
 
 from torch import nn
 
+from .. import cross_entropy
+from .cross_entropy import ce_rows
+from .rmsnorm import rms_norm
+from .swiglu import swiglu
+
 RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "OlmoRMSNorm",
             "Olmo2RMSNorm", "GraniteRMSNorm"}
 
 
 def _norm_forward(self, hidden_states):
-    from .rmsnorm import rms_norm
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _mlp_forward(self, x):
-    from .swiglu import swiglu
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -32,8 +35,6 @@ def _silu(act) -> bool:
 
 def apply(model: nn.Module) -> dict[str, int]:
     """Swap the kernels in (forward methods of the instances, nothing else changes); returns what was swapped."""
-    from .. import cross_entropy
-
     counts = {"rmsnorm": 0, "swiglu": 0}
     for module in model.modules():
         name = type(module).__name__
@@ -43,11 +44,10 @@ def apply(model: nn.Module) -> dict[str, int]:
         elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) and _silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_mlp_forward, module)
             counts["swiglu"] += 1
-    cross_entropy.use_triton(True)
+    cross_entropy.use_fused_rows(ce_rows)
     return counts
 
 
 def remove() -> None:
     """The chunked loss back on torch ops (a model's patched forwards go with the model)."""
-    from .. import cross_entropy
-    cross_entropy.use_triton(False)
+    cross_entropy.use_fused_rows(None)
