@@ -15,7 +15,7 @@ synchronizes); peak = torch.cuda.max_memory_allocated of that process. Ratios co
     python benchmarks/bench_gpu.py ours --fx /tmp/fx --mode qlora --gc --compile
     python benchmarks/bench_gpu.py ours --fx /tmp/fx --mode lora --compile --steps 6 --profile 30
 
-A row is size:mode[:gc][:compile]; sizes 1b (TinyLlama-1.1B's shape, batch 8 x 1024) and 3b (Llama-3.2-3B's shape,
+A row is size:mode[:gc][:compile][:triton][:offload]; sizes 1b (TinyLlama-1.1B's shape, batch 8 x 1024) and 3b (Llama-3.2-3B's shape,
 128k vocabulary, batch 4 x 1024), plus tiny for a smoke test. The table prints as markdown, the speed
 ratio being leantune's tokens/s over the peer's (>1: faster) and the memory ratio leantune's peak over
 the peer's (<1: smaller).
@@ -23,7 +23,10 @@ the peer's (<1: smaller).
 `:compile` runs leantune with `train.compile true` (each decoder layer through torch.compile) against the
 peer's time of the same row without it (measured once per table). The compile is paid in the first step,
 which the warm-up skips; `first_step_s` (first step end minus the moment the optimizer was built) shows
-it, and the table's compile column is that time minus the plain row's `first_step_s`. `--profile N` runs
+it, and the table's compile column is that time minus the plain row's `first_step_s`. `:triton` runs leantune with `train.kernels triton` (the fused
+cross-entropy, RMSNorm and SwiGLU kernels of leantune/ops/triton/), `:offload` with `train.checkpoint_offload
+true` (each checkpointed layer's input in pinned host memory; with :gc): like :compile, against the peer's time of
+the row without these tags, so each shows on/off next to its plain row. `--profile N` runs
 leantune under torch.profiler from step 2 on (the compile stays out) and prints the top N ops by self
 CUDA time.
 """
@@ -137,6 +140,10 @@ def _ours_argv(a, out: Path) -> list[str]:
             "--train.progress", "false", "--train.tensorboard", "false", "--train.log_every", "1",
             "--train.gradient_checkpointing", str(a.gc).lower(), "--train.compile", str(a.compile).lower(),
             "--output_dir", str(out)]
+    if a.triton:
+        argv += ["--train.kernels", "triton"]
+    if a.offload:
+        argv += ["--train.checkpoint_offload", "true"]
     if a.mode == "qlora":
         argv += ["--quant.bits", "4", "--train.optimizer", "paged_adamw_8bit"]
     return argv
@@ -154,7 +161,7 @@ def ours(a) -> None:
         from leantune.train import setup as loop
     except ImportError:
         pass
-    out = Path(a.fx) / f"lt-{a.mode}-{int(a.gc)}-{int(a.compile)}-{time.monotonic_ns()}"
+    out = Path(a.fx) / f"lt-{a.mode}-{int(a.gc)}-{int(a.compile)}{int(a.triton)}{int(a.offload)}-{time.monotonic_ns()}"
     built: list[float] = []
     if hasattr(loop, "build_optimizer"):  # the last thing before the first step: time it from there
         build = loop.build_optimizer
@@ -171,7 +178,7 @@ def ours(a) -> None:
         return
     recs = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
     peak = max(rec.get("peak_memory_mib", 0) for rec in recs) * 2**20
-    extra = {"compile": a.compile, "tokens_per_s_logged": recs[-1].get("tokens_per_s"),
+    extra = {"compile": a.compile, "triton": a.triton, "offload": a.offload, "tokens_per_s_logged": recs[-1].get("tokens_per_s"),
              "loss_first_last": [recs[0]["loss"], recs[-1]["loss"]]}
     if built:
         extra["first_step_s"] = round(recs[0]["time"] - built[0], 2)
@@ -242,9 +249,10 @@ def table(a) -> None:
     peers: dict[tuple, dict] = {}  # (size, mode, gc) -> the peer's result: a compiled row reuses its plain row's
     for spec in a.rows.split(","):
         size, mode, *rest = spec.split(":")
-        gc, compiled = "gc" in rest, "compile" in rest
+        gc, compiled, kernels, offload = "gc" in rest, "compile" in rest, "triton" in rest, "offload" in rest
         fx = work / f"fx-{size}"
-        row = {"row": spec, "size": size, "mode": mode, "gc": gc, "compile": compiled}
+        row = {"row": spec, "size": size, "mode": mode, "gc": gc, "compile": compiled, "triton": kernels,
+               "offload": offload}
         for what in ("fixture", "peer", "ours"):
             left = a.deadline - (time.monotonic() - start)
             if what == "peer" and "step_s" in peers.get((size, mode, gc), {}):
@@ -261,6 +269,7 @@ def table(a) -> None:
                 cmd = [sys.executable, __file__, what, "--fx", str(fx), "--mode", mode, "--steps", str(a.steps),
                        "--warmup", str(a.warmup), "--batch", str(SIZES[size][6]), "--seq", str(a.seq)]
                 cmd += (["--gc"] if gc else []) + (["--compile"] if compiled and what == "ours" else [])
+                cmd += (["--triton"] if kernels and what == "ours" else []) + (["--offload"] if offload and what == "ours" else [])
             row[what] = _run(cmd, min(a.row_timeout, left))
             if what == "peer":
                 peers[(size, mode, gc)] = row[what]
@@ -275,7 +284,8 @@ def table(a) -> None:
 
 def _compile_times(results: list[dict]) -> None:
     """A compiled row's compile time: its first step less the plain row's first step (same size/mode/gc)."""
-    plain = {(r["size"], r["mode"], r["gc"]): r["ours"] for r in results if not r.get("compile")}
+    plain = {(r["size"], r["mode"], r["gc"]): r["ours"] for r in results
+             if not (r.get("compile") or r.get("triton") or r.get("offload"))}
     for r in results:
         first, ref = r["ours"].get("first_step_s"), plain.get((r["size"], r["mode"], r["gc"]), {}).get("first_step_s")
         if r.get("compile") and first is not None and ref is not None:
@@ -308,6 +318,7 @@ def markdown(results: list[dict]) -> str:
         config = {"lora": "LoRA", "qlora": "QLoRA nf4+dq, paged_adamw_8bit"}[r["mode"]] + (" + checkpointing" if r["gc"] else "")
         if r.get("compile"):
             config += f" + compile ({o['compile_s']} s)" if "compile_s" in o else " + compile"
+        config += (" + triton kernels" if r.get("triton") else "") + (" + offloaded" if r.get("offload") else "")
         shape = f"{NAMES[r['size']]}, {SIZES[r['size']][6]} x {p.get('seq', o.get('seq', SEQ))}"
         if "step_s" in p and "step_s" in o:
             speed = f"**{p['step_s'] / o['step_s']:.2f}x**"
@@ -334,6 +345,8 @@ if __name__ == "__main__":
     ap.add_argument("--mode", default="lora", choices=["lora", "qlora"])
     ap.add_argument("--gc", action="store_true")
     ap.add_argument("--compile", action="store_true", help="ours: train.compile true (each decoder layer compiled)")
+    ap.add_argument("--triton", action="store_true", help="ours: train.kernels triton (fused CE, RMSNorm, SwiGLU)")
+    ap.add_argument("--offload", action="store_true", help="ours: train.checkpoint_offload true (with --gc)")
     ap.add_argument("--profile", type=int, default=0, help="ours: profile the run and print the top N ops by CUDA time")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=SEQ)

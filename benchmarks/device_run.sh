@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU (issue 17): install the carried wheels, run tests/gpu, then the 1.1B rows
-# plain and with train.compile, then a short CUDA profile of leantune. Everything lands under $OUT (device
+# plain and with train.checkpoint_offload, train.kernels triton and train.compile (each next to its plain row),
+# then a short CUDA profile of leantune. Everything lands under $OUT (device
 # tool) or ./device-out, within ~300 s (BUDGET).
 #
 #   run(command="bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=420)
@@ -8,7 +9,7 @@
 # .whl holds bitsandbytes==0.50.2 and peft==0.21.2 (see docs/benchmarks.md for the download line). Each
 # piece has its own timeout, so one failure does not stop the rest; the markdown table prints after the rows.
 # Settable: ROWS (a compiled row reuses the peer time of its plain row), SKIP_TESTS=1, STEPS (12, of which 3 warm-up gaps),
-# BUDGET (300 s for everything), PROFILE (the row to profile, 1b:lora:compile; empty skips it),
+# BUDGET (300 s for everything), PROFILE (the row to profile, 1b:lora:triton; empty skips it),
 # PROFILE_STEPS (5). The 3B rows of docs/benchmarks.md: ROWS=3b:lora,3b:lora:compile,3b:qlora:gc,3b:qlora:gc:compile.
 set -u
 OUT=${OUT:-$PWD/device-out}
@@ -28,8 +29,8 @@ fi
 } 2>&1 | tee "$OUT/versions.txt"
 
 # the most telling pairs first: whatever runs out of time is at the end
-ROWS=${ROWS:-1b:qlora:gc,1b:qlora:gc:compile,1b:lora,1b:lora:compile,1b:lora:gc,1b:lora:gc:compile}
-PROFILE=${PROFILE-1b:lora:compile}
+ROWS=${ROWS:-1b:qlora:gc,1b:qlora:gc:offload,1b:qlora:gc:triton,1b:lora,1b:lora:triton,1b:qlora:gc:compile,1b:lora:compile}
+PROFILE=${PROFILE-1b:lora:triton}
 # tests/gpu: at most 90 s
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout 90 python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" > "$OUT/pytest_gpu.txt" 2>&1
@@ -50,6 +51,7 @@ LEFT=$(( BUDGET - ($(date +%s) - T0) ))
 if [ -n "$PROFILE" ] && [ "$LEFT" -gt 25 ]; then
   IFS=: read -r SIZE MODE REST <<< "$PROFILE"
   FLAGS=""; [[ ":$REST:" == *:gc:* ]] && FLAGS+=" --gc"; [[ ":$REST:" == *:compile:* ]] && FLAGS+=" --compile"
+  [[ ":$REST:" == *:triton:* ]] && FLAGS+=" --triton"; [[ ":$REST:" == *:offload:* ]] && FLAGS+=" --offload"
   BATCH=$([ "$SIZE" = 3b ] && echo 4 || echo 8)
   timeout "$LEFT" python3 benchmarks/bench_gpu.py ours --fx "/tmp/leantune-bench/fx-$SIZE" --mode "$MODE" $FLAGS \
     --batch "$BATCH" --steps "${PROFILE_STEPS:-5}" --warmup 1 --profile 30 > "$OUT/profile.txt" 2>&1

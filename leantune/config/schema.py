@@ -80,6 +80,12 @@ class TrainConfig:
                                       "(a GPU's total, or the RAM available now on a CPU)")
     compile: bool = option(False, "torch.compile each decoder layer (regional: one layer's compile time, paid in the first step); "
                         "needs Triton on CUDA, a C++ compiler on CPU")
+    checkpoint_offload: bool = option(False, "with gradient_checkpointing: keep each checkpointed layer's saved input in "
+                                      "(pinned) host memory until its recompute, not on the GPU (Unsloth's offloaded "
+                                      "checkpointing: less device memory, a copy each way per layer)")
+    kernels: Literal["auto", "torch", "triton"] = option(
+        "auto", "fused Triton kernels on CUDA (cross-entropy chunks, RMSNorm, SwiGLU): triton uses them, torch never, "
+        "auto = torch until a GPU benchmark shows they pay (docs/benchmarks.md)")
     loss_chunk: int = option(256, "tokens per chunk of the cross-entropy; full-vocabulary fp32 logits never exist for the whole batch")
     eval_every: int = option(50, "evaluate held-out loss every N steps (0: only at the end)")
     eval_batches: int | None = option(None, "cap on eval micro-batches per evaluation, >= 1 (null: the whole eval set)")

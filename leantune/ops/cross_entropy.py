@@ -29,6 +29,17 @@ from .transfer import to_device
 
 IGNORE_INDEX = -100
 
+# `train.kernels: triton` (ops/triton/patch.py) switches the chunk's softmax/NLL/gradient to one Triton pass
+# (ops/triton/cross_entropy.py `ce_rows`) that writes the gradient over the chunk's logits; None: the torch ops below.
+_fused_rows = None
+
+
+def use_fused_rows(rows_fn=None) -> None:
+    """Route each chunk's loss and gradient through `rows_fn` (ops/triton/cross_entropy.py `ce_rows`), or, with
+    None, through the torch ops."""
+    global _fused_rows
+    _fused_rows = rows_fn
+
 
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
@@ -42,10 +53,20 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         in_place = hidden.dtype != acc and weight.dtype == hidden.dtype and softcap is None  # bf16/fp16
+        fused = _fused_rows if softcap is None and acc == torch.float32 else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]                               # (c, H)
             y = labels[s:s + chunk]                               # (c,)
             z = h @ weight.t()                                    # (c, V): the only tensor of size V
+            if fused is not None:
+                # One Triton pass: per-row losses in fp32, and (softmax - onehot) / normalizer written over z.
+                want = need_h or need_w
+                total += fused(z, y, scale=1.0 / normalizer, grad_out=z if want else None).sum()
+                if need_h:
+                    grad_h[s:s + chunk] = (z @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += (z.t() @ h.to(z.dtype)).to(acc)
+                continue
             if in_place:
                 # bf16 logits stay bf16: max, z - m and exp each run in fp32 inside the op and round once,
                 # the row sums accumulate in fp32, and the probabilities feed the gradient GEMMs as they

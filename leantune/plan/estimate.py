@@ -23,7 +23,9 @@ saved_tensors_hooks, train/memory.py):
                                        per Linear: A and B are cast per call to the activations' dtype
     DoRA adds                          LoRA's, plus two outputs (2a out) per Linear; in fp32 also the in x in
                                        identity it forms B A through (4 in^2 per Linear, the weight-norm path)
-    checkpointing keeps                the layer input only (a h), and recomputes one layer in backward
+    checkpointing keeps                the layer input only (a h), and recomputes one layer in backward;
+                                       offloaded (train.checkpoint_offload, on CUDA) those inputs are in host
+                                       RAM, counted in `outside["offload_host"]`, not on the device
 
 A quantized base keeps its norms' weights in fp32 but casts their outputs back to the compute dtype
 (quant/loader.py norm_outputs_in), so its activations are the 16-bit base's.
@@ -61,6 +63,7 @@ class Setup:
     blocksize: int = 64
     optimizer: str = "adamw"
     checkpointing: bool = False
+    offload: bool = False           # train.checkpoint_offload: checkpointed layers' inputs wait in host memory
     batch: int = 4
     seq: int = 1024
     grad_accum: int = 1
@@ -239,7 +242,7 @@ def activation_bytes(shape: ModelShape, s: Setup, trained: Trainable) -> tuple[i
     per_token, per_layer = layer_activation_bytes(shape, s, trained, kind)
     one_layer = int(per_token * T + per_layer)
     if s.checkpointing:
-        saved = trained_layers * res * h * T
+        saved = trained_layers * res * h * T - offloaded_bytes(shape, s, trained)
         recompute = one_layer
     else:
         saved = trained_layers * one_layer
@@ -252,6 +255,16 @@ def activation_bytes(shape: ModelShape, s: Setup, trained: Trainable) -> tuple[i
     if head_trains:
         saved += 4 * shape.vocab * h + 8 * T                     # the head's fp32 gradient, input ids
     return int(saved), recompute
+
+
+def offloaded_bytes(shape: ModelShape, s: Setup, trained: Trainable) -> int:
+    """The checkpointed layers' inputs that offloaded checkpointing keeps in host RAM (0 on a CPU: already there)."""
+    if not (s.checkpointing and s.offload) or s.device == "cpu":
+        return 0
+    layers = shape.layers
+    if s.method == "freeze":
+        layers = min(sum(1 for shp in trained.shapes if len(shp) == 2 and shape.vocab not in shp) // 7 or 1, layers)
+    return layers * _act_bytes(s) * shape.hidden * tokens(s, trained)
 
 
 def logits_bytes(shape: ModelShape, s: Setup, trained: Trainable) -> int:
@@ -339,6 +352,8 @@ def estimate(shape: ModelShape, s: Setup, trained: Trainable, runtime: int | Non
         # GGUF export loads the model in float32 and quantizes tensor by tensor
         "export_host": shape.total_params * 4 + 2 * 4 * shape.largest_linear,
     }
+    if offloaded_bytes(shape, s, trained):
+        outside["offload_host"] = offloaded_bytes(shape, s, trained)  # pinned host RAM during the step
     return Estimate(setup=s, trainable_params=trained.count, weights=weights, trainable=train_b, gradients=grads,
                     optimizer=opt, activations=acts, logits=logits, temporaries=temporaries, runtime=runtime,
                     peak=int(peak), outside=outside, flops=step_flops(shape, s, trained), notes=notes)

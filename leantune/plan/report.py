@@ -109,6 +109,7 @@ def _setup_from(run_cfg, device: Device, seq: int | None, batch: int | None, met
         blocksize=q.blocksize if q is not None else 64,
         optimizer=t.optimizer if t is not None else "adamw",
         checkpointing=t.gradient_checkpointing if t is not None else False,
+        offload=t.checkpoint_offload if t is not None else False,
         batch=batch if batch is not None else (t.batch_size if t is not None else 4),
         seq=seq if seq is not None else (run_cfg.data.max_length if run_cfg is not None else 1024),
         grad_accum=t.grad_accum if t is not None else 1, dtype_bytes=dtype_bytes,
@@ -292,7 +293,9 @@ def render(plan: Plan, fit: bool = False, source: str = "CONFIG") -> str:
     o = e.outside
     lines.append(f"  outside the step: first eval {_gib(o['eval_device'])} on the device; checkpoint save "
                  f"{_gib(o['save_host'])} host RAM; merge {_gib(o['merge_host'])} host; GGUF export "
-                 f"{_gib(o['export_host'])} host")
+                 f"{_gib(o['export_host'])} host"
+                 + (f"; offloaded checkpoints {_gib(o['offload_host'])} pinned host RAM during the step"
+                    if o.get("offload_host") else ""))
     t = plan.step_s.get(id(e))
     lines.append(f"  step: {e.flops / 1e12:.1f} TFLOP per optimizer step" +
                  (f", {_secs(t)}" if t else " (for a time, name the GPU or pass --tflops)"))

@@ -9,6 +9,7 @@ The checks that need no model come first, so a bad output_dir costs no minutes o
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -32,6 +33,8 @@ from ..io.atomic import atomic_dir, write_json, write_text
 from ..io.faults import fault_point
 from ..models.load import check_vocab, load_model, load_tokenizer, resolve_source
 from ..models.quantized import local_model_dir
+from ..ops import cross_entropy, triton as triton_kernels
+from ..ops.offload import offloaded_checkpoint
 from ..quant import spec_of
 from . import distributed
 from .compile import compile_layers
@@ -149,6 +152,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
     model.to(device)
     console(format_trainable(model))
     model.train()
+    use_kernels(model, cfg, device, console)
     if cfg.train.compile:
         compile_layers(model, console=console)
     distributed.wrap(model, cfg, device, console)  # DDP or FSDP2 under torchrun; before the optimizer sees the params
@@ -276,6 +280,31 @@ def unpack_if_needed(cfg: RunConfig, console: Callable[[str], None]) -> None:
                 "example, so every example gets a row of its own")
 
 
+def offload_checkpoints(model, copy_on_cpu: bool = False) -> int:
+    """Each checkpointed layer's saved input in (pinned) host memory until its recompute (ops/offload.py): the
+    layers' checkpoint function, set by transformers, is swapped for the offloading one. Returns the layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, use_reentrant=False,
+                                                                  copy_on_cpu=copy_on_cpu)
+            n += 1
+    return n
+
+
+def use_kernels(model, cfg: RunConfig, device: torch.device, console: Callable[[str], None]) -> str:
+    """`train.kernels`: the Triton kernels into the model and the chunked loss, or torch's ops (ops/triton/)."""
+    which = triton_kernels.resolve(cfg.train.kernels, device.type)
+    if which == "triton":
+        counts = triton_kernels.apply(model)
+        console(f"kernels: triton (cross-entropy chunks, {counts['rmsnorm']} RMSNorm, {counts['swiglu']} SwiGLU MLPs)")
+    else:
+        cross_entropy.use_fused_rows(None)
+    return which
+
+
 def attach_method(model, cfg: RunConfig, tokenizer=None, console: Callable[[str], None] | None = None) -> None:
     """Apply the configured method, found in the registry by name (adapters/base.py `METHODS`): attach it
     from its own config section, seeded so the init is reproducible, with exactly its parameters trainable
@@ -291,6 +320,10 @@ def attach_method(model, cfg: RunConfig, tokenizer=None, console: Callable[[str]
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.checkpoint_offload:
+            offload_checkpoints(model)
+    elif cfg.train.checkpoint_offload and console is not None:
+        console("note: train.checkpoint_offload does nothing without train.gradient_checkpointing")
         if spec_of(model) is not None and hasattr(model, "enable_input_require_grads"):
             # As prepare_model_for_kbit_training: embeddings output a grad-requiring tensor, so every
             # checkpointed segment of a quantized base has a differentiable input (needed by reentrant
