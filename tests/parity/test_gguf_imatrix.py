@@ -161,3 +161,11 @@ def test_a_plain_model_folder_has_no_data_to_calibrate_on_said_once(wide, tmp_pa
     assert part["imatrix"] is None
     err = capsys.readouterr().err
     assert err.count("imatrix: none") == 1 and "--imatrix DATA" in err
+
+
+def test_a_run_whose_data_is_gone_exports_without_imatrix_and_says_why(wide, run_dir, tmp_path, capsys):
+    (tmp_path / "train.jsonl").unlink()
+    part, _ = _export(wide, tmp_path / "x.gguf", "Q4_K_M", {"source": str(run_dir)})
+    assert part["imatrix"] is None
+    err = capsys.readouterr().err
+    assert err.count("imatrix: none (the run's training data could not be read") == 1

@@ -11,7 +11,7 @@ Default (`resolve`): for the k-quant file types of <= 4 bits (Q2_K, Q3_K_S/M/L, 
 from a run collects the matrix over a deterministic slice of the run's own training data (or of
 --calibration FILE): export/calibration.py's rows, --calibration-samples x --calibration-seq tokens
 (16 x 128 by default), the count printed and recorded in the report. A plain model folder has no
-training data: no matrix, said once. `--imatrix none` turns the default off; `--imatrix DATA` picks the data.
+training data (or a run whose data cannot be read): no matrix, said once. `--imatrix none` turns the default off; `--imatrix DATA` picks the data.
 
 Calibration text (--imatrix DATA): a file of records in any data format leantune trains on (JSON Lines, JSON, CSV,
 Parquet, .txt; text, chat, alpaca, prompt/completion): each record rendered with the tokenizer's chat
@@ -28,7 +28,7 @@ import torch
 
 from ...data.formats import SkipExample, detect_format, normalize
 from ...data.records import read_records
-from ...errors import DataError
+from ...errors import DataError, LeantuneError
 from ..calibration import DEFAULT_SAMPLES, DEFAULT_SEQ, calibration_rows
 from .writer import gguf_name
 
@@ -138,8 +138,13 @@ def resolve(model, tokenizer, quant: str, extra: dict) -> tuple[dict[str, np.nda
         cal = calibration_rows(tokenizer, file=file, source=source,
                                samples=extra.get("calibration_samples") or DEFAULT_SAMPLES,
                                seq=extra.get("calibration_seq") or DEFAULT_SEQ)
-    except DataError as e:
-        raise DataError(f"{e}; or pass --imatrix none to quantize without an importance matrix") from None
+    except LeantuneError as e:
+        if file:  # a file the user named must be readable
+            raise
+        # the run's data moved or needs the network: the default must not stop the export
+        print(f"imatrix: none (the run's training data could not be read: {e}); pass --imatrix DATA to "
+              f"weigh the k-quants by data", file=sys.stderr)
+        return None, None
     matrix, tokens = collect_rows(model, cal.rows)
     where = cal.describe()
     print(f"imatrix: {len(matrix)} tensors from {where} ({tokens} tokens; the default for {quant}, "
