@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...checkpoint.run_folder import run_folder_of
 from ...data.formats import SkipExample, detect_format, normalize
 from ...data.records import read_records
 from ...errors import DataError, LeantuneError
@@ -120,8 +121,6 @@ def from_file(model, tokenizer, path: str | Path, *, max_texts: int = 128, seq_l
 def resolve(model, tokenizer, quant: str, extra: dict) -> tuple[dict[str, np.ndarray] | None, str | None]:
     """The importance matrix an export uses and what it came from, or (None, None). extra: the export's
     options (imatrix: a path, "none" or unset; source; calibration, calibration_samples, calibration_seq)."""
-    from ...checkpoint.run_folder import run_folder_of
-
     choice = extra.get("imatrix")
     if choice is not None and str(choice).lower() == "none":
         return None, None
