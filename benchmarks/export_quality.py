@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=64, help="demo chat examples scored (plus 3 prose passages)")
     ap.add_argument("--only", nargs="*", help="FORMAT:QUANT rows to run (default: all)")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--dither", action="store_true", help="spread each weight of the reference uniformly over its "
+                    "Q4_1 bin first (the demo model is a dequantized Q4_1: requantizing its grid is not typical)")
     args = ap.parse_args()
     import torch
 
@@ -59,6 +61,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = demo_model_dir()
     model, tok, facts = materialize(str(folder))
+    if args.dither:
+        print(f"dithered {undo_q4_1_grid(model)} tensors off the Q4_1 grid")
     # the demo folder is converted from a GGUF into float32; SmolLM2's own checkpoint is bf16, which is
     # what the formats that keep embeddings and norms unquantized (INT8, GPTQ, AWQ) store them in
     facts = dataclasses.replace(facts, checkpoint_dtype="bfloat16")
@@ -93,6 +97,27 @@ def main() -> None:
     print(table(rows, tokens, args.threads))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def undo_q4_1_grid(model, seed: int = 0) -> int:
+    """Add to every 2-D weight stored on a Q4_1 grid (at most 16 values per block of 32) uniform noise of
+    one Q4_1 step ((max - min) / 15 of the block), centred: each weight lands anywhere in the bin Q4_1
+    rounded it from, as the original bf16 weight did. Deterministic; returns how many tensors changed."""
+    import torch
+
+    g, changed = torch.Generator().manual_seed(seed), 0
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.ndim != 2 or p.shape[1] % 32:
+                continue
+            x = p.data.float().reshape(-1, 32)
+            sample = x[:: max(1, x.shape[0] // 256)]
+            if max(len(torch.unique(row)) for row in sample) > 16:
+                continue  # not a Q4_1 tensor (the demo's embeddings are Q8_0)
+            step = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / 15
+            p.data.copy_((x + (torch.rand(x.shape, generator=g) - 0.5) * step).reshape(p.shape))
+            changed += 1
+    return changed
 
 
 class CachedLogits:

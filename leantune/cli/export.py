@@ -41,7 +41,9 @@ def _add_export(sub) -> None:
     p.add_argument("--adapter-only", action="store_true", help="write the LoRA alone as a GGUF LoRA (llama.cpp --lora)")
     p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile beside the file")
     p.add_argument("--imatrix", metavar="DATA", help="GGUF k-quants: weigh each column's rounding error by its mean "
-                   "squared input over this calibration data (any training data file), as llama-quantize --imatrix")
+                   "squared input over this calibration data (any training data file), as llama-quantize --imatrix. "
+                   "Default for Q2_K..Q4_K_M from a run: a slice of its training data (--calibration-samples x "
+                   "--calibration-seq tokens); 'none' turns it off")
     p.add_argument("--no-eval", action="store_true", help="skip the model-level check (perplexity, top-1 agreement)")
     p.add_argument("--eval-text", help="held-out text file for the model-level check (one passage per line)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -176,3 +176,79 @@ def test_phi3_metadata_tensors_and_mix_follow_llama_cpp(tmp_path):
         more = "Q6_K" if use_more_bits(i, 8) else "Q4_K"
         assert tensor_type(f"blk.{i}.attn_qkv.weight", (768, 256), "Q4_K_M", 8, False).name == more
     assert tensor_type("blk.0.attn_qkv.weight", (768, 256), "Q3_K_M", 8, False).name == "Q5_K"
+
+
+def tiny_gemma(folder, version: int, **overrides):
+    """A 2-layer random Gemma 2 or Gemma 3 text model (hidden 256, 4 heads of 64) with non-trivial norms,
+    softcapping on (Gemma 2), a sliding window shorter than the test text, saved with a byte-level BPE tokenizer."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from tests.conftest import build_tokenizer
+
+    build_tokenizer().save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+                  max_position_embeddings=512, sliding_window=8)
+    if version == 2:
+        cfg = transformers.Gemma2Config(**common, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+        model = transformers.Gemma2ForCausalLM(cfg.__class__(**{**cfg.to_dict(), **overrides}))
+    else:
+        cfg = transformers.Gemma3TextConfig(**common)
+        model = transformers.Gemma3ForCausalLM(cfg.__class__(**{**cfg.to_dict(), **overrides}))
+    model.eval()
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.uniform_(-0.5, 0.5)  # Gemma norms scale by 1 + w: zeros would hide a missing +1
+    model.save_pretrained(folder)
+    return folder, model, tok
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_gemma_metadata_tensors_and_norms_follow_the_converter(tmp_path, version):
+    from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
+
+    arch = f"gemma{version}"
+    folder, model, tok = tiny_gemma(tmp_path, version)
+    assert architecture(folder) == arch
+    path = tmp_path / "g.gguf"
+    write_gguf(model, tok, folder, path, "F32", progress=False)
+    r = gguf.GGUFReader(path)
+    f = {k: v.contents() for k, v in r.fields.items()}
+    want = {f"{arch}.embedding_length": 256, f"{arch}.block_count": 2, f"{arch}.feed_forward_length": 512,
+            f"{arch}.attention.head_count": 4, f"{arch}.attention.head_count_kv": 2,
+            f"{arch}.attention.key_length": 64, f"{arch}.attention.value_length": 64,
+            f"{arch}.attention.sliding_window": 8, f"{arch}.context_length": 512,
+            f"{arch}.rope.freq_base": 10000.0 if version == 2 else 1e6}
+    if version == 2:
+        want |= {"gemma2.attn_logit_softcapping": 50.0, "gemma2.final_logit_softcapping": 30.0}
+    assert {k: f.get(k) for k in want} == pytest.approx(want)
+    assert f["general.architecture"] == arch and "gemma3.attn_logit_softcapping" not in f
+    allowed = {TENSOR_NAMES[t].format(bid=i) + ".weight" for t in MODEL_TENSORS[MODEL_ARCH[arch.upper()]]
+               for i in range(2)}
+    tensors = {t.name: t.data for t in r.tensors}
+    assert set(tensors) <= allowed and "output.weight" not in tensors  # tied
+    layer = model.model.layers[1]
+    pairs = {"attn_norm": layer.input_layernorm, "post_attention_norm": layer.post_attention_layernorm,
+             "ffn_norm": layer.pre_feedforward_layernorm, "post_ffw_norm": layer.post_feedforward_layernorm}
+    if version == 3:
+        pairs |= {"attn_q_norm": layer.self_attn.q_norm, "attn_k_norm": layer.self_attn.k_norm}
+    for short, module in pairs.items():
+        torch.testing.assert_close(torch.from_numpy(tensors[f"blk.1.{short}.weight"].copy()),
+                                   module.weight.detach() + 1)
+    torch.testing.assert_close(torch.from_numpy(tensors["output_norm.weight"].copy()), model.model.norm.weight.detach() + 1)
+
+
+@pytest.mark.parametrize("version, change, match", [
+    (2, {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32"),
+    (3, {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+])
+def test_gemma_configs_llama_cpp_would_run_differently_are_refused(tmp_path, version, change, match):
+    from leantune.errors import ModelError
+
+    folder, model, tok = tiny_gemma(tmp_path, version, **change)
+    with pytest.raises(ModelError, match=match):
+        write_gguf(model, tok, folder, tmp_path / "g.gguf", "F32", progress=False)
+    assert not (tmp_path / "g.gguf").exists()

@@ -99,3 +99,68 @@ def test_imatrix_with_a_type_that_has_no_k_quants_is_refused(wide, tmp_path):
         GGUFExporter().write(model, tok, None, folder, tmp_path / "x.gguf", "Q8_0",
                              ExportOptions(extra={"imatrix": str(tmp_path / "cal.jsonl")}))
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture
+def run_dir(wide, tmp_path):
+    folder, _, _ = wide
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{t} ({i})"},
+                                                     {"role": "assistant", "content": t[::-1]}]}) + "\n"
+                            for i in range(20) for t in TEXTS))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"model: {folder}\ndata:\n  path: {data}\n")
+    return run
+
+
+def _export(wide, out, quant, extra):
+    from leantune.export.base import ExportOptions
+    from leantune.export.gguf import GGUFExporter
+
+    folder, model, tok = wide
+    part = GGUFExporter().write(model, tok, None, folder, out, quant, ExportOptions(extra=extra, progress=False))
+    return part, {t.name: t.data.tobytes() for t in gguf.GGUFReader(out).tensors}
+
+
+def test_low_bit_k_quants_of_a_run_default_to_its_training_data(wide, run_dir, tmp_path, capsys):
+    from leantune.export.calibration import calibration_rows
+
+    folder, model, tok = wide
+    part, got = _export(wide, tmp_path / "a.gguf", "Q3_K_M", {"source": str(run_dir), "calibration_samples": 4,
+                                                              "calibration_seq": 32})
+    assert part["imatrix"].startswith("4 x 32 tokens from the run's training data")
+    assert "imatrix: " in capsys.readouterr().err
+    # the same file as an explicit matrix over export/calibration.py's rows of the run
+    rows = calibration_rows(tok, file=None, source=str(run_dir), samples=4, seq=32).rows
+    matrix, tokens = imatrix.collect_rows(model, rows)
+    assert tokens == 4 * 32
+    write_gguf(model, tok, folder, tmp_path / "b.gguf", "Q3_K_M", progress=False, imatrix=matrix)
+    want = {t.name: t.data.tobytes() for t in gguf.GGUFReader(tmp_path / "b.gguf").tensors}
+    assert got == want
+    write_gguf(model, tok, folder, tmp_path / "c.gguf", "Q3_K_M", progress=False)
+    plain = {t.name: t.data.tobytes() for t in gguf.GGUFReader(tmp_path / "c.gguf").tensors}
+    assert got["blk.0.ffn_down.weight"] != plain["blk.0.ffn_down.weight"]  # the matrix was used
+
+
+@pytest.mark.parametrize("quant, extra", [("Q5_K_M", {}), ("Q4_K_M", {"imatrix": "none"}),
+                                          ("Q8_0", {"imatrix": "NONE"})])
+def test_no_default_imatrix_above_4_bits_or_with_none(wide, run_dir, tmp_path, quant, extra):
+    part, _ = _export(wide, tmp_path / "x.gguf", quant, {"source": str(run_dir), **extra})
+    assert part["imatrix"] is None
+
+
+def test_a_plain_model_folder_has_no_data_to_calibrate_on_said_once(wide, tmp_path, capsys):
+    folder, _, _ = wide
+    part, _ = _export(wide, tmp_path / "x.gguf", "Q4_K_M", {"source": str(folder)})
+    assert part["imatrix"] is None
+    err = capsys.readouterr().err
+    assert err.count("imatrix: none") == 1 and "--imatrix DATA" in err
+
+
+def test_a_run_whose_data_is_gone_exports_without_imatrix_and_says_why(wide, run_dir, tmp_path, capsys):
+    (tmp_path / "train.jsonl").unlink()
+    part, _ = _export(wide, tmp_path / "x.gguf", "Q4_K_M", {"source": str(run_dir)})
+    assert part["imatrix"] is None
+    err = capsys.readouterr().err
+    assert err.count("imatrix: none (the run's training data could not be read") == 1

@@ -221,3 +221,24 @@ def test_phi3_runs_in_llama_cpp(llamacpp, tmp_path):
     (got,) = llamacpp([{"model": str(path), "lora": None, "tokens": ids, "prompt": prompt, "n_predict": n}], tmp_path)
     err = float(np.abs(np.array(got["logits"]) - ref_logits.numpy()).max()) / float(ref_logits.std())
     assert err < 0.02 and _agreement(got["top1"], ref_top1) >= 0.97 and got["greedy"] == ref_greedy, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [2, 3])
+def test_gemma_runs_in_llama_cpp(llamacpp, tmp_path, version):
+    """Gemma 2 / Gemma 3 (norms + 1, four norms a layer, softcapping, a sliding window of 8 over a ~45-token
+    text, embedding scale, Gemma 3's q/k norms and two rope bases): an F32 export's logits in llama.cpp
+    match the torch model's."""
+    from tests.parity.test_gguf_archs import tiny_gemma
+
+    from leantune.export.gguf.writer import write_gguf
+
+    folder, model, tok = tiny_gemma(tmp_path, version)
+    path = tmp_path / f"gemma{version}.gguf"
+    write_gguf(model, tok, folder, path, "F32", progress=False)
+    ids, prompt, n = tok(TEXT)["input_ids"], tok("the quick brown fox")["input_ids"], 8
+    assert len(ids) > 4 * model.config.sliding_window
+    ref_logits, ref_top1, ref_greedy = _torch_top1_and_greedy(model, ids, prompt, n)
+    (got,) = llamacpp([{"model": str(path), "lora": None, "tokens": ids, "prompt": prompt, "n_predict": n}], tmp_path)
+    err = float(np.abs(np.array(got["logits"]) - ref_logits.numpy()).max()) / float(ref_logits.std())
+    assert err < 0.02 and _agreement(got["top1"], ref_top1) >= 0.97 and got["greedy"] == ref_greedy, err

@@ -5,7 +5,8 @@ LoRA alone as a GGUF LoRA (`--adapter-only`), with a fidelity report and optiona
     vocab.py      the tokenizer and its chat template as tokenizer.ggml.* / tokenizer.chat_template
     quant_mix.py  which GGML type each tensor gets for a --quant (llama-quantize's mixes)
     kquants.py    Q2_K / Q3_K / Q4_K / Q5_K / Q6_K encoders, with or without an importance matrix
-    imatrix.py    --imatrix FILE: per-column mean x^2 of every Linear's input over calibration text
+    imatrix.py    per-column mean x^2 of every Linear's input over calibration text (--imatrix FILE, or
+                  the run's training data by default for Q2_K..Q4_K_M)
     lora.py       the adapter alone, in convert_lora_to_gguf.py's layout
     fidelity.py   GGUF's part of the report (per-tensor error) and the read-back through transformers
 
@@ -41,18 +42,17 @@ class GGUFExporter(Exporter, format="gguf"):
 
     def write(self, model, tokenizer, facts, folder: Path, out: Path, quant: str | None,
               options: ExportOptions) -> dict:
-        matrix = None
-        if options.extra.get("imatrix"):
-            if FILE_TYPES[quant][1] not in K_TYPES:
-                raise ConfigError(f"--imatrix weights the k-quants; {quant} has none. Use Q2_K, Q3_K_S/M/L, "
-                                  f"Q4_K_M, Q5_K_M or Q6_K, or drop --imatrix")
-            matrix = imatrix.from_file(model, tokenizer, options.extra["imatrix"])
+        choice = options.extra.get("imatrix")
+        if choice and str(choice).lower() != "none" and FILE_TYPES[quant][1] not in K_TYPES:
+            raise ConfigError(f"--imatrix weights the k-quants; {quant} has none. Use Q2_K, Q3_K_S/M/L, "
+                              f"Q4_K_M, Q5_K_M or Q6_K, or drop --imatrix")
+        matrix, where = imatrix.resolve(model, tokenizer, quant, options.extra)
         records = write_gguf(model, tokenizer, folder, out, quant, name=options.name, progress=options.progress,
                              imatrix=matrix)
         if options.modelfile:
             write_text(out.with_name("Modelfile"), ollama_modelfile(out, tokenizer, facts))
         part = fidelity.tensor_report(records)
-        part["imatrix"] = str(options.extra["imatrix"]) if matrix else None
+        part["imatrix"] = where
         print(fidelity.format_table(part))
         return part
 

@@ -7,7 +7,13 @@ E[x_j^2] (one number per column) is the weight each column's error gets in the s
 (kquants.py). Collected with forward hooks on the torch model, every token of every text counted once,
 texts in file order (deterministic: the same file and model give the same matrix).
 
-Calibration text: a file of records in any data format leantune trains on (JSON Lines, JSON, CSV,
+Default (`resolve`): for the k-quant file types of <= 4 bits (Q2_K, Q3_K_S/M/L, Q4_K_M) an export
+from a run collects the matrix over a deterministic slice of the run's own training data (or of
+--calibration FILE): export/calibration.py's rows, --calibration-samples x --calibration-seq tokens
+(16 x 128 by default), the count printed and recorded in the report. A plain model folder has no
+training data (or a run whose data cannot be read): no matrix, said once. `--imatrix none` turns the default off; `--imatrix DATA` picks the data.
+
+Calibration text (--imatrix DATA): a file of records in any data format leantune trains on (JSON Lines, JSON, CSV,
 Parquet, .txt; text, chat, alpaca, prompt/completion): each record rendered with the tokenizer's chat
 template when it has one (as training sees it), then cut to `seq_len` tokens, up to `max_texts` records.
 """
@@ -20,10 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...checkpoint.run_folder import run_folder_of
 from ...data.formats import SkipExample, detect_format, normalize
 from ...data.records import read_records
-from ...errors import DataError
+from ...errors import DataError, LeantuneError
+from ..calibration import DEFAULT_SAMPLES, DEFAULT_SEQ, calibration_rows
 from .writer import gguf_name
+
+# the file types whose k-quant tensors get a calibration imatrix by default (<= 4 bits a weight)
+DEFAULT_QUANTS = frozenset({"Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_M"})
 
 
 def calibration_texts(path: str | Path, tokenizer, max_texts: int = 128) -> list[str]:
@@ -50,10 +61,20 @@ def calibration_texts(path: str | Path, tokenizer, max_texts: int = 128) -> list
     return texts
 
 
-@torch.no_grad()
 def collect(model, tokenizer, texts: list[str], seq_len: int = 512) -> tuple[dict[str, np.ndarray], int]:
     """{gguf tensor name: mean x^2 per input column} for every Linear with a llama.cpp name, and the
     number of tokens seen. The LM head's entry also serves token_embd when the embeddings are tied."""
+    ids = (tokenizer(text, return_tensors="pt")["input_ids"][:, :seq_len] for text in texts)
+    return _collect(model, ids)
+
+
+def collect_rows(model, rows: torch.Tensor) -> tuple[dict[str, np.ndarray], int]:
+    """As `collect`, over token rows (samples, seq) such as export/calibration.py's, one row per forward."""
+    return _collect(model, (row[None] for row in rows))
+
+
+@torch.no_grad()
+def _collect(model, batches) -> tuple[dict[str, np.ndarray], int]:
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     names = {}
@@ -72,8 +93,7 @@ def collect(model, tokenizer, texts: list[str], seq_len: int = 512) -> tuple[dic
         hooks.append(module.register_forward_hook(hook))
     tokens = 0
     try:
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :seq_len]  # (1, T)
+        for ids in batches:  # (1, T)
             if ids.shape[1] == 0:
                 continue
             model(input_ids=ids)
@@ -96,3 +116,36 @@ def from_file(model, tokenizer, path: str | Path, *, max_texts: int = 128, seq_l
     print(f"imatrix: {len(matrix)} tensors from {len(texts)} calibration texts ({tokens} tokens, "
           f"up to {seq_len} per text) of {path}", file=sys.stderr)
     return matrix
+
+
+def resolve(model, tokenizer, quant: str, extra: dict) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """The importance matrix an export uses and what it came from, or (None, None). extra: the export's
+    options (imatrix: a path, "none" or unset; source; calibration, calibration_samples, calibration_seq)."""
+    choice = extra.get("imatrix")
+    if choice is not None and str(choice).lower() == "none":
+        return None, None
+    if choice:
+        return from_file(model, tokenizer, choice), str(choice)
+    if quant not in DEFAULT_QUANTS:
+        return None, None
+    source, file = extra.get("source"), extra.get("calibration")
+    if not file and (not source or run_folder_of(source) is None):
+        print(f"imatrix: none ({source or 'the source'} is not a leantune run, so it has no training data to "
+              f"calibrate {quant} on; pass --imatrix DATA to weigh the k-quants by data)", file=sys.stderr)
+        return None, None
+    try:
+        cal = calibration_rows(tokenizer, file=file, source=source,
+                               samples=extra.get("calibration_samples") or DEFAULT_SAMPLES,
+                               seq=extra.get("calibration_seq") or DEFAULT_SEQ)
+    except LeantuneError as e:
+        if file:  # a file the user named must be readable
+            raise
+        # the run's data moved or needs the network: the default must not stop the export
+        print(f"imatrix: none (the run's training data could not be read: {e}); pass --imatrix DATA to "
+              f"weigh the k-quants by data", file=sys.stderr)
+        return None, None
+    matrix, tokens = collect_rows(model, cal.rows)
+    where = cal.describe()
+    print(f"imatrix: {len(matrix)} tensors from {where} ({tokens} tokens; the default for {quant}, "
+          f"--imatrix none turns it off)", file=sys.stderr)
+    return matrix, where

@@ -10,6 +10,15 @@ are; Qwen3's per-head RMSNorms of q and k (q_norm, k_norm) are blk.N.attn_q_norm
 Phi-3 (NEOX RoPE too) keeps its fused qkv_proj and gate_up_proj as attn_qkv and ffn_up, and, as
 convert_hf_to_gguf.py's Phi3MiniModel, writes rope.scaling.original_context_length (and sliding_window
 when set); its longrope / su scaling (128k models) is not exported yet.
+Gemma 2 / Gemma 3 (text), as the converter's Gemma2Model / Gemma3Model: every RMSNorm weight is stored
+plus 1 (HF's Gemma norms scale by 1 + w, llama.cpp's by w); the four norms of a layer are attn_norm,
+post_attention_norm, ffn_norm (pre-feedforward) and post_ffw_norm; Gemma 3 adds attn_q_norm / attn_k_norm.
+Keys: attention/final logit softcapping (Gemma 2 both, Gemma 3 the final one when set), the sliding
+window, key/value length = head_dim, Gemma 3's rope base of its full-attention layers (and linear
+scaling of those). llama.cpp derives the rest itself: the embedding scale sqrt(hidden), the
+sliding-layer pattern (Gemma 2 every other layer, Gemma 3 five of six), Gemma 3's local rope base 10000
+and the attention scale 1/sqrt(head_dim) (1/sqrt(hidden / heads) for the 27B): a config that differs
+from those (query_pre_attn_scalar, layer_types) is refused, since llama.cpp would run another model.
 The file is written to a temporary sibling and renamed into place (io/atomic.py).
 """
 
@@ -30,7 +39,12 @@ from .vocab import add_tokenizer
 
 # HF architecture -> llama.cpp architecture. Mistral v0.1-v0.3 is a Llama to llama.cpp.
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-         "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3"}
+         "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3",
+         "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+GEMMA = ("gemma2", "gemma3")
+# Gemma's four norms per layer (llama.cpp's names); Llama's post_attention_layernorm is its ffn_norm
+_GEMMA_PARTS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
 
 _LAYER_PARTS = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -68,12 +82,13 @@ def architecture(folder: Path) -> str:
                      f"Use llama.cpp's convert_hf_to_gguf.py for other architectures")
 
 
-def gguf_name(hf_name: str) -> str | None:
+def gguf_name(hf_name: str, arch: str = "llama") -> str | None:
     if hf_name in _TOP:
         return _TOP[hf_name]
     m = _LAYER_KEY.match(hf_name)
-    if m and m.group(2) in _LAYER_PARTS:
-        return f"blk.{m.group(1)}.{_LAYER_PARTS[m.group(2)]}.{m.group(3)}"
+    parts = {**_LAYER_PARTS, **_GEMMA_PARTS} if arch in GEMMA else _LAYER_PARTS
+    if m and m.group(2) in parts:
+        return f"blk.{m.group(1)}.{parts[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -87,8 +102,14 @@ def _text_config(cfg):
     return getattr(cfg, "text_config", None) or cfg
 
 
+def _rope_params(cfg) -> dict:
+    """The RoPE parameters of a config; Gemma 3's per layer type: those of its full-attention layers."""
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return params.get("full_attention", params) if isinstance(params, dict) else {}
+
+
 def _rope_theta(cfg) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
+    params = _rope_params(cfg)
     theta = params.get("rope_theta") if isinstance(params, dict) else None
     return float(theta or getattr(cfg, "rope_theta", None) or 10000.0)
 
@@ -99,7 +120,7 @@ def _rope_kind(cfg, arch: str = "llama") -> tuple[str, dict]:
     default: nothing to write. linear (position interpolation): {arch}.rope.scaling.type "linear" and
     .factor, as convert_hf_to_gguf.py writes them. llama3 (Llama 3.1+): the converter's rope_freqs.weight
     tensor, one divisor per frequency that llama.cpp applies to base^(-2i/d) (`rope_freqs`)."""
-    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    params = _rope_params(cfg)
     kind = (params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default") or "default"
     if kind == "default" or kind == "linear" or (kind == "llama3" and arch == "llama"):
         return kind, params
@@ -109,6 +130,31 @@ def _rope_kind(cfg, arch: str = "llama") -> tuple[str, dict]:
 
 def _check_rope(cfg, arch: str = "llama") -> None:
     _rope_kind(cfg, arch)
+    if arch in GEMMA:
+        _check_gemma(cfg, arch)
+
+
+def _check_gemma(cfg, arch: str) -> None:
+    """What llama.cpp hard-codes for Gemma must be what the config says (see the module docstring)."""
+    n = int(cfg.num_hidden_layers)
+    big = n == (46 if arch == "gemma2" else 62)  # llama.cpp's 27B, told apart by its layer count
+    scale = cfg.hidden_size // cfg.num_attention_heads if big else cfg.head_dim
+    problems = []
+    if int(getattr(cfg, "query_pre_attn_scalar", scale) or scale) != scale:
+        problems.append(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} (llama.cpp uses {scale})")
+    every = 2 if arch == "gemma2" else 6
+    want = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
+    types = list(getattr(cfg, "layer_types", None) or want)
+    if getattr(cfg, "sliding_window", None) and types != want:
+        problems.append(f"layer_types {types} (llama.cpp: every {every}th layer full attention)")
+    sliding = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    if arch == "gemma3" and float(sliding.get("rope_theta", 10000.0)) != 10000.0:
+        problems.append(f"local rope_theta {sliding['rope_theta']} (llama.cpp uses 10000)")
+    if not getattr(cfg, "tie_word_embeddings", True) and arch == "gemma2":
+        problems.append("an untied lm_head (llama.cpp's gemma2 has none)")
+    if problems:
+        raise ModelError(f"this {arch} config has {'; '.join(problems)}; llama.cpp would compute another model. "
+                         "Export a config with llama.cpp's values or use convert_hf_to_gguf.py")
 
 
 def rope_freqs(model) -> np.ndarray:
@@ -146,6 +192,15 @@ def add_architecture(writer, cfg, arch: str, name: str) -> None:
                                                  or c.max_position_embeddings))
         if getattr(c, "sliding_window", None):
             writer.add_sliding_window(int(c.sliding_window))
+    if arch in GEMMA:
+        writer.add_key_length(int(head_dim))
+        writer.add_value_length(int(head_dim))
+        if arch == "gemma2" and getattr(c, "attn_logit_softcapping", None):
+            writer.add_attn_logit_softcapping(float(c.attn_logit_softcapping))
+        if getattr(c, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(c.final_logit_softcapping))
+        if getattr(c, "sliding_window", None):
+            writer.add_sliding_window(int(c.sliding_window))
     kind, params = _rope_kind(c, arch)
     if kind == "linear":
         import gguf
@@ -162,7 +217,7 @@ def gguf_tensors(model, arch: str):
     if _rope_kind(c, arch)[0] == "llama3":
         yield "rope_freqs.weight", rope_freqs(model)
     for hf_name, t in model.state_dict().items():
-        name = gguf_name(hf_name)
+        name = gguf_name(hf_name, arch)
         if name is None:
             if "rotary_emb" in hf_name:
                 continue
@@ -170,6 +225,8 @@ def gguf_tensors(model, arch: str):
         if name == "output.weight" and tied:
             continue
         t = t.detach().to(torch.float32)
+        if arch in GEMMA and name.endswith("norm.weight"):
+            t = t + 1  # Gemma's RMSNorm scales by 1 + w
         if arch == "llama" and ".attn_q." in name:
             t = rope_permute(t, n_head)
         elif arch == "llama" and ".attn_k." in name:
