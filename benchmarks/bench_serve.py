@@ -71,18 +71,20 @@ def make_adapters(base, work: Path, ranks: list[int]) -> list[Path]:
     return out
 
 
-def decode_rate(engine, prompts, adapters, tokens: int) -> float:
-    """tokens/s of the decode steps alone (prefill excluded) for one batch run to `tokens` each."""
+def decode_rate(engine, prompts, adapters, tokens: int) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU second) of the decode steps alone (prefill excluded) for one
+    batch run to `tokens` each. CPU seconds count this process only, so other work on the machine skews them less."""
     from leantune.serve.engine import Request, Sampling
 
     for p, a in zip(prompts, adapters):
         engine.submit(Request(p, a, Sampling(max_tokens=tokens), lambda *_: None))
     engine.step()                        # admit + prefill + the first decode
-    t0, steps = time.perf_counter(), 0
+    t0, c0, steps = time.perf_counter(), time.process_time(), 0
     while engine.busy():
         engine.step()
         steps += 1
-    return steps * len(prompts) / (time.perf_counter() - t0)
+    n = steps * len(prompts)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
 def throughput(base, tok, folders, tokens: int, repeats: int) -> dict:
@@ -100,8 +102,23 @@ def throughput(base, tok, folders, tokens: int, repeats: int) -> dict:
     for _ in range(repeats):                 # interleaved, so load changes on the machine hit both
         base_r.append(decode_rate(engine, prompts, [None] * 8, tokens))
         mixed_r.append(decode_rate(engine, prompts, names, tokens))
-    b, m = statistics.median(base_r), statistics.median(mixed_r)
-    return {"base_tok_s": round(b, 1), "mixed8_tok_s": round(m, 1), "ratio": round(m / b, 3)}
+    b, m = statistics.median(r[0] for r in base_r), statistics.median(r[0] for r in mixed_r)
+    bc, mc = statistics.median(r[1] for r in base_r), statistics.median(r[1] for r in mixed_r)
+    return {"base_tok_s": round(b, 1), "mixed8_tok_s": round(m, 1), "ratio": round(m / b, 3),
+            "base_tok_per_cpu_s": round(bc, 1), "mixed8_tok_per_cpu_s": round(mc, 1), "cpu_ratio": round(mc / bc, 3),
+            "bytes_bound": round(bytes_bound(engine), 3)}
+
+
+def bytes_bound(engine) -> float:
+    """The ratio a decode step cannot beat when it is bound by reading weights from memory (small batches on
+    a CPU): the bytes of the base's matrices over those plus every resident slot's factors, all read per step."""
+    from leantune.serve.batched_lora import BatchedLoraLinear
+
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    base = sum(size(m.weight) for m in engine.model.modules()
+               if isinstance(m, torch.nn.Linear) and not isinstance(m, BatchedLoraLinear))
+    lora = sum(size(m.A) + size(m.B) for m in engine.model.modules() if isinstance(m, BatchedLoraLinear))
+    return base / (base + lora)
 
 
 def swap_times(base, tok, work: Path, ranks: list[int]) -> dict:

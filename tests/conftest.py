@@ -71,14 +71,35 @@ def build_llama(tmp_dir, vocab_size: int, seed: int = 0, layers: int = 2, hidden
     return model
 
 
+def save_tiny_llama(folder, chat_template: str | None = CHATML, **llama):
+    """A complete HF folder: the BPE tokenizer above and a random Llama sized to its vocabulary;
+    `llama` takes build_llama's keywords (seed, layers, hidden, tie)."""
+    tok = build_tokenizer(chat_template)
+    tok.save_pretrained(folder)
+    build_llama(folder, vocab_size=len(tok), **llama)
+    return folder
+
+
+def assert_one_line_error(out, words) -> None:
+    """The CLI's error contract on captured output: one line on stderr, `error: ...`, no traceback, naming `words`."""
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
+    assert "Traceback" not in out.err + out.out
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A saved 2-layer random Llama (hidden 64) with a ChatML BPE tokenizer: a complete HF folder."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = build_tokenizer()
-    tok.save_pretrained(d)
-    build_llama(d, vocab_size=len(tok))
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def wide_llama_dir(tmp_path_factory):
+    """The same 2-layer Llama at hidden 256: rows a multiple of 256, so GGUF k-quants apply, and a micro-batch's
+    activations large enough to dwarf the noise of a process's RSS."""
+    return save_tiny_llama(tmp_path_factory.mktemp("wide-llama"), hidden=256, layers=2)
 
 
 @pytest.fixture(scope="session")

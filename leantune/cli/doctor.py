@@ -12,6 +12,7 @@ Exit status: 0 when every check passes (version warnings included: an untested v
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -191,3 +192,11 @@ def main(as_json: bool = False) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main("--json" in sys.argv))
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="print versions, device, bf16 support and bitsandbytes' state; warn on untested versions",
+                       description="Checks this environment against the versions leantune was tested with "
+                       "(leantune/assets/constraints.txt), reports the device and whether it computes bf16 in "
+                       "hardware, and runs a 4-bit round trip through bitsandbytes' kernels. Exit 1 when a check fails.")
+    p.add_argument("--json", action="store_true", help="the same report as JSON")

@@ -80,3 +80,27 @@ def _vllm_command(ns: argparse.Namespace, named: list[tuple[str, Path]]) -> int:
         return 2
     print(command_line(argv))
     return 0
+
+
+def _add_lint(sub) -> None:
+    p = sub.add_parser("lint", help="check an adapter, a run or a train config against vLLM's and llama.cpp's rules",
+                       description="Checks what vLLM and llama.cpp refuse or serve wrong (DoRA, modules_to_save,\n"
+                       "biases, base-rewriting inits, ranks above 512, one GGUF alpha per file), reading only\n"
+                       "adapter_config.json and the safetensors header. A train config is checked as its\n"
+                       "deploy_targets are before training. Exit 0: no errors (warnings are printed);\n"
+                       "2: errors, each naming the conflicting option and the fix.",
+                       epilog="examples:\n  leantune lint runs/first                      # vLLM and llama.cpp\n"
+                       "  leantune lint runs/first/adapter --target vllm --json\n"
+                       "  leantune lint my.yaml --target llamacpp      # before training\n"
+                       "  leantune lint legal=runs/legal support=runs/support --vllm-command   # the vllm serve line",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="an adapter folder, a run folder or a train config "
+                   ".yaml; NAME=PATH names an adapter for --vllm-command (default: the folder's name)")
+    p.add_argument("--target", choices=["vllm", "llamacpp", "all"], default="all", help="the runtime (default: all)")
+    p.add_argument("--json", action="store_true", help="the findings as JSON")
+    p.add_argument("--vllm-command", action="store_true", help="print the `vllm serve` command that serves these "
+                   "adapters on their base (--max-lora-rank from their ranks); refused while an adapter has errors")
+    p.add_argument("--base", help="--vllm-command: the base model (default: the one the adapters record)")
+    p.add_argument("--max-loras", type=int, help="--vllm-command: adapters in one batch (default: all of them)")
+    p.add_argument("--host", default="127.0.0.1", help="--vllm-command: the address vLLM binds (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="--vllm-command: the port (default: 8000)")

@@ -150,7 +150,7 @@ def materialize(source: str, *, base: BaseChoice = "dequantized", base_model: st
 
     merge=False keeps the adapter attached (for exporters that write the adapter alone)."""
     if base not in BASE_CHOICES:
-        raise ConfigError(f"--base must be dequantized or original, got {base!r}")
+        raise ConfigError(f"--merge-base must be dequantized or original, got {base!r}")
     found = found or locate(source, base_model)
     if merge:
         check_mergeable(found)

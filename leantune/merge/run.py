@@ -3,7 +3,7 @@
 The source is what `generate` accepts (a run folder, its adapter/ or a checkpoint, an adapter folder).
 Any mergeable method works (LoRA, DoRA, IA3): the merged model comes from the one path,
 `infer/materialize.py`, which decides which base the adapter is folded into (for a QLoRA run the
-dequantized 4/8-bit base it was trained against, unless --base original) and carries the run's chat
+dequantized 4/8-bit base it was trained against, unless --merge-base original) and carries the run's chat
 template into the folder's tokenizer. Plain LoRA takes the streamed fold instead (`fold.py`: one
 tensor in memory at a time, whatever the base's size), the same arithmetic into the same base.
 
@@ -93,6 +93,6 @@ def save_merged(model, tokenizer, out: str | os.PathLike, dtype: torch.dtype) ->
 
 
 def main(ns) -> int:
-    merge_source(ns.source, ns.out, base=ns.base, base_model=ns.base_model, report=not ns.no_report,
+    merge_source(ns.source, ns.out, base=ns.merge_base, base_model=ns.base_model, report=not ns.no_report,
                  eval_batches=ns.eval_batches, overwrite=ns.overwrite, console=lambda s: print(s, file=sys.stderr))
     return 0

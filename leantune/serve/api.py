@@ -21,6 +21,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,26 @@ def inside(root: Path, candidate: str) -> Path:
         raise ApiError(400, f"lora_path {candidate!r} is outside the adapter directory; adapters load only from "
                             f"folders inside --adapters", param="lora_path")
     return path
+
+
+class InFlight:
+    """Generation requests accepted and not yet finished; each one is released exactly once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def take(self, req: Request) -> Callable[[], None]:
+        """Count `req`; the returned release (safe to call more than once) uncounts it and cancels its row."""
+        self.count += 1
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            req.cancel()          # a no-op once finished; frees the row when the client went away
+            if not done:
+                done = True
+                self.count -= 1
+        return release
 
 
 class Metrics:
@@ -96,7 +117,11 @@ def build_app(engine: Engine, base_name: str, *, api_key: str | None = None, ada
     limits = limits or Limits()
     root = Path(adapter_root).resolve() if adapter_root is not None else None
     metrics = Metrics(engine)
-    in_flight = 0
+    in_flight = InFlight()
+    from prometheus_client import Gauge
+
+    Gauge("leantune_requests_in_flight", "Generation requests accepted and not yet answered or abandoned",
+          registry=metrics.registry).set_function(lambda: in_flight.count)
     app = FastAPI(title="leantune serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics = engine, metrics
 
@@ -179,7 +204,6 @@ def build_app(engine: Engine, base_name: str, *, api_key: str | None = None, ada
         return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
 
     async def generate(http: HttpRequest, body: dict, chat: bool):
-        nonlocal in_flight
         adapter = adapter_for(body.get("model"))
         sampling = sampling_of(body)
         if body.get("n", 1) != 1:
@@ -193,7 +217,7 @@ def build_app(engine: Engine, base_name: str, *, api_key: str | None = None, ada
             if not isinstance(text, str):
                 raise ApiError(400, "prompt must be a string (one prompt per request)", param="prompt")
             prompt = engine.tok(text)["input_ids"]
-        if in_flight >= limits.max_concurrent:
+        if in_flight.count >= limits.max_concurrent:
             raise ApiError(429, f"the server is at its cap of {limits.max_concurrent} concurrent requests; retry "
                                 "shortly", "rate_limit_error", code="too_many_requests")
         loop = asyncio.get_running_loop()
@@ -204,7 +228,7 @@ def build_app(engine: Engine, base_name: str, *, api_key: str | None = None, ada
             engine.submit(req)
         except LeantuneError as e:
             raise ApiError(400, first_line(e)) from None
-        in_flight += 1
+        release = in_flight.take(req)
         model = body["model"]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -239,8 +263,7 @@ def build_app(engine: Engine, base_name: str, *, api_key: str | None = None, ada
                     else:
                         break
             finally:
-                in_flight -= 1
-                req.cancel()   # a no-op once done; frees the row when the client went away
+                release()
             usage = finish(data)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat else
                       {"index": 0, "text": text, "logprobs": None})
@@ -261,7 +284,6 @@ def build_app(engine: Engine, base_name: str, *, api_key: str | None = None, ada
             return f"data: {json.dumps(out)}\n\n"
 
         async def stream():
-            nonlocal in_flight
             try:
                 first = True
                 while True:
@@ -283,11 +305,20 @@ def build_app(engine: Engine, base_name: str, *, api_key: str | None = None, ada
                         break
                 yield "data: [DONE]\n\n"
             finally:    # also when the client disconnects mid-stream: its row leaves the batch next step
-                req.cancel()
-                in_flight -= 1
+                release()
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        class Released(StreamingResponse):
+            """Releases the request however the response ends, also when the body was never started (a client
+            gone before the first byte: the generator's own `finally` then never runs)."""
+
+            async def __call__(self, scope, receive, send) -> None:
+                try:
+                    await super().__call__(scope, receive, send)
+                finally:
+                    release()
+
+        return Released(stream(), media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def handle(fn, *args):
         try:

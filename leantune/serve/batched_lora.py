@@ -44,13 +44,16 @@ class BatchContext:
         self.used = torch.tensor([i for i in distinct if i >= 0], device=device)
         self._masks = {}
 
-    def column_mask(self, rank: int, dtype) -> torch.Tensor:
-        """(B, 1, kR): 1 where column j*R..j*R+R-1 belongs to row b's slot used[j]; base rows all 0."""
-        key = (rank, dtype)
-        if key not in self._masks:
+    def column_mask(self, rank: int, tokens: int, dtype) -> torch.Tensor:
+        """(B*T, kR): 1 where column j*R..j*R+R-1 belongs to the row's slot used[j]; base rows all 0. Built once
+        per step and shape, shared by every layer of that rank."""
+        key = (rank, tokens, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
             own = self.rows.view(-1, 1) == self.used.view(1, -1)               # (B, k); -1 matches nothing
-            self._masks[key] = own.to(dtype).repeat_interleave(rank, dim=1).unsqueeze(1)
-        return self._masks[key]
+            mask = own.to(dtype).repeat_interleave(rank, dim=1).repeat_interleave(tokens, dim=0)
+            self._masks[key] = mask
+        return mask
 
 
 class BatchedLoraLinear(nn.Module):
@@ -100,23 +103,27 @@ class BatchedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:          # x: (B, T, in)
         base = self.base_layer
-        y = F.linear(x, base.weight)                            # (B, T, out)
         ctx, rank = self.ctx, self.rank
-        if ctx.rows is not None and rank and ctx.same != -1:
-            if ctx.same is not None:   # every row on one adapter: plain matmuls
-                y = y + (x @ self.A[ctx.same].t()) @ self.B[ctx.same]
-                if self.g is not None:
-                    y = y * self.g[ctx.same]
-            else:
-                k = ctx.used.numel()
-                whole = k == self.A.shape[0]                  # every slot in use: views, no copy
-                a = (self.A if whole else self.A[ctx.used]).reshape(k * rank, -1)      # (kR, in)
-                b = (self.B if whole else self.B[ctx.used]).reshape(k * rank, -1)      # (kR, out)
-                xa = (x @ a.t()) * ctx.column_mask(rank, x.dtype)                     # (B, T, kR)
-                y = y + xa @ b
-                if self.g is not None:
-                    base_row = (ctx.rows < 0).view(-1, 1)
-                    y = y * self.g[ctx.rows.clamp(min=0)].masked_fill(base_row, 1.0).unsqueeze(1)
+        if ctx.rows is None or not rank or ctx.same == -1:
+            return F.linear(x, base.weight, base.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])                         # (B*T, in): 2-D mm/addmm, no batched matmul
+        y = F.linear(x2, base.weight)                           # (B*T, out)
+        if ctx.same is not None:   # every row on one adapter: plain matmuls
+            y = torch.addmm(y, x2 @ self.A[ctx.same].t(), self.B[ctx.same])
+            if self.g is not None:
+                y = y * self.g[ctx.same]
+        else:
+            k = ctx.used.numel()
+            whole = k == self.A.shape[0]                      # every slot in use: views, no copy
+            a = (self.A if whole else self.A[ctx.used]).reshape(k * rank, -1)      # (kR, in)
+            b = (self.B if whole else self.B[ctx.used]).reshape(k * rank, -1)      # (kR, out)
+            xa = (x2 @ a.t()).mul_(ctx.column_mask(rank, lead[-1], x.dtype))      # (B*T, kR), own columns only
+            y = torch.addmm(y, xa, b)                          # the expand accumulates into the base output
+            if self.g is not None:
+                base_row = (ctx.rows < 0).view(-1, 1)
+                g = self.g[ctx.rows.clamp(min=0)].masked_fill(base_row, 1.0)     # (B, out)
+                y = y * g.repeat_interleave(lead[-1], dim=0)
         if base.bias is not None:
             y = y + base.bias
-        return y
+        return y.view(*lead, -1)

@@ -21,15 +21,9 @@ WORDS = "the quick brown fox jumps over lazy dog one two three four five six sev
 
 
 @pytest.fixture(scope="module")
-def wide_llama(tmp_path_factory):
-    """A 2-layer Llama wide enough (hidden 256) that a micro-batch's activations dwarf the noise of RSS."""
-    from tests.conftest import build_llama, build_tokenizer
-
-    d = tmp_path_factory.mktemp("wide-llama")
-    tok = build_tokenizer()
-    tok.save_pretrained(d)
-    build_llama(d, vocab_size=len(tok), hidden=256, layers=2)
-    return d
+def wide_llama(wide_llama_dir):
+    """conftest's 2-layer Llama at hidden 256: a micro-batch's activations dwarf the noise of RSS."""
+    return wide_llama_dir
 
 
 def _cpu(budget: int) -> Device:

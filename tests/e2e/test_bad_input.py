@@ -10,6 +10,7 @@ import json
 import pytest
 
 from leantune.cli.main import main
+from tests.conftest import assert_one_line_error
 
 GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the fox"}]}
 
@@ -170,11 +171,7 @@ def test_bad_input_one_line_error_exit_2(case, tmp_path, tiny_llama_dir, capsys)
     rc = main(argv) if "--help" not in argv else None
     out = capsys.readouterr()
     assert rc == 2, out
-    lines = [ln for ln in out.err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
-    assert "Traceback" not in out.err + out.out
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
+    assert_one_line_error(out, words)
     run = tmp_path / "run"
     assert not (run / "adapter").exists() and not (run / "summary.json").exists()
 

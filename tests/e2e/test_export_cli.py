@@ -162,13 +162,11 @@ def test_a_quant_the_format_does_not_have_is_a_one_line_error(adapter_dir, tmp_p
 @pytest.fixture(scope="module")
 def chatml_run(tmp_path_factory):
     """A run trained with --data.chat_template chatml and a system prompt, on a base whose tokenizer has none."""
-    from tests.conftest import build_llama, build_tokenizer
+    from tests.conftest import save_tiny_llama
 
     tmp = tmp_path_factory.mktemp("no-template")
     base = tmp / "base"
-    tok = build_tokenizer(chat_template=None)
-    tok.save_pretrained(base)
-    build_llama(base, vocab_size=len(tok))
+    save_tiny_llama(base, chat_template=None)
     return base, _train(base, tmp, "chatml", "--data.chat_template", "chatml", "--data.system_prompt", "Answer briefly.")
 
 

@@ -2,8 +2,8 @@
 
 A run's adapter (LoRA, DoRA or IA3) folded into its base is a folder plain transformers loads, whose
 logits equal base + adapter (fp32, 1e-5), with the run's chat template, and merge_report.json says what
-was merged into which base. From a QLoRA run, `--base dequantized` matches the adapter-on-4-bit model
-(KL ~ 0) and `--base original` does not, scored on a few held-out records without tokenizing the rest.
+was merged into which base. From a QLoRA run, `--merge-base dequantized` matches the adapter-on-4-bit model
+(KL ~ 0) and `--merge-base original` does not, scored on a few held-out records without tokenizing the rest.
 An output folder holding the user's files is never replaced; `--out .` and an unwritable --out are
 one-line errors. Recipes combine adapters into a PEFT adapter or a model; bad recipes are one-line
 errors, nothing written.
@@ -87,9 +87,9 @@ def test_dora_and_ia3_runs_merge_into_a_folder_with_base_plus_adapter_logits(run
 
 def test_qlora_merge_reports_its_cost_and_dequantized_is_the_faithful_base(runs, tmp_path, capsys):
     reports, logits = {}, {}
-    for base in ("dequantized", "original"):
+    for base, flag in (("dequantized", "--merge-base"), ("original", "--base")):  # --base: the earlier name
         out = tmp_path / base
-        assert main(["merge", str(runs["qlora"]), "--out", str(out), "--base", base, "--eval-batches", "2"]) == 0
+        assert main(["merge", str(runs["qlora"]), "--out", str(out), flag, base, "--eval-batches", "2"]) == 0
         reports[base] = json.loads((out / "merge_report.json").read_text())
         err = capsys.readouterr().err
         assert "merge cost" in err and ("dequantized 4-bit base" in err) == (base == "dequantized")

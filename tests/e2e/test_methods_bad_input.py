@@ -8,6 +8,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from leantune.cli.main import main
+from tests.conftest import assert_one_line_error
 
 from .test_bad_input import _train
 
@@ -83,11 +84,7 @@ def test_method_misuse_is_one_line_before_training(case, tmp_path, tiny_llama_di
     rc = main(argv)
     out = capsys.readouterr()
     assert rc == 2, out
-    lines = [ln for ln in out.err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
-    assert "Traceback" not in out.err + out.out
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
+    assert_one_line_error(out, words)
     assert not (tmp_path / "run").exists()  # refused before the run folder (and any training) exists
 
 

@@ -210,3 +210,90 @@ def test_a_port_in_use_is_one_line(server):
     port = int(server[0].rsplit(":", 1)[1])
     with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}.*--port"):
         port_free("127.0.0.1", port)
+
+
+def _in_flight(url: str) -> float:
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    line = next(x for x in text.splitlines() if x.startswith("leantune_requests_in_flight "))
+    return float(line.split()[1])
+
+
+def _send_and_hang_up(url: str, body: dict) -> None:
+    """POST `body` and close the socket before reading a byte of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    raw = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head + raw)
+        s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_hangs_up_before_the_first_byte_frees_its_count_and_row(server, stream):
+    url, engine = server
+    body = {"model": "legal", "prompt": "the quick brown fox", "max_tokens": 64, "temperature": 0,
+            "stream": stream}
+    engine_eos, engine.eos = engine.eos, set()     # the row would otherwise run all 64 tokens
+    try:
+        for _ in range(3):
+            _send_and_hang_up(url, body)
+        deadline = time.time() + 20
+        while (engine.running or engine.pending or _in_flight(url)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not engine.running and not engine.pending
+        assert _in_flight(url) == 0
+    finally:
+        engine.eos = engine_eos
+
+
+def _asgi_call_that_fails_on_the_first_byte(app, body: dict) -> None:
+    """Drive `app` as an ASGI server would when the client is gone before the response starts: the request
+    arrives whole, then every send fails (the socket is closed) and receive says the client disconnected."""
+    import asyncio
+
+    raw = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(raw)).encode())]}
+    sent_body = False
+
+    async def receive():
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("the client closed the connection")
+
+    async def run():
+        try:
+            await app(scope, receive, send)
+        except Exception:  # the server sees the dead socket; what matters is what the app left behind
+            pass
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_send_that_fails_before_the_first_byte_leaks_no_count_nor_row(server, stream):
+    url, engine = server
+    app = build_app(engine, "tiny", api_key=KEY, limits=Limits(max_tokens=64, max_concurrent=8))
+    body = {"model": "legal", "prompt": "the quick brown fox", "max_tokens": 64, "temperature": 0,
+            "stream": stream}
+    engine_eos, engine.eos = engine.eos, set()
+    try:
+        _asgi_call_that_fails_on_the_first_byte(app, body)
+        deadline = time.time() + 20
+        while (engine.running or engine.pending) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not engine.running and not engine.pending
+        gauge = app.state.metrics.registry.get_sample_value("leantune_requests_in_flight")
+        assert gauge == 0
+    finally:
+        engine.eos = engine_eos

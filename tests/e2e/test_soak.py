@@ -91,8 +91,7 @@ def assert_nothing_looks_complete_that_is_not(run_dir: Path) -> None:
 def reference(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("soak-ref")
     out = tmp / "ref"
-    # a fresh process, like the killed runs: a method another test registered in this worker (the contract
-    # tests' toy) would otherwise write its section into config.yaml, which merge/export then refuse
+    # a fresh process, like the killed runs: nothing another test registered or set in this worker reaches it
     proc = cli("train", str(write_config(tmp, tiny_llama_dir, out)))
     assert proc.returncode == 0, proc.stderr[-1500:]
     return out

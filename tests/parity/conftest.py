@@ -28,3 +28,21 @@ def greedy_by_full_forward(forward, ids, steps: int) -> list[int]:
             out.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return out
+
+
+def ours_forward(model, ids, mask, labels=None):
+    """Our adapted model's forward on a batch, through prepare_inputs as training calls it (virtual tokens
+    widen the mask and the labels there)."""
+    from leantune.adapters.base import prepare_inputs
+
+    return model(**prepare_inputs(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}))
+
+
+def padded_batch(pad: int):
+    """Two rows of 9 token ids (6..99, past the specials), the second left-padded by `pad`: (ids, mask)."""
+    import torch
+
+    ids = torch.randint(6, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return ids, mask

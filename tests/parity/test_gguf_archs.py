@@ -17,6 +17,11 @@ gguf = pytest.importorskip("gguf")
 from leantune.export.gguf.writer import architecture, write_gguf  # noqa: E402
 
 
+def _random_norms_saved(model, folder) -> None:
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.uniform_(0.5, 1.5)  # the default ones would hide a misnamed or misapplied norm
+    model.save_pretrained(folder)
 
 
 def tiny_qwen3(folder):
@@ -33,10 +38,7 @@ def tiny_qwen3(folder):
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
                       tie_word_embeddings=True, rope_theta=1e6)
     model = Qwen3ForCausalLM(cfg).eval()
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.data.uniform_(0.5, 1.5)  # the default ones would hide a misnamed or misapplied norm
-    model.save_pretrained(folder)
+    _random_norms_saved(model, folder)
     return folder, model, tok
 
 
@@ -145,10 +147,7 @@ def tiny_phi3(folder):
                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                      original_max_position_embeddings=512, bos_token_id=1, eos_token_id=5, pad_token_id=3)
     model = Phi3ForCausalLM(cfg).eval()
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.data.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
+    _random_norms_saved(model, folder)
     return folder, model, tok
 
 

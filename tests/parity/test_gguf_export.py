@@ -37,25 +37,21 @@ def _load_back(path):
 
 
 @pytest.fixture(scope="module")
-def wide_llama_dir(tmp_path_factory):
-    """A tiny Llama with hidden 256 (rows a multiple of 256, so k-quants apply) and untied output."""
-    from tests.conftest import build_llama, build_tokenizer
+def deep_wide_llama_dir(tmp_path_factory):
+    """conftest's wide Llama (hidden 256: rows a multiple of 256, so k-quants apply; untied output) at 8 layers."""
+    from tests.conftest import save_tiny_llama
 
-    d = tmp_path_factory.mktemp("wide-llama")
-    tok = build_tokenizer()
-    tok.save_pretrained(d)
-    build_llama(d, vocab_size=len(tok), hidden=256, layers=8)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("wide-llama"), hidden=256, layers=8)
 
 
 @pytest.mark.parametrize("quant, tol", [("F32", 1e-5), ("Q8_0", 0.05), ("Q4_K_M", 0.3)])
-def test_gguf_loads_in_transformers_with_matching_logits(wide_llama_dir, tmp_path, quant, tol):
+def test_gguf_loads_in_transformers_with_matching_logits(deep_wide_llama_dir, tmp_path, quant, tol):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(wide_llama_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(wide_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(deep_wide_llama_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(deep_wide_llama_dir)
     path = tmp_path / f"m-{quant}.gguf"
-    write_gguf(model, tok, wide_llama_dir, path, quant, progress=False)
+    write_gguf(model, tok, deep_wide_llama_dir, path, quant, progress=False)
     ref, got = _logits(model, tok), _logits(_load_back(path), tok)
     rel = (got - ref).abs().max() / ref.abs().max()
     assert rel <= tol, (quant, float(rel))
@@ -64,13 +60,13 @@ def test_gguf_loads_in_transformers_with_matching_logits(wide_llama_dir, tmp_pat
         assert back_tok(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
 
 
-def test_q4_k_m_uses_llama_quantize_tensor_mix(wide_llama_dir, tmp_path):
+def test_q4_k_m_uses_llama_quantize_tensor_mix(deep_wide_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(wide_llama_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(wide_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(deep_wide_llama_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(deep_wide_llama_dir)
     path = tmp_path / "mix.gguf"
-    write_gguf(model, tok, wide_llama_dir, path, "Q4_K_M", progress=False)
+    write_gguf(model, tok, deep_wide_llama_dir, path, "Q4_K_M", progress=False)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     n = 8
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
@@ -171,14 +167,14 @@ def test_lora_gguf_applied_the_llama_cpp_way_equals_our_merged_export(tiny_llama
         np.testing.assert_allclose(applied, merged[name], atol=1e-5)
 
 
-def test_llama_cpp_reads_our_file_when_installed(wide_llama_dir, tmp_path):
+def test_llama_cpp_reads_our_file_when_installed(deep_wide_llama_dir, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(wide_llama_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(wide_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(deep_wide_llama_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(deep_wide_llama_dir)
     path = tmp_path / "m.gguf"
-    write_gguf(model, tok, wide_llama_dir, path, "F32", progress=False)
+    write_gguf(model, tok, deep_wide_llama_dir, path, "F32", progress=False)
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=128)
     ids = tok(TEXT)["input_ids"]
     llm.eval(ids)

@@ -20,16 +20,11 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "what is the capital of 
 
 
 @pytest.fixture(scope="module")
-def wide(tmp_path_factory):
+def wide(wide_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.conftest import build_llama, build_tokenizer
-
-    d = tmp_path_factory.mktemp("imatrix-llama")
-    build_tokenizer().save_pretrained(d)
-    tok = AutoTokenizer.from_pretrained(d)
-    build_llama(d, vocab_size=len(tok), hidden=256, layers=2)
-    return d, AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), tok
+    d = wide_llama_dir
+    return d, AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(d)
 
 
 def test_collect_is_the_mean_squared_input_of_each_linear(wide):

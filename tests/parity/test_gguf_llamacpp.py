@@ -67,13 +67,9 @@ def llamacpp():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tests.conftest import build_llama, build_tokenizer
+    from tests.conftest import save_tiny_llama
 
-    d = tmp_path_factory.mktemp("llamacpp-llama")
-    tok = build_tokenizer()
-    tok.save_pretrained(d)
-    build_llama(d, vocab_size=len(tok), hidden=256, layers=4)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("llamacpp-llama"), hidden=256, layers=4)
 
 
 def _torch_top1_and_greedy(model, ids: list[int], prompt: list[int], n: int):

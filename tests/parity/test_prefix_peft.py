@@ -15,7 +15,7 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model  # noqa: E402
 from leantune.adapters.base import adapter_modules, mark_only_adapters_trainable, prepare_inputs  # noqa: E402
 from leantune.adapters.prefix import inject_prefix  # noqa: E402
 from leantune.checkpoint.adapter_io import load_adapter, save_adapter  # noqa: E402
-from tests.parity.conftest import greedy_by_full_forward  # noqa: E402
+from tests.parity.conftest import greedy_by_full_forward, ours_forward, padded_batch  # noqa: E402
 
 N = 4
 CASES = {"plain": {}, "projection": {"projection": True, "projection_hidden": 24}}
@@ -44,16 +44,9 @@ def peer_params(theirs) -> list[torch.nn.Parameter]:
     return [encoder.embedding.weight] + ([] if not encoder.prefix_projection else list(encoder.transform.parameters()))
 
 
-def ours_forward(model, ids, mask, labels=None):
-    return model(**prepare_inputs(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}))
-
-
 @pytest.fixture
 def batch():
-    ids = torch.randint(6, 100, (2, 9), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    return ids, mask
+    return padded_batch(2)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -17,7 +17,7 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model  # noqa: E402
 from leantune.adapters.base import adapter_modules, format_trainable, mark_only_adapters_trainable, prepare_inputs  # noqa: E402
 from leantune.adapters.prompt import inject_prompt  # noqa: E402
 from leantune.checkpoint.adapter_io import load_adapter, save_adapter  # noqa: E402
-from tests.parity.conftest import greedy_by_full_forward  # noqa: E402
+from tests.parity.conftest import greedy_by_full_forward, ours_forward, padded_batch  # noqa: E402
 
 N = 6
 TEXT = "answer the question"
@@ -41,16 +41,9 @@ def prompt_of(model) -> torch.nn.Parameter:
     return adapter.prompt_embeddings
 
 
-def ours_forward(model, ids, mask, labels=None):
-    return model(**prepare_inputs(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}))
-
-
 @pytest.fixture
 def batch():
-    ids = torch.randint(6, 100, (2, 9), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # a left-padded row: the mask must line up behind the virtual tokens
-    return ids, mask
+    return padded_batch(3)  # a left-padded row: the mask must line up behind the virtual tokens
 
 
 def test_same_seed_builds_the_same_random_prompt_and_count_line(tiny_llama):

@@ -38,3 +38,24 @@ def test_a_mistyped_flag_points_to_the_subcommands_help_and_its_closest_option(c
     assert main(["export", "x", "--lora.rank", "8"]) == 2
     err = capsys.readouterr().err
     assert "see `leantune export --help`" in err and "did you mean --lora" not in err
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_merge_and_export_name_the_qlora_base_choice_alike(command, capsys):
+    """`--merge-base` in both; merge's earlier `--base` still sets it but is no longer listed."""
+    parser = build_parser()
+    assert parser.parse_args([command, "run"]).merge_base == "dequantized"
+    assert parser.parse_args([command, "run", "--merge-base", "original"]).merge_base == "original"
+    assert main([command, "--help"]) == 0
+    assert "--merge-base {dequantized,original}" in capsys.readouterr().out
+
+
+def test_merge_base_keeps_its_earlier_name_as_a_hidden_alias(capsys):
+    parser = build_parser()
+    ns = parser.parse_args(["merge", "run", "--base", "original"])
+    assert ns.merge_base == "original" and not hasattr(ns, "base")
+    assert main(["merge", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--base " not in text and "--base," not in text and "--base-model" in text
+    assert main(["merge", "run", "--base", "16bit"]) == 2  # the alias checks its choices like the flag
+    assert "invalid choice" in capsys.readouterr().err

@@ -54,6 +54,17 @@ def test_every_field_has_help_and_round_trips_through_yaml(tmp_path):
     assert again == cfg
 
 
+def test_the_saved_config_holds_its_own_methods_section_only():
+    """config.yaml (to_dict) carries the core sections and the section the method reads: DoRA reads lora's,
+    full fine-tuning none; no other method's defaults."""
+    methods = {n: C.METHODS[n].section for n in ("lora", "dora", "ia3", "prefix", "full")}
+    for method, section in methods.items():
+        saved = C.to_dict(C.from_dict(minimal(method=method)))
+        assert {"data", "train", "quant"} <= set(saved), method
+        assert set(saved) & set(C.SECTIONS) == ({section} if section else set()), method
+    assert methods["dora"] == "lora" and methods["full"] is None
+
+
 def test_train_help_documents_every_field_with_its_default(capsys):
     from leantune.cli.main import main
 

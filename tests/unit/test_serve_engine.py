@@ -106,7 +106,7 @@ def test_rows_joining_mid_decode_agree_with_a_batch_run_alone(base, tiny_tokeniz
     together = _run_batch(engine, prompts, ROWS)
     staggered = _run_batch(engine, prompts, ROWS, join_late=(1, 3, 5))
     assert staggered == together
-    assert engine.cache is None and not engine.running     # every row left and freed its KV
+    assert engine.kv.cache is None and not engine.running     # every row left and freed its KV
 
 
 def test_engine_generate_matches_leantune_generate(base, tiny_tokenizer, folders):
@@ -170,7 +170,7 @@ def test_cancelled_request_frees_its_row(base, tiny_tokenizer, folders):
     assert engine.running == [r]
     r.cancel()
     engine.step()
-    assert engine.running == [] and engine.cache is None and len(r.tokens) < 50
+    assert engine.running == [] and engine.kv.cache is None and len(r.tokens) < 50
 
 
 def test_refusals_are_one_line(base, tiny_tokenizer, folders, tmp_path):
