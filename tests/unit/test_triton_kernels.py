@@ -90,3 +90,29 @@ def test_swiglu_matches_torch(dtype):
     torch.testing.assert_close(ha.double(), hb, **TOL[dtype])
     torch.testing.assert_close(ga.grad.double(), gb.grad, **TOL[dtype])
     torch.testing.assert_close(ua.grad.double(), ub.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_with_the_kernel_matches_its_torch_path(dtype):
+    from leantune.ops import cross_entropy as ce
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(13, 24, generator=g).to(dtype)       # 13 rows in chunks of 5: a ragged last chunk
+    w = (torch.randn(333, 24, generator=g) * 0.3).to(dtype)
+    y = torch.randint(0, 333, (13,), generator=g)
+
+    def run(fused):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        ce.use_fused_rows(ce_rows if fused else None)
+        try:
+            loss = ce.chunked_linear_cross_entropy(hh, ww, y, normalizer=20.0, chunk=5)
+        finally:
+            ce.use_fused_rows(None)
+        (loss * 3).backward()
+        return loss, hh.grad, ww.grad
+
+    (lk, hk, wk), (lt, ht, wt) = run(True), run(False)
+    torch.testing.assert_close(lk, lt, **TOL[dtype])
+    assert hk.dtype == dtype and wk.dtype == dtype
+    torch.testing.assert_close(hk.float(), ht.float(), **TOL[dtype])
+    torch.testing.assert_close(wk.float(), wt.float(), **TOL[dtype])
