@@ -1,7 +1,9 @@
 """`leantune serve` against its targets (issue 13), ratios from one run on one machine.
 
   throughput   decode tokens/s of a batch whose 8 rows use 8 distinct adapters vs the same batch on the base
-               alone (target >= 0.85x); the engine stepped directly, no HTTP
+               alone (target >= 0.85x); the engine stepped directly, no HTTP. Printed per wall second and per
+               CPU second (less skewed by other work on the machine), with `bytes_bound`: the ratio a decode step
+               bound by reading weights from memory cannot beat (base matrices / base + resident factors)
   load         500 requests from 50 concurrent clients over 8 adapters through the live HTTP server:
                errors, p50/p99 latency, tokens/s
   sequential   the batched server's tokens/s vs the same requests one at a time through `generate`
