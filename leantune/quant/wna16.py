@@ -114,8 +114,12 @@ def hessian(x: Tensor) -> Tensor:
 
 @one_thread()
 def gptq(w: Tensor, h: Tensor, bits: int, group_size: int, *, sym: bool = True, damp: float = 0.01,
-         act_order: bool = False, block: int = 128, scale_dtype=torch.float16) -> tuple[Tensor, Tensor, Tensor]:
+         act_order: bool = False, block: int = 128, scale_dtype=torch.float16, static_groups: bool = False
+         ) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ of one Linear's weight `w` (out, in) against Hessian `h` (in, in) (see the module docstring).
+
+    `static_groups`: every group's grid from the unsolved weights (as act-order does, and as llm-compressor
+    0.14 does for every GPTQ) instead of from the group's columns as updated when the solve reaches it.
 
     Returns (codes (out, in), scales (out, groups), zeros (out, groups)) in the original column order."""
     w = w.detach().float().clone()
@@ -130,9 +134,11 @@ def gptq(w: Tensor, h: Tensor, bits: int, group_size: int, *, sym: bool = True, 
     st = torch.zeros(g, out)                        # scales, zeros: (groups, out)
     zt = torch.zeros(g, out)
     perm = torch.arange(n)
-    if act_order:
+    static = act_order or static_groups
+    if static:
         for j in range(g):                          # static act-order: the grid comes from the unsolved weights
             st[j], zt[j] = group_params(w[:, j * gs:(j + 1) * gs], bits, sym, scale_dtype)
+    if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n)
@@ -149,7 +155,7 @@ def gptq(w: Tensor, h: Tensor, bits: int, group_size: int, *, sym: bool = True, 
         for k in range(i2 - i1):
             i = i1 + k
             j = group_of[i]
-            if not act_order and i % gs == 0:       # lazy grid: from the group's columns as updated so far
+            if not static and i % gs == 0:       # lazy grid: from the group's columns as updated so far
                 st[j], zt[j] = group_params(_rows_now(wt, wb, i1, i, gs).T, bits, sym, scale_dtype)
             sc, zr = st[j], zt[j]
             col = wb[k]

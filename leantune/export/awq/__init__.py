@@ -94,7 +94,14 @@ def solve(layer: torch.nn.Module, walk, spec: wna16.Spec, clip: bool = True) -> 
     finally:
         for h in handles:
             h.remove()
-    x = {n: torch.cat([t.reshape(-1, t.shape[-1]) for t in ts]).float() for n, ts in seen.items()}   # (tokens, in)
+    x: dict[str, torch.Tensor] = {}                            # (tokens, in); q/k/v (gate/up) share one tensor
+    joined: dict[tuple[int, ...], torch.Tensor] = {}
+    for n, ts in seen.items():
+        key = tuple(id(t) for t in ts)
+        if key not in joined:
+            joined[key] = torch.cat([t.reshape(-1, t.shape[-1]) for t in ts]).float()
+        x[n] = joined[key]
+    joined.clear()
     seen.clear()
     inputs_scale = {n: torch.ones(m.in_features) for n, m in found.items()}   # the inputs are now x / s
     modules = dict(layer.named_modules())

@@ -68,7 +68,8 @@ def solve(layer: torch.nn.Module, walk, spec: wna16.Spec) -> dict[str, wna16.Pac
         h = 2.0 * xtx[first] / max(tokens[first], 1)                # H = 2 X^T X / N
         w = torch.cat([found[n].weight for n in names])             # rows are solved independently: one call
         codes, scale, zero = math.gptq(w, h, spec.bits, spec.group_size, sym=spec.sym, damp=spec.damp,
-                                       act_order=spec.act_order, scale_dtype=spec.scale_dtype)
+                                       act_order=spec.act_order, scale_dtype=spec.scale_dtype,
+                                       static_groups=spec.static_groups)
         row = 0
         for n in names:
             rows = slice(row, row + found[n].out_features)

@@ -18,6 +18,7 @@ Embeddings, norms and the output head stay in the checkpoint's own dtype, as bot
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from ...errors import ModelError
 from ...io.atomic import atomic_dir
 from ...io.outputs import write_manifest
+from ..wna16 import VLLM_CPU_8BIT
 from ...quant.loader import params_on_meta, quantizable_linears
 from ...quant.spec import QuantSpec, quantization_config_dict
 from ..base import Exporter, ExportOptions
@@ -63,7 +65,11 @@ class Int8Exporter(Exporter, format="int8"):
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_manifest(tmp)
-        return {"linears_quantized": len(paths), "stored_dtype": str(dtype).removeprefix("torch.")}
+        warnings = [VLLM_CPU_8BIT] if quant == "W8A16" else []
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        return {"linears_quantized": len(paths), "stored_dtype": str(dtype).removeprefix("torch."),
+                "warnings": warnings}
 
     def load_back(self, out: Path) -> nn.Module:
         return load_int8_folder(out)
