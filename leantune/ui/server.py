@@ -29,7 +29,7 @@ def serve(root: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860, 
 
     check_port(host, port)
     local = host in ("127.0.0.1", "localhost", "::1")
-    if serve_url and not serve_url.startswith(("http://", "https://")):
+    if serve_url and not serve_url.strip().startswith(("http://", "https://")):
         raise ConfigError(f"--serve {serve_url!r} is not a URL; e.g. --serve http://127.0.0.1:8000")
     app = create_app(root, allow_start=local, serve_url=serve_url, api_key=api_key)  # the page can start runs only when no one else can reach it
     print(f"leantune ui: http://{host}:{port}/  (runs under {Path(root).resolve()}; Ctrl-C stops)", flush=True)

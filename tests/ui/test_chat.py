@@ -63,20 +63,24 @@ def serve_url(tmp_path_factory, tiny_llama_dir):
         proc.communicate(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def chat_ui(serve_url, runs_root):
+def run_ui(app):
     import uvicorn
 
-    from leantune.ui.app import create_app
-
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(runs_root, serve_url=serve_url, api_key=KEY), host="127.0.0.1",
-                                        port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", srv, thread
+
+
+@pytest.fixture(scope="module")
+def chat_ui(serve_url, runs_root):
+    from leantune.ui.app import create_app
+
+    url, srv, thread = run_ui(create_app(runs_root, serve_url=serve_url, api_key=KEY))
+    yield url
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -168,3 +172,45 @@ def test_no_server_answers_503_naming_the_command_and_a_bad_url_is_one_line(serv
                                  f"{runs_root} --port 8000`), then `leantune ui --serve http://127.0.0.1:8000`")
     assert main(["ui", "--serve", "127.0.0.1:8000", "--port", str(free_port())]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("e.g. --serve http://127.0.0.1:8000")
+
+
+def test_the_page_connects_to_a_server_from_its_own_form(browser, serve_url, runs_root, artifacts):
+    from leantune.ui.app import create_app
+
+    url, srv, thread = run_ui(create_app(runs_root))  # no --serve: the tab offers the Connect form
+    ctx = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = ctx.new_page()
+    try:
+        page.goto(url + "/#chat")
+        page.wait_for_selector("body[data-chat=none]")
+        page.fill("#connect-url", serve_url)
+        page.fill("#connect-key", "wrong-key")
+        page.click("#connect-go")
+        page.wait_for_selector("#chat-error:visible")
+        assert "api key" in page.inner_text("#chat-error").lower()  # the server's own 401 message
+        page.fill("#connect-key", KEY)  # the form stays: connect again
+        page.click("#connect-go")
+        page.wait_for_selector("body[data-chat=ready]")
+        assert page.locator("#chat-model option").all_inner_texts() == ["tiny", "alpha", "beta"]
+        assert page.input_value("#connect-key") == "" and KEY not in page.content()
+        assert httpx.get(url + "/api/chat").json() == {"server": serve_url, "can_set": True,
+                                                        "commands": httpx.get(url + "/api/chat").json()["commands"]}
+        page.screenshot(path=str(artifacts / "chat-connect.png"), full_page=True)
+    finally:
+        ctx.close()
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_connect_is_refused_beyond_this_machine_and_a_bad_url_is_one_line(runs_root):
+    from starlette.testclient import TestClient
+
+    from leantune.ui.app import create_app
+
+    remote = TestClient(create_app(runs_root, allow_start=False))  # what `--host 0.0.0.0` builds
+    r = remote.post("/api/chat", json={"server": "http://127.0.0.1:8000", "api_key": "k"})
+    assert r.status_code == 403 and "--serve URL" in r.json()["error"]
+    assert remote.get("/api/chat").json()["server"] is None
+    local = TestClient(create_app(runs_root))
+    r = local.post("/api/chat", json={"server": "localhost:8000"})
+    assert r.status_code == 400 and r.json()["error"].startswith("server 'localhost:8000' is not a URL; e.g. http://")

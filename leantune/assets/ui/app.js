@@ -25,7 +25,8 @@ const num = (x, d = 4) => x == null ? "-" : Number(x).toFixed(d);
 async function getJSON(url, opts) {
   const r = await fetch(url, opts);
   const body = await r.json().catch(() => ({ error: `${r.status} ${r.statusText}` }));
-  if (!r.ok) throw new Error(body.error || `${r.status} ${r.statusText}`);
+  const err = body.error && (body.error.message || body.error);  // ours: a string; the OpenAI API's: {message}
+  if (!r.ok) throw new Error(err || `${r.status} ${r.statusText}`);
   return body;
 }
 
@@ -284,9 +285,11 @@ async function startRun(ev) {
 
 // ---- chat: /v1/* on this page is proxied to `leantune serve` (the key stays on the ui server) ------------
 let CHAT = [];                                    // the conversation: [{role, content}]
-async function loadChat() {
-  const info = await getJSON("/api/chat");
+async function loadChat(given) {
+  const info = given || await getJSON("/api/chat");
   $("#chat-setup").hidden = !!info.server;
+  $("#connect-form").hidden = !info.can_set;
+  if (info.server) $("#connect-url").value = info.server;
   $("#chat-form").hidden = !info.server;
   if (!info.server) {
     $("#chat-server").textContent = "The Chat tab talks to a `leantune serve` server.";
@@ -360,11 +363,23 @@ async function sendChat(ev) {
     input.focus();
   }
 }
+async function connectChat(ev) {
+  ev.preventDefault();
+  const key = $("#connect-key");
+  try {
+    const info = await getJSON("/api/chat", { method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ server: $("#connect-url").value, api_key: key.value }) });
+    key.value = "";                                 // the ui server holds it now; the page forgets it
+    await loadChat(info);
+    $("#chat-model").focus();
+  } catch (e) { chatError(e.message); }
+}
 function clearChat() { CHAT = []; $("#chat-log").replaceChildren(); $("#chat-error").hidden = true; $("#chat-input").focus(); }
 
 // ---- start ----------------------------------------------------------------------------------------------
 $("#chat-form").addEventListener("submit", sendChat);
 $("#chat-clear").addEventListener("click", clearChat);
+$("#connect-form").addEventListener("submit", connectChat);
 $("#chat-input").addEventListener("keydown", e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("#chat-form").requestSubmit(); });
 $("#plan-form").addEventListener("submit", submitPlan);
 $("#start-form").addEventListener("submit", startRun);
