@@ -94,6 +94,9 @@ class TrainConfig:
     early_stopping_patience: int | None = option(None, "stop after this many evaluations without a better eval loss")
     log_every: int = option(1, "write metrics every N steps (0 means every step)")
     tensorboard: bool = option(True, "also write TensorBoard event files (needs the tensorboard package)")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = option(
+        ["tensorboard"], "where metrics go beside metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE or an API key), "
+        "mlflow (a file: store in the run folder unless MLFLOW_TRACKING_URI); each needs its package")
     progress: bool = option(True, "show a progress bar")
     on_nonfinite: Literal["stop", "skip_batch", "rollback"] = option(
         "stop", "a NaN/inf loss or gradient: stop (the last checkpoint is kept), skip_batch (drop that step's "

@@ -1,4 +1,5 @@
-"""Metrics: one JSON object per line in `metrics.jsonl`, mirrored to TensorBoard when it is installed.
+"""Metrics: one JSON object per line in `metrics.jsonl`, mirrored to TensorBoard when it is installed, and to
+W&B / MLflow when `train.report_to` names them (train/loggers/).
 
 The JSONL file is the source of truth (easy to plot, grep or load with pandas); TensorBoard is a
 convenience. Lines are flushed as they are written, so a crash loses at most the line in flight.
@@ -19,6 +20,7 @@ from pathlib import Path
 from ..checkpoint.run_folder import METRICS, TENSORBOARD
 from ..io.atomic import write_text
 from ..io.faults import fault_point
+from .loggers import Trackers, flat_params
 
 
 def _records(path: Path):
@@ -47,7 +49,8 @@ def _after_existing_event_files(folder: Path) -> None:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0, report_to: list[str] = (),
+                 params: dict | None = None, console=print):
         self.run_dir, self.path = Path(run_dir), Path(run_dir) / METRICS
         if not resume_step:  # a new run (or one started again before its first checkpoint) starts clean
             self.path.unlink(missing_ok=True)
@@ -56,6 +59,7 @@ class MetricsLog:
         self.tb_note = None
         self._tensorboard = tensorboard
         self._open(resume_step)
+        self.trackers = Trackers(list(report_to), self.run_dir, flat_params(params or {}), resume_step, warn=console)
 
     def _open(self, step: int) -> None:
         if step and self.path.exists():
@@ -75,7 +79,7 @@ class MetricsLog:
 
     def rewind(self, step: int) -> None:
         """Continue from `step` (a rollback): forget what was logged after it, in both places."""
-        self.close()
+        self.close(trackers=False)  # the trackers keep their run; the steps after `step` are logged again
         self._open(step)
 
     def log(self, step: int, **values: float) -> None:
@@ -91,9 +95,12 @@ class MetricsLog:
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()  # as the JSONL line: a kill -9 must not take steps a checkpoint already holds
+        self.trackers.log(step, values)
 
-    def close(self) -> None:
+    def close(self, trackers: bool = True) -> None:
         self._f.close()
+        if trackers:
+            self.trackers.close()
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()

@@ -23,7 +23,7 @@ from ..adapters.base import METHODS, adapter_modules, format_trainable, layer_fe
 from ..checkpoint.adapter_io import save_adapter
 from ..checkpoint.deploy_rules import check_deploy_targets
 from ..checkpoint.run_folder import RunFolder, RunInfo, write_run_info
-from ..config import RunConfig, dump_yaml
+from ..config import RunConfig, dump_yaml, to_dict
 from ..data.dataset import EpochPlan, Prepared, batch_plan, build as build_data
 from ..data.tokenize import resolve_chat_template
 from ..device import pick_dtype, resolve_device
@@ -39,6 +39,7 @@ from ..quant import spec_of
 from . import distributed
 from .compile import compile_layers
 from .memory import SavedTensorMeter
+from .loggers import check_installed as check_trackers
 from .metrics import MetricsLog
 from .optim import build_optimizer
 from .schedule import warmup_steps
@@ -133,6 +134,7 @@ class Session:
 def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None] = print) -> Session:
     """Load, prepare and plan the run of `cfg`; with `resume`, from its newest checkpoint."""
     check_deploy_targets(cfg, console)  # a result vLLM or llama.cpp cannot serve is refused before any loading
+    check_trackers(cfg.train.report_to)  # a named W&B/MLflow that is not installed: refused before loading
     run_dir = Path(cfg.output_dir)
     folder = RunFolder(run_dir)
     ckpts = check_run_dir(run_dir, resume)
@@ -176,7 +178,9 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(folder.config, dump_yaml(cfg))
         write_json(folder.data_report, asdict(data.report))
-        log = MetricsLog(run_dir, t.tensorboard, resume_step=progress.step if resume else 0)
+        log = MetricsLog(run_dir, t.tensorboard and "tensorboard" in t.report_to,
+                         resume_step=progress.step if resume else 0, report_to=t.report_to,
+                         params=to_dict(cfg), console=console)
     else:
         log = distributed.NullLog()
     if log.tb_note:

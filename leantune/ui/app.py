@@ -8,6 +8,10 @@
     GET  /api/runs/{id}         one run: curves, memory breakdown, data report, checkpoints
     POST /api/runs/start        {config, name} -> `leantune train CONFIG --output_dir ROOT/NAME` in a new process
                                 (only when the page listens on this machine alone: it runs what a config says)
+    GET  /api/chat              {server: URL or null, commands: the `leantune serve ...` lines for the runs seen}
+    POST /api/chat              {server, api_key}: the page's Connect form (local pages only; the key stays here)
+    GET|POST /v1/...            proxied to `leantune ui --serve URL` (streams pass through; --api-key is added
+                                here, so the key never reaches the browser); 503 {error} with no server
 
 The page calls the same functions as the CLI (`make_plan` is `leantune plan`). A bad request is a 400
 with {"error": one line naming the fix}, the CLI's message.
@@ -82,7 +86,80 @@ def start_run(root: Path, body: dict) -> dict:
     return {"id": name, "pid": proc.pid, "log": str(out / "train.log")}
 
 
-def create_app(root: str | Path = "runs", allow_start: bool = True) -> FastAPI:
+def serve_commands(root: Path) -> list[str]:
+    """The `leantune serve` line that serves the finished runs under `root`, one per base model they share."""
+    import shlex
+
+    bases: dict[str, int] = {}
+    if root.is_dir():
+        for r in runs_mod.find_runs(root):
+            row = runs_mod.run_row(root, r)
+            if row.get("model") and (r / "adapter").is_dir():
+                bases[row["model"]] = bases.get(row["model"], 0) + 1
+    models = sorted(bases, key=lambda m: -bases[m]) or ["MODEL"]
+    return [f"leantune serve {shlex.quote(m)} --adapters {shlex.quote(str(root))} --port 8000" for m in models]
+
+
+def _base_url(url: str) -> str:
+    url = str(url or "").strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"server {url!r} is not a URL; e.g. http://127.0.0.1:8000 (where `leantune serve` listens)")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def _proxy_routes(app: FastAPI, root: Path, serve_url: str | None, api_key: str | None, allow_set: bool) -> None:
+    import httpx
+    from starlette.background import BackgroundTask
+    from starlette.responses import StreamingResponse
+
+    target = {"base": _base_url(serve_url) if serve_url else None, "key": api_key or None}
+    client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=600.0))
+
+    @app.get("/api/chat")
+    def api_chat():
+        return {"server": target["base"], "commands": serve_commands(root), "can_set": allow_set}
+
+    @app.post("/api/chat")
+    async def api_chat_set(request: Request):
+        """The page's "Connect" form: {server, api_key}. The key stays in this process, never echoed back."""
+        if not allow_set:
+            return _bad("setting the chat server from the page is off: this page listens beyond this machine "
+                        "(--host); start it with --serve URL", 403)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return _bad("the request body must be a JSON object: {\"server\": \"http://127.0.0.1:8000\", \"api_key\": ...}")
+        target["base"], target["key"] = _base_url(body.get("server")), str(body.get("api_key") or "") or None
+        return {"server": target["base"], "commands": serve_commands(root), "can_set": allow_set}
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
+    async def proxy(path: str, request: Request):
+        base = target["base"]
+        if base is None:
+            cmd = serve_commands(root)[0]
+            return _bad(f"no server to chat with: start one (`{cmd}`), then `leantune ui --serve "
+                        f"http://127.0.0.1:8000`", 503)
+        headers = {"content-type": request.headers.get("content-type", "application/json"),
+                   "accept": request.headers.get("accept", "*/*")}
+        if target["key"]:
+            headers["authorization"] = f"Bearer {target['key']}"
+        req = client.build_request(request.method, f"{base}/v1/{path}", params=request.query_params,
+                                   headers=headers, content=await request.body())
+        try:
+            upstream = await client.send(req, stream=True)
+        except httpx.HTTPError as e:
+            return _bad(f"cannot reach the server at {base} ({type(e).__name__}); is `leantune serve` running?", 502)
+        keep = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "cache-control")}
+        return StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code, headers=keep,
+                                 background=BackgroundTask(upstream.aclose))
+
+    app.router.on_shutdown.append(client.aclose)
+
+
+def create_app(root: str | Path = "runs", allow_start: bool = True, serve_url: str | None = None,
+               api_key: str | None = None) -> FastAPI:
     root = Path(root)
     app = FastAPI(title="leantune", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -146,5 +223,6 @@ def create_app(root: str | Path = "runs", allow_start: bool = True) -> FastAPI:
             return _bad(str(e), 404)
         return runs_mod.run_detail(root, path)
 
+    _proxy_routes(app, root, serve_url, api_key, allow_set=allow_start)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

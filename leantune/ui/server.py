@@ -21,14 +21,17 @@ def check_port(host: str, port: int) -> None:
                               f"another program uses it: pass --port {port + 1} (or another free port)") from None
 
 
-def serve(root: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860, quiet: bool = False) -> int:
+def serve(root: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860, quiet: bool = False,
+          serve_url: str | None = None, api_key: str | None = None) -> int:
     import uvicorn
 
     from .app import create_app
 
     check_port(host, port)
     local = host in ("127.0.0.1", "localhost", "::1")
-    app = create_app(root, allow_start=local)  # the page can start runs only when no one else can reach it
+    if serve_url and not serve_url.strip().startswith(("http://", "https://")):
+        raise ConfigError(f"--serve {serve_url!r} is not a URL; e.g. --serve http://127.0.0.1:8000")
+    app = create_app(root, allow_start=local, serve_url=serve_url, api_key=api_key)  # the page can start runs only when no one else can reach it
     print(f"leantune ui: http://{host}:{port}/  (runs under {Path(root).resolve()}; Ctrl-C stops)", flush=True)
     if not local:
         print(f"note: listening on {host}: anyone who can reach this machine can read the runs "

@@ -133,7 +133,7 @@ def test_phone_width_has_no_sideways_scroll(browser, server, artifacts):
     ctx = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
     page = ctx.new_page()
     try:
-        for tab in ("guide", "planner", "runs"):
+        for tab in ("guide", "planner", "runs", "chat"):
             page.goto(f"{server}/#{tab}")
             page.wait_for_selector("body[data-ready=guide]")
             if tab == "guide":
@@ -144,10 +144,12 @@ def test_phone_width_has_no_sideways_scroll(browser, server, artifacts):
                 page.wait_for_selector("#plan-chart", timeout=120_000)
             if tab == "runs":
                 page.wait_for_selector(".panel.run svg.loss-chart")
+            if tab == "chat":
+                page.wait_for_selector("body[data-chat=none]")
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= 390, f"{tab}: the page is {width} px wide at a 390 px viewport"
             page.screenshot(path=str(artifacts / f"phone-{tab}.png"), full_page=True)
     finally:
         ctx.close()
     assert json.dumps([p.name for p in sorted(artifacts.glob("phone-*.png"))]) == \
-        '["phone-guide.png", "phone-planner.png", "phone-runs.png"]'
+        '["phone-chat.png", "phone-guide.png", "phone-planner.png", "phone-runs.png"]'

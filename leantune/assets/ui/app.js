@@ -25,12 +25,13 @@ const num = (x, d = 4) => x == null ? "-" : Number(x).toFixed(d);
 async function getJSON(url, opts) {
   const r = await fetch(url, opts);
   const body = await r.json().catch(() => ({ error: `${r.status} ${r.statusText}` }));
-  if (!r.ok) throw new Error(body.error || `${r.status} ${r.statusText}`);
+  const err = body.error && (body.error.message || body.error);  // ours: a string; the OpenAI API's: {message}
+  if (!r.ok) throw new Error(err || `${r.status} ${r.statusText}`);
   return body;
 }
 
 // ---- tabs (the URL hash picks one, so the back button and links work) ------------------------------------
-const TABS = ["guide", "planner", "runs"];
+const TABS = ["guide", "planner", "runs", "chat"];
 function showTab() {
   const tab = TABS.includes(location.hash.slice(1)) ? location.hash.slice(1) : "guide";
   for (const t of TABS) {
@@ -39,6 +40,7 @@ function showTab() {
     if (t === tab) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
   if (tab === "runs") loadRuns().then(() => { if (OPEN.length) openRuns(OPEN); });  // polling resumes on return
+  if (tab === "chat") loadChat();
 }
 window.addEventListener("hashchange", showTab);
 
@@ -281,7 +283,104 @@ async function startRun(ev) {
   } catch (e) { msg.className = "error"; msg.textContent = e.message; }
 }
 
+// ---- chat: /v1/* on this page is proxied to `leantune serve` (the key stays on the ui server) ------------
+let CHAT = [];                                    // the conversation: [{role, content}]
+async function loadChat(given) {
+  const info = given || await getJSON("/api/chat");
+  $("#chat-setup").hidden = !!info.server;
+  $("#connect-form").hidden = !info.can_set;
+  if (info.server) $("#connect-url").value = info.server;
+  $("#chat-form").hidden = !info.server;
+  if (!info.server) {
+    $("#chat-server").textContent = "The Chat tab talks to a `leantune serve` server.";
+    $("#chat-commands").textContent = info.commands.join("\n");
+    document.body.setAttribute("data-chat", "none");
+    return;
+  }
+  $("#chat-server").textContent = `Server: ${info.server} (through this page's /v1 proxy)`;
+  try {
+    const models = (await getJSON("/v1/models")).data.map(m => m.id);
+    const sel = $("#chat-model"), keep = sel.value;
+    sel.replaceChildren(...models.map(m => h("option", { value: m }, m)));
+    if (models.includes(keep)) sel.value = keep;
+    $("#chat-error").hidden = true;
+    document.body.setAttribute("data-chat", "ready");
+  } catch (e) { chatError(e.message); }
+}
+function chatError(msg) { const el = $("#chat-error"); el.textContent = msg; el.hidden = false; }
+function chatBubble(role, text) {
+  const li = h("li", { class: "msg " + role }, h("span", { class: "who" }, role === "user" ? "You" : $("#chat-model").value), h("div", { class: "text" }, text));
+  $("#chat-log").append(li);
+  return $(".text", li);
+}
+async function sendChat(ev) {
+  ev.preventDefault();
+  const input = $("#chat-input"), text = input.value.trim();
+  if (!text) return;
+  $("#chat-error").hidden = true;
+  CHAT.push({ role: "user", content: text });
+  chatBubble("user", text);
+  input.value = "";
+  const out = chatBubble("assistant", "");
+  out.parentElement.setAttribute("aria-busy", "true");
+  $("#chat-send").disabled = true;
+  const body = { model: $("#chat-model").value, messages: CHAT, stream: true,
+                 temperature: Number($("#chat-temp").value), max_tokens: Number($("#chat-max").value) };
+  let reply = "";
+  try {
+    const r = await fetch("/v1/chat/completions", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+    if (!r.ok) {
+      const err = await r.json().catch(() => ({}));
+      throw new Error((err.error && (err.error.message || err.error)) || `${r.status} ${r.statusText}`);
+    }
+    const reader = r.body.getReader(), dec = new TextDecoder();
+    let buf = "";
+    for (;;) {                                      // server-sent events: "data: {json}" lines, then "data: [DONE]"
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, { stream: true });
+      const lines = buf.split("\n");
+      buf = lines.pop();
+      for (const ln of lines) {
+        if (!ln.startsWith("data:")) continue;
+        const data = ln.slice(5).trim();
+        if (data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
+        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+        if (delta && delta.content) { reply += delta.content; out.textContent = reply; }
+      }
+    }
+    CHAT.push({ role: "assistant", content: reply });
+    out.parentElement.setAttribute("data-done", "true");
+  } catch (e) {
+    chatError(e.message);
+    CHAT.pop();
+    out.parentElement.remove();
+  } finally {
+    out.parentElement.removeAttribute("aria-busy");
+    $("#chat-send").disabled = false;
+    input.focus();
+  }
+}
+async function connectChat(ev) {
+  ev.preventDefault();
+  const key = $("#connect-key");
+  try {
+    const info = await getJSON("/api/chat", { method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ server: $("#connect-url").value, api_key: key.value }) });
+    key.value = "";                                 // the ui server holds it now; the page forgets it
+    await loadChat(info);
+    $("#chat-model").focus();
+  } catch (e) { chatError(e.message); }
+}
+function clearChat() { CHAT = []; $("#chat-log").replaceChildren(); $("#chat-error").hidden = true; $("#chat-input").focus(); }
+
 // ---- start ----------------------------------------------------------------------------------------------
+$("#chat-form").addEventListener("submit", sendChat);
+$("#chat-clear").addEventListener("click", clearChat);
+$("#connect-form").addEventListener("submit", connectChat);
+$("#chat-input").addEventListener("keydown", e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("#chat-form").requestSubmit(); });
 $("#plan-form").addEventListener("submit", submitPlan);
 $("#start-form").addEventListener("submit", startRun);
 $("#cmp-go").addEventListener("click", () => {
