@@ -112,3 +112,74 @@ def cpu_device(tflops: float | None = None) -> Device:
     t = measure_cpu_tflops() if measured else tflops
     return Device("this CPU", host_memory(), t, None, "measured: fp32 matmul probe" if measured else "--tflops",
                   "cpu", bf16=False)
+
+
+# The modules a training run imports before its model loads: their resident set is the CPU runtime a run
+# carries. A 4/8-bit base or a bitsandbytes optimizer adds bitsandbytes (~110 MiB of RSS on this machine).
+RUN_IMPORTS = ("torch", "transformers", "leantune.train.loop")
+
+
+def _rss_of_fresh_process(imports: tuple[str, ...]) -> int:
+    """RSS of a fresh process that imported `imports` and then trained a 1-layer, 64-wide Llama for two AdamW
+    steps: torch pages in its CPU kernels, the autograd engine and its thread pools on first use (~185 MiB
+    more than the imports alone here), and every run does that before its own peak."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
+            "import torch\nfrom transformers import LlamaConfig, LlamaForCausalLM\n"
+            "m = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, "
+            "num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))\n"
+            "opt = torch.optim.AdamW(m.parameters()); x = torch.randint(0, 256, (2, 32))\n"
+            "for _ in range(2):\n    m(input_ids=x, labels=x).loss.backward(); opt.step(); opt.zero_grad()\n"
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')))")
+    p = subprocess.run([sys.executable, "-c", code, *imports], capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        raise OSError(p.stderr.strip()[-200:])
+    return int(p.stdout.split()[-1]) * 1024
+
+
+def process_baseline(bitsandbytes: bool = False) -> int:
+    """Resident set of a fresh Python process that has imported what a training run imports (RUN_IMPORTS, and
+    bitsandbytes when the run uses it) and run a tiny training step (_rss_of_fresh_process):
+    measured once per interpreter and library versions on this machine, then kept in
+    $LEANTUNE_CACHE/plan/baseline.json. 0 where /proc is missing (not Linux): the caller falls back."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    if not os.path.exists("/proc/self/status"):
+        return 0
+    from ..models.gguf_import import cache_root
+
+    versions = []
+    imports = RUN_IMPORTS + (("bitsandbytes",) if bitsandbytes else ())
+    for dist in ("torch", "transformers", "bitsandbytes"):
+        try:
+            versions.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist} absent")
+    key = f"{sys.executable} {' '.join(versions)} imports {','.join(imports)} + tiny step"
+    path = cache_root() / "plan" / "baseline.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), int):
+        return known[key]
+    try:
+        rss = _rss_of_fresh_process(imports)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 0
+    known[key] = rss
+    try:
+        from ..io.atomic import write_json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, known)
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return rss
+

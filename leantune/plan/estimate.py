@@ -3,7 +3,7 @@
 Peak of a step, as the pieces live and die (bytes):
 
     peak = weights + trainable + optimizer + max(activations + logits + recompute,  gradients + optimizer step)
-           + dequantized weight (4/8-bit base) + runtime (CPU: the Python process itself)
+           + dequantized weight (4/8-bit base) + runtime (CPU: the measured process baseline)
 
 Backward frees each layer's saved activations as it makes that layer's gradients, so the two never peak
 together; the optimizer's own temporaries come after both.
@@ -293,13 +293,18 @@ def step_flops(shape: ModelShape, s: Setup, trained: Trainable) -> float:
 
 
 def runtime_bytes(s: Setup) -> int:
-    """What the process holds besides the model. On CPU the peak is the resident set: the interpreter,
-    torch and transformers, read from this process (it has imported them); on CUDA the peak is
-    max_memory_allocated, which holds no runtime (the CUDA context comes on top: see devices.py).
-    Importing bitsandbytes adds ~116 MiB of RSS to a bare process, but the measured peaks of runs that use
-    it do not show it (docs/plan.md), so it is not added."""
+    """What the process holds besides the model. On CPU the peak is the resident set: the interpreter, torch,
+    transformers (and bitsandbytes where the run uses it), measured once per machine as the RSS of a fresh
+    process that imported them and ran a tiny training step (devices.process_baseline); where that cannot
+    run, this process's own RSS. On CUDA the peak is max_memory_allocated, which holds no runtime (the CUDA
+    context comes on top: see devices.py)."""
     if s.device != "cpu":
         return 0
+    from .devices import process_baseline
+
+    measured = process_baseline(bitsandbytes=bool(s.quant) or "8bit" in s.optimizer or s.optimizer.startswith("paged"))
+    if measured:
+        return measured
     try:
         with open("/proc/self/status") as f:
             for line in f:

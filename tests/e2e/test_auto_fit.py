@@ -104,6 +104,14 @@ def test_cli_fit_sizes_the_run_and_summary_records_predicted_and_measured_peak(w
     assert fit["predicted_peak_bytes"] <= fit["budget_bytes"]
     saved = (out / "config.yaml").read_text()
     assert "batch_size: 4" in saved and "grad_accum: 2" in saved  # the run's config is what ran
+    # the recorded prediction is the planner's for the config that ran (its runtime is the machine's measured
+    # baseline, cached, so planning again gives the same bytes), and the measured peak is of the same order
+    from leantune.config import from_dict, load_yaml
+    from leantune.plan.fit import fit_run
+
+    again = fit_run(from_dict(load_yaml(out / "config.yaml")), "cpu")
+    assert again.chosen.peak == fit["predicted_peak_bytes"]
+    assert 0.5 < fit["measured_peak_bytes"] / fit["predicted_peak_bytes"] < 2
 
 
 def test_fit_memory_that_is_no_size_is_one_line_exit_2(wide_llama, tmp_path, capsys):

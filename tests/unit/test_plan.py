@@ -113,7 +113,7 @@ def test_config_without_needed_fields_is_one_line(tmp_path):
 SEQ, BATCH = 64, 2
 # Per component: weights, trainable, gradients and optimizer state are exact byte counts; the saved
 # activations follow the layer terms of estimate.py (measured within 2% here); the peak is the process's
-# RSS, most of it the runtime the planner reads from its own process (which imports less than a run).
+# RSS, most of it the runtime: the machine's process baseline the planner measures once (devices.process_baseline).
 TOLERANCE = {"base_weights": 0.0, "trainable": 0.0, "gradients": 0.0, "optimizer_state": 0.0,
              "activations": 0.05, "peak": 0.10}
 
@@ -140,7 +140,7 @@ def test_prediction_matches_a_measured_tiny_cpu_run(tiny_llama_dir, tmp_path, me
     assert run.returncode == 0, run.stderr[-2000:]
     measured = json.loads((out / "summary.json").read_text())["memory"]
 
-    # the plan as a user gets it: `leantune plan --json` in its own process (its RSS is the CPU runtime it adds)
+    # the plan as a user gets it: `leantune plan --json` in its own process (runtime: the measured baseline)
     planned = subprocess.run([sys.executable, "-m", "leantune.cli.main", "plan", str(tiny_llama_dir), "--seq", str(SEQ),
                               "--batch", str(BATCH), "--method", method, "--tflops", "0.05", "--json"],
                              capture_output=True, text=True, timeout=300)
@@ -156,3 +156,26 @@ def test_prediction_matches_a_measured_tiny_cpu_run(tiny_llama_dir, tmp_path, me
             assert got < 1024  # buffers only (rotary frequencies), which the planner leaves out
             continue
         assert predicted[key] == pytest.approx(got, rel=tol, abs=1024), key
+
+
+def test_cpu_runtime_is_the_machine_baseline_measured_once_per_import_set(tmp_path, monkeypatch):
+    """The CPU runtime is a fresh process's RSS after a run's imports (bitsandbytes only where the run uses
+    it) and a tiny step, measured once and then read from $LEANTUNE_CACHE/plan/baseline.json."""
+    from leantune.plan import devices
+    from leantune.plan.estimate import runtime_bytes
+
+    monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path))
+    calls = []
+
+    def fake(imports):
+        calls.append(imports)
+        return (500 if "bitsandbytes" in imports else 400) * 2**20
+
+    monkeypatch.setattr(devices, "_rss_of_fresh_process", fake)
+    assert runtime_bytes(Setup(device="cpu")) == 400 * 2**20
+    assert runtime_bytes(Setup(device="cpu", quant=4)) == 500 * 2**20
+    assert runtime_bytes(Setup(device="cpu", optimizer="adamw_8bit")) == 500 * 2**20
+    assert runtime_bytes(Setup(device="cpu")) == 400 * 2**20   # cached: no third measurement
+    assert runtime_bytes(Setup(device="cuda")) == 0
+    assert len(calls) == 2 and "bitsandbytes" not in calls[0] and "torch" in calls[0]
+    assert (tmp_path / "plan" / "baseline.json").exists()
