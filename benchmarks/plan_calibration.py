@@ -268,7 +268,6 @@ def render(pub: list[dict], runs: list[dict], seeds: list[dict], seq: int, batch
                 cells.append(f"{c['measured_mib']:.1f} / {c['predicted_mib']:.1f}{e}")
             lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
         lines += [""] + WHAT_THE_RUNS_SAY
-    lines += [""] + PHASES
     lines += ["", f"## 3. The seeds' VRAM table, reproduced from configs (batch {batch} x {seq} tokens, bf16, checkpointing on)", "",
               "| size | model (config) | configuration | seeds say | predicted peak | + CUDA context | with 8-bit AdamW | weights | optimizer | activations |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -276,7 +275,7 @@ def render(pub: list[dict], runs: list[dict], seeds: list[dict], seq: int, batch
         lines.append(f"| {r['size']} | {r['model']} ({r['params'] / 1e9:.2f}B) | {r['config']} | ~{r['seed_gb']} GB | "
                      f"{r['predicted_gib']} GiB | {r['predicted_gib_with_context']} GiB | {r['predicted_gib_8bit_adam']} GiB | "
                      f"{r['weights_gib']} | {r['optimizer_gib']} | {r['activations_gib']} |")
-    lines += [""] + SEEDS_SAY
+    lines += [""] + SEEDS_SAY + [""] + PHASES
     return "\n".join(lines) + "\n"
 
 

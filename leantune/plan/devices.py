@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..io.atomic import write_json
+from ..models.gguf_import import cache_root
 
 MiB = 2**20
 GiB = 2**30
@@ -152,8 +154,6 @@ def process_baseline(bitsandbytes: bool = False) -> int:
 
     if not os.path.exists("/proc/self/status"):
         return 0
-    from ..models.gguf_import import cache_root
-
     versions = []
     imports = RUN_IMPORTS + (("bitsandbytes",) if bitsandbytes else ())
     for dist in ("torch", "transformers", "bitsandbytes"):
@@ -175,8 +175,6 @@ def process_baseline(bitsandbytes: bool = False) -> int:
         return 0
     known[key] = rss
     try:
-        from ..io.atomic import write_json
-
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, known)
     except OSError:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from .devices import process_baseline
 from .shape import ModelShape, Trainable, input_group
 
 MiB = 2**20
@@ -300,8 +301,6 @@ def runtime_bytes(s: Setup) -> int:
     context comes on top: see devices.py)."""
     if s.device != "cpu":
         return 0
-    from .devices import process_baseline
-
     measured = process_baseline(bitsandbytes=bool(s.quant) or "8bit" in s.optimizer or s.optimizer.startswith("paged"))
     if measured:
         return measured
