@@ -155,12 +155,10 @@ def ours(a) -> None:
     import torch
 
     from leantune.cli.main import main
-    from leantune.train import loop
-
     try:  # where the loop builds its optimizer: the split loop's train/setup.py, else the loop itself
         from leantune.train import setup as loop
     except ImportError:
-        pass
+        from leantune.train import loop
     out = Path(a.fx) / f"lt-{a.mode}-{int(a.gc)}-{int(a.compile)}{int(a.triton)}{int(a.offload)}-{time.monotonic_ns()}"
     built: list[float] = []
     if hasattr(loop, "build_optimizer"):  # the last thing before the first step: time it from there

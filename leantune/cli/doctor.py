@@ -12,7 +12,6 @@ Exit status: 0 when every check passes (version warnings included: an untested v
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
