@@ -98,15 +98,20 @@ def measure_cpu_tflops(n: int = 1024, repeats: int = 3) -> float:
     return 2 * n**3 / best / 1e12
 
 
-def host_memory() -> int:
+def meminfo(field: str = "MemTotal") -> int:
+    """A /proc/meminfo field in bytes (0 where there is none: not Linux)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def host_memory() -> int:
+    return meminfo("MemTotal")
 
 
 def cpu_device(tflops: float | None = None) -> Device:

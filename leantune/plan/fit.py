@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from ..config import RunConfig
 from ..device import pick_dtype, resolve_device
 from ..errors import ConfigError
-from .devices import Device, host_memory, parse_gpu
+from .devices import Device, host_memory, meminfo, parse_gpu
 from .estimate import Estimate, estimate
 from .report import _describe, _gib, _setup_from, step_seconds
 from .shape import ModelShape, Trainable, read_config, shape_of, trainable_of
@@ -61,14 +61,7 @@ def fit_device(cfg: RunConfig, device_type: str) -> Device:
 
 
 def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return host_memory()
+    return meminfo("MemAvailable") or host_memory()
 
 
 def choose(shape: ModelShape, trained: Trainable, base, device: Device, runtime: int | None = None) -> Fit:
