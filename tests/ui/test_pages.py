@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from playwright.sync_api import expect
+
 from leantune.ui.guide import TECHNIQUES
 
 from .conftest import _metrics
+
+expect.set_options(timeout=30_000)  # the page draws after its fetches answer: a loaded CI machine is slow
 
 CONFIGS = Path(__file__).parent.parent / "plan_configs"
 
@@ -60,7 +64,7 @@ def test_planner_form_draws_every_configuration_against_the_gpu_line(page, artif
     page.click("#plan-submit")
     page.wait_for_selector("#plan-chart", timeout=120_000)
     labels = page.locator("#plan-chart text.fits, #plan-chart text.oom")
-    assert labels.count() == 24  # 12 configurations, checkpointing off and on
+    expect(labels).to_have_count(24)  # 12 configurations, checkpointing off and on
     assert page.locator("#plan-chart text.oom").count() >= 1 and page.locator("#plan-chart text.fits").count() >= 1
     assert page.locator("#gpu-line").count() == 1
     assert "Fits:" in page.inner_text("#plan-verdict") and "RTX 4090" in page.inner_text("#plan-out")
@@ -97,11 +101,11 @@ def test_runs_show_curves_memory_and_data_and_follow_a_live_run(page, runs_root,
     page.click("#runs-table tbody tr[data-id=lora-done] th button")
     panel = page.locator(".panel.run[data-run=lora-done]")
     panel.wait_for()
-    assert panel.locator("svg.loss-chart path.series").count() == 2  # train and eval
+    expect(panel.locator("svg.loss-chart path.series")).to_have_count(2)  # train and eval (drawn once metrics arrive)
     assert "40 points" in panel.locator("svg.loss-chart").get_attribute("aria-label")
-    assert panel.locator("svg.memory rect").count() == 6
-    assert "predicted peak 880 MiB, measured 900 MiB" in panel.inner_text()
-    assert "step-000040" in panel.inner_text()
+    expect(panel.locator("svg.memory rect")).to_have_count(6)
+    expect(panel).to_contain_text("predicted peak 880 MiB, measured 900 MiB")
+    expect(panel).to_contain_text("step-000040")
     panel.locator("details summary").click()
     assert "records kept" in panel.inner_text()
     page.screenshot(path=str(artifacts / "run.png"), full_page=True)
@@ -122,8 +126,8 @@ def test_two_runs_side_by_side(page, artifacts):
     page.select_option("#cmp-b", "qlora-live")
     page.click("#cmp-go")
     page.wait_for_selector("[data-chart=compare-chart]")
-    assert page.locator("[data-chart=compare-chart] path.series").count() == 2
-    assert page.locator(".panel.run").count() == 2
+    expect(page.locator("[data-chart=compare-chart] path.series")).to_have_count(2)
+    expect(page.locator(".panel.run")).to_have_count(2)
     boxes = [page.locator(f".panel.run[data-run={r}]").bounding_box() for r in ("lora-done", "qlora-live")]
     assert boxes[0]["y"] == boxes[1]["y"] and boxes[0]["x"] < boxes[1]["x"]  # side by side on a wide screen
     page.screenshot(path=str(artifacts / "compare.png"), full_page=True)
