@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -57,7 +56,7 @@ def main(ns: argparse.Namespace) -> int:
 
 def _vllm_command(ns: argparse.Namespace, named: list[tuple[str, Path]]) -> int:
     from ..checkpoint.deploy_rules import errors
-    from ..serve.vllm import command_line, handoff
+    from ..serve.vllm import handoff, print_handoff
 
     adapters: dict[str, Path] = {}
     for name, path in named:
@@ -72,14 +71,7 @@ def _vllm_command(ns: argparse.Namespace, named: list[tuple[str, Path]]) -> int:
         print(json.dumps({"ok": ok, "vllm_command": argv if ok else None,
                           "findings": [f.as_dict() for f in findings]}, indent=1))
         return 0 if ok else 2
-    for f in findings:
-        print(str(f), file=sys.stderr)
-    if not ok:
-        print("error: vLLM would refuse or mis-serve the adapters above; fix them, then ask for the command again",
-              file=sys.stderr)
-        return 2
-    print(command_line(argv))
-    return 0
+    return print_handoff(argv, findings, "then ask for the command again")
 
 
 def _add_lint(sub) -> None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters.format import CONFIG_NAME
-from ..checkpoint.deploy_rules import errors
 from ..checkpoint.run_folder import find_model_and_adapter, is_run_folder, run_info
 from ..device import pick_dtype, resolve_device
 from ..errors import ConfigError, LeantuneError, first_line
@@ -22,7 +21,7 @@ from ..infer.materialize import run_tokenizer
 from ..models.load import check_vocab, load_model
 from .api import Limits, build_app, env_api_key, port_free
 from .engine import Engine, check_name, finished_runs
-from .vllm import command_line, handoff
+from .vllm import handoff, print_handoff
 
 
 @dataclass
@@ -113,14 +112,7 @@ def print_vllm(p: Plan, ns) -> int:
     if not p.adapters:
         raise ConfigError("--engine vllm hands adapters to vLLM: name at least one run or adapter folder")
     argv, findings = handoff(p.adapters, p.base, max_loras=ns.max_loras, port=ns.port, host=ns.host)
-    for f in findings:
-        print(str(f), file=sys.stderr)
-    if errors(findings):
-        print("error: vLLM would refuse or mis-serve the adapters above; fix them, or serve with --engine leantune",
-              file=sys.stderr)
-        return 2
-    print(command_line(argv))
-    return 0
+    return print_handoff(argv, findings, "or serve with --engine leantune")
 
 
 def serve(ns) -> int:

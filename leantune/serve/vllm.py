@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..checkpoint.deploy_rules import (MAX_LORA_RANKS, Finding, adapter_folder, adapter_ranks, read_adapter,
+from ..checkpoint.deploy_rules import (MAX_LORA_RANKS, Finding, adapter_folder, adapter_ranks, errors, read_adapter,
                                        serve_rank, vllm_findings)
 from ..errors import ConfigError
 
@@ -71,3 +72,15 @@ def handoff(adapters: Mapping[str, str | Path], base: str | None = None, *, max_
 def command_line(argv: list[str]) -> str:
     """The argv as one shell line, quoted where needed."""
     return shlex.join(argv)
+
+
+def print_handoff(argv: list[str], findings: list[Finding], otherwise: str) -> int:
+    """The findings on stderr, then the command on stdout (exit 0), or, when vLLM would refuse or mis-serve
+    an adapter, one error line ending in `otherwise` (exit 2)."""
+    for f in findings:
+        print(str(f), file=sys.stderr)
+    if errors(findings):
+        print(f"error: vLLM would refuse or mis-serve the adapters above; fix them, {otherwise}", file=sys.stderr)
+        return 2
+    print(command_line(argv))
+    return 0

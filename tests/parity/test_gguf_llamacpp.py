@@ -83,6 +83,19 @@ def _torch_top1_and_greedy(model, ids: list[int], prompt: list[int], n: int):
 def _agreement(a: list[int], b: list[int]) -> float:
     return float(np.mean(np.array(a) == np.array(b)))
 
+def _f32_in_llamacpp(llamacpp, tmp_path, folder, model, tok, stem: str, **write):
+    """Export `model` as F32, run TEXT and a greedy continuation in llama.cpp: (ids, logit error relative to
+    the torch logits' spread, top-1 agreement, greedy tokens equal)."""
+    from leantune.export.gguf.writer import write_gguf
+
+    path = tmp_path / f"{stem}.gguf"
+    write_gguf(model, tok, folder, path, "F32", progress=False, **write)
+    ids, prompt, n = tok(TEXT)["input_ids"], tok("the quick brown fox")["input_ids"], 8
+    ref_logits, ref_top1, ref_greedy = _torch_top1_and_greedy(model, ids, prompt, n)
+    (got,) = llamacpp([{"model": str(path), "lora": None, "tokens": ids, "prompt": prompt, "n_predict": n}], tmp_path)
+    err = float(np.abs(np.array(got["logits"]) - ref_logits.numpy()).max()) / float(ref_logits.std())
+    return ids, err, _agreement(got["top1"], ref_top1), got["greedy"] == ref_greedy
+
 
 def _prefix(a: list[int], b: list[int]) -> int:
     n = 0
@@ -173,16 +186,9 @@ def test_qwen3_runs_in_llama_cpp(llamacpp, tmp_path):
     logits in llama.cpp match the torch model's."""
     from tests.parity.test_gguf_archs import tiny_qwen3
 
-    from leantune.export.gguf.writer import write_gguf
-
     folder, model, tok = tiny_qwen3(tmp_path)
-    path = tmp_path / "qwen3.gguf"
-    write_gguf(model, tok, folder, path, "F32", progress=False)
-    ids, prompt, n = tok(TEXT)["input_ids"], tok("the quick brown fox")["input_ids"], 8
-    ref_logits, ref_top1, ref_greedy = _torch_top1_and_greedy(model, ids, prompt, n)
-    (got,) = llamacpp([{"model": str(path), "lora": None, "tokens": ids, "prompt": prompt, "n_predict": n}], tmp_path)
-    err = float(np.abs(np.array(got["logits"]) - ref_logits.numpy()).max()) / float(ref_logits.std())
-    assert err < 0.02 and _agreement(got["top1"], ref_top1) >= 0.97 and got["greedy"] == ref_greedy, err
+    _, err, top1, greedy = _f32_in_llamacpp(llamacpp, tmp_path, folder, model, tok, "qwen3")
+    assert err < 0.02 and top1 >= 0.97 and greedy, err
 
 
 @pytest.mark.slow
@@ -191,17 +197,10 @@ def test_llama3_rope_scaling_runs_in_llama_cpp(llamacpp, tmp_path):
     llama.cpp's logits match the torch model's, so the scaled frequencies are applied as torch does."""
     from tests.parity.test_gguf_archs import LLAMA3_ROPE, tiny_llama_rope
 
-    from leantune.export.gguf.writer import write_gguf
-
     folder, model, tok = tiny_llama_rope(tmp_path, LLAMA3_ROPE)
-    path = tmp_path / "l3.gguf"
-    write_gguf(model, tok, folder, path, "F32", progress=False)
-    ids, prompt, n = tok(TEXT)["input_ids"], tok("the quick brown fox")["input_ids"], 8
+    ids, err, top1, _ = _f32_in_llamacpp(llamacpp, tmp_path, folder, model, tok, "l3")
     assert len(ids) > 2 * LLAMA3_ROPE["original_max_position_embeddings"]
-    ref_logits, ref_top1, _ = _torch_top1_and_greedy(model, ids, prompt, n)
-    (got,) = llamacpp([{"model": str(path), "lora": None, "tokens": ids, "prompt": prompt, "n_predict": n}], tmp_path)
-    err = float(np.abs(np.array(got["logits"]) - ref_logits.numpy()).max()) / float(ref_logits.std())
-    assert err < 0.02 and _agreement(got["top1"], ref_top1) >= 0.97, err
+    assert err < 0.02 and top1 >= 0.97, err
 
 
 @pytest.mark.slow
@@ -209,18 +208,11 @@ def test_phi3_runs_in_llama_cpp(llamacpp, tmp_path):
     """Phi-3 (fused qkv and gate_up kept fused): an F32 export's logits in llama.cpp match torch's."""
     from tests.parity.test_gguf_archs import tiny_phi3
 
-    from leantune.export.gguf.writer import write_gguf
-
     folder, model, tok = tiny_phi3(tmp_path)
-    path = tmp_path / "phi3.gguf"
     # name="tiny": llama.cpp's vocab loader looks up Phi's own special tokens (<|end|> ...) when the model
     # name says phi, and this test tokenizer has none (measured: "error loading model vocabulary: _Map_base::at")
-    write_gguf(model, tok, folder, path, "F32", progress=False, name="tiny")
-    ids, prompt, n = tok(TEXT)["input_ids"], tok("the quick brown fox")["input_ids"], 8
-    ref_logits, ref_top1, ref_greedy = _torch_top1_and_greedy(model, ids, prompt, n)
-    (got,) = llamacpp([{"model": str(path), "lora": None, "tokens": ids, "prompt": prompt, "n_predict": n}], tmp_path)
-    err = float(np.abs(np.array(got["logits"]) - ref_logits.numpy()).max()) / float(ref_logits.std())
-    assert err < 0.02 and _agreement(got["top1"], ref_top1) >= 0.97 and got["greedy"] == ref_greedy, err
+    _, err, top1, greedy = _f32_in_llamacpp(llamacpp, tmp_path, folder, model, tok, "phi3", name="tiny")
+    assert err < 0.02 and top1 >= 0.97 and greedy, err
 
 
 @pytest.mark.slow
@@ -231,14 +223,7 @@ def test_gemma_runs_in_llama_cpp(llamacpp, tmp_path, version):
     match the torch model's."""
     from tests.parity.test_gguf_archs import tiny_gemma
 
-    from leantune.export.gguf.writer import write_gguf
-
     folder, model, tok = tiny_gemma(tmp_path, version)
-    path = tmp_path / f"gemma{version}.gguf"
-    write_gguf(model, tok, folder, path, "F32", progress=False)
-    ids, prompt, n = tok(TEXT)["input_ids"], tok("the quick brown fox")["input_ids"], 8
+    ids, err, top1, greedy = _f32_in_llamacpp(llamacpp, tmp_path, folder, model, tok, f"gemma{version}")
     assert len(ids) > 4 * model.config.sliding_window
-    ref_logits, ref_top1, ref_greedy = _torch_top1_and_greedy(model, ids, prompt, n)
-    (got,) = llamacpp([{"model": str(path), "lora": None, "tokens": ids, "prompt": prompt, "n_predict": n}], tmp_path)
-    err = float(np.abs(np.array(got["logits"]) - ref_logits.numpy()).max()) / float(ref_logits.std())
-    assert err < 0.02 and _agreement(got["top1"], ref_top1) >= 0.97 and got["greedy"] == ref_greedy, err
+    assert err < 0.02 and top1 >= 0.97 and greedy, err
