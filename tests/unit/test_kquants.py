@@ -210,7 +210,7 @@ def test_asymmetric_search_finds_the_reference_optimum():
     """
     import torch
 
-    from leantune.export.gguf.kquants import asymmetric_search
+    from leantune.export.gguf.kquant_search import asymmetric_search
 
     x = _groups(48, 32)
     w = (np.sqrt(np.mean(x * x, 1, keepdims=True)) + np.abs(x)).astype(F)
@@ -228,7 +228,7 @@ def test_symmetric_search_finds_the_reference_optimum():
     """Per 16-group (Q6_K's make_qx_quants, weights x^2): the same weighted error as the reference's pick."""
     import torch
 
-    from leantune.export.gguf.kquants import symmetric_search
+    from leantune.export.gguf.kquant_search import symmetric_search
 
     x = _groups(48, 16)
     scale, q = (t.numpy() for t in symmetric_search(torch.tensor(x), 32))

@@ -5,6 +5,7 @@ LoRA alone as a GGUF LoRA (`--adapter-only`), with a fidelity report and optiona
     vocab.py      the tokenizer and its chat template as tokenizer.ggml.* / tokenizer.chat_template
     quant_mix.py  which GGML type each tensor gets for a --quant (llama-quantize's mixes)
     kquants.py    Q2_K / Q3_K / Q4_K / Q5_K / Q6_K encoders, with or without an importance matrix
+    kquant_search.py  their per-group scale (and min) searches, llama.cpp's make_qkx2/make_qx quants
     imatrix.py    per-column mean x^2 of every Linear's input over calibration text (--imatrix FILE, or
                   the run's training data by default for Q2_K..Q4_K_M)
     lora.py       the adapter alone, in convert_lora_to_gguf.py's layout
