@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,21 @@ def args(model_dir, data, out, *extra, batch: int) -> list[str]:
             "--train.batch_size", str(batch), *extra]
 
 
+NATIVE_ABORT = "terminate called without an active exception"
+
+
 def torchrun(argv: list[str], env: dict | None = None, timeout: float = 150) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER), *argv]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    r = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if r.returncode != 0 and NATIVE_ABORT in r.stderr and "--resume" not in argv:
+        # Seen once in three clean-clone runs (2026-11-26, 2 cores shared with the other xdist worker): a rank
+        # aborted in C++ (SIGABRT, no Python error) inside torch's gloo threads. The job is run once more from
+        # scratch, and then has to pass every assertion its caller makes; a second abort fails the test.
+        warnings.warn(f"a torchrun rank aborted natively ({NATIVE_ABORT}); running the job once more")
+        shutil.rmtree(argv[argv.index("--output_dir") + 1], ignore_errors=True)
+        r = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return r
 
 
 def losses(run_dir: Path, key: str = "loss") -> list[float]:
