@@ -19,6 +19,10 @@ selects no column of the mask, so a base row cannot read any slot -- indexing wi
 LAST slot, the bug vLLM fixed in PR #48421 (base rows of a mixed batch got another user's adapter).
 DoRA (Liu et al. 2024, arXiv 2402.09353) fits the same shape because its column norm depends only on the
 adapter, not on x: g is computed once per slot load.
+
+Over a quantized base (QLoRA's NF4/FP4, LLM.int8: leantune/quant/) W x_b is the bitsandbytes layer's own forward,
+the kernel the adapter was trained against, and W is never held in 16 bits beside it: only DoRA's g needs W
+itself, dequantized for the moment of the slot load. The factors are stored in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..quant import dequantize, is_quantized
 
 
 class BatchContext:
@@ -57,15 +63,19 @@ class BatchContext:
 
 
 class BatchedLoraLinear(nn.Module):
-    """A frozen Linear plus `slots` stacked LoRA/DoRA factor sets, applied per row of the batch."""
+    """A frozen Linear (float, or bitsandbytes 4/8-bit) plus `slots` stacked LoRA/DoRA factor sets, applied per
+    row of the batch. `dtype`: the factors' dtype over a quantized base (the activations'); a float base's own."""
 
-    def __init__(self, base_layer: nn.Linear, slots: int, ctx: BatchContext) -> None:
+    def __init__(self, base_layer: nn.Linear, slots: int, ctx: BatchContext,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.ctx = ctx
+        self.quantized = is_quantized(base_layer)
         w = base_layer.weight
-        self.register_buffer("A", torch.zeros(slots, 0, base_layer.in_features, dtype=w.dtype, device=w.device))
-        self.register_buffer("B", torch.zeros(slots, 0, base_layer.out_features, dtype=w.dtype, device=w.device))
+        dtype = dtype if self.quantized else w.dtype
+        self.register_buffer("A", torch.zeros(slots, 0, base_layer.in_features, dtype=dtype, device=w.device))
+        self.register_buffer("B", torch.zeros(slots, 0, base_layer.out_features, dtype=dtype, device=w.device))
         self.g: torch.Tensor | None = None          # (S, out), only once a DoRA adapter is loaded
 
     @property
@@ -91,24 +101,40 @@ class BatchedLoraLinear(nn.Module):
             return
         r = a.shape[0]
         self._grow(r)
-        w = self.base_layer.weight
-        self.A[slot, :r] = a.to(w.dtype)
-        self.B[slot, :r] = (scaling * b.float()).t().to(w.dtype)     # (out, r) -> (r, out), scale folded in
+        dtype, device = self.A.dtype, self.A.device
+        self.A[slot, :r] = a.to(device, dtype)
+        self.B[slot, :r] = (scaling * b.float()).t().to(device, dtype)     # (out, r) -> (r, out), scale folded in
         if magnitude is not None:
             if self.g is None:
-                self.g = torch.ones(self.A.shape[0], w.shape[0], dtype=w.dtype, device=w.device)
-            # DoRA: the norm of each output row of W + s B A, from the weights alone (PEFT: get_weight_norm).
-            merged = w.float() + scaling * (b.float() @ a.float())
-            self.g[slot] = (magnitude.float() / merged.norm(p=2, dim=1)).to(w.dtype)
+                self.g = torch.ones(self.A.shape[0], self.base_layer.out_features, dtype=dtype, device=device)
+            # DoRA: the norm of each output row of W + s B A, from the weights alone (PEFT: get_weight_norm; over
+            # a quantized base, of dequant(W) as PEFT's bnb layers take it). The dequantized W is dropped here.
+            w = dequantize(self.base_layer) if self.quantized else self.base_layer.weight
+            merged = w.float() + scaling * (b.float() @ a.float()).to(w.device)
+            self.g[slot] = (magnitude.float().to(device) / merged.norm(p=2, dim=1)).to(dtype)
+
+    def _base(self, x2: torch.Tensor) -> torch.Tensor:
+        """W x, (B*T, out): bias excluded for a float base; a quantized one's kernel adds its bias itself."""
+        if self.quantized:
+            return self.base_layer(x2)
+        return F.linear(x2, self.base_layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:          # x: (B, T, in)
         base = self.base_layer
         ctx, rank = self.ctx, self.rank
         if ctx.rows is None or not rank or ctx.same == -1:
-            return F.linear(x, base.weight, base.bias)
+            return base(x) if self.quantized else F.linear(x, base.weight, base.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])                         # (B*T, in): 2-D mm/addmm, no batched matmul
-        y = F.linear(x2, base.weight)                           # (B*T, out)
+        y = self._base(x2)                                      # (B*T, out)
+        bias = base.bias
+        if self.quantized and bias is not None:
+            if self.g is None:
+                bias = None                                     # already in y, and no DoRA scale comes after it
+            else:
+                y = y - bias                                    # g scales W x + s B A x only
+        if y.dtype != self.A.dtype:                             # bitsandbytes answers in its input's dtype
+            y, x2 = y.to(self.A.dtype), x2.to(self.A.dtype)
         if ctx.same is not None:   # every row on one adapter: plain matmuls
             y = torch.addmm(y, x2 @ self.A[ctx.same].t(), self.B[ctx.same])
             if self.g is not None:
@@ -118,12 +144,12 @@ class BatchedLoraLinear(nn.Module):
             whole = k == self.A.shape[0]                      # every slot in use: views, no copy
             a = (self.A if whole else self.A[ctx.used]).reshape(k * rank, -1)      # (kR, in)
             b = (self.B if whole else self.B[ctx.used]).reshape(k * rank, -1)      # (kR, out)
-            xa = (x2 @ a.t()).mul_(ctx.column_mask(rank, lead[-1], x.dtype))      # (B*T, kR), own columns only
+            xa = (x2 @ a.t()).mul_(ctx.column_mask(rank, lead[-1], x2.dtype))    # (B*T, kR), own columns only
             y = torch.addmm(y, xa, b)                          # the expand accumulates into the base output
             if self.g is not None:
                 base_row = (ctx.rows < 0).view(-1, 1)
                 g = self.g[ctx.rows.clamp(min=0)].masked_fill(base_row, 1.0)     # (B, out)
                 y = y * g.repeat_interleave(lead[-1], dim=0)
-        if base.bias is not None:
-            y = y + base.bias
-        return y.view(*lead, -1)
+        if bias is not None:
+            y = y + bias
+        return y.view(*lead, -1).to(x.dtype)

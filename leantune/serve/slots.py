@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
@@ -34,6 +35,9 @@ class AdapterSlots:
         self.lock = threading.RLock()                                    # adapters and slots
         self.loads = 0                                                   # adapter reads from disk
         self.swap_seconds = 0.0
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        # the factors' dtype over a quantized base: the activations' (the embeddings'); a float base gives its own
+        self.dtype = emb.weight.dtype if emb is not None else torch.float32
 
     def add_adapter(self, name: str, path: str | Path) -> AdapterFolder:
         """Register an adapter folder under `name` (checked now; its weights load into a slot on first use)."""
@@ -95,7 +99,7 @@ class AdapterSlots:
             self.cpu.move_to_end(name)
         for path in weights.factors:
             if path not in self.layers:
-                layer = BatchedLoraLinear(self.model.get_submodule(path), self.max_loras, self.ctx)
+                layer = BatchedLoraLinear(self.model.get_submodule(path), self.max_loras, self.ctx, self.dtype)
                 parent, _, child = path.rpartition(".")
                 setattr(self.model.get_submodule(parent) if parent else self.model, child, layer)
                 self.layers[path] = layer
