@@ -10,6 +10,8 @@ examples:
   leantune serve ./SmolLM2-135M --adapters runs/     # every finished run under runs/ is a model name
   leantune serve runs/legal runs/support --port 8000 --api-key "$KEY" --max-loras 8
   leantune serve ./model legal=runs/legal/adapter   # NAME=PATH names an adapter yourself
+  leantune serve runs/qlora-run                     # a QLoRA run: served over its own 4-bit base
+  leantune serve ./model --adapters runs/ --quant-bits 4 --quant-type nf4   # any base held in 4 bits
   curl localhost:8000/v1/chat/completions -H "Authorization: Bearer $KEY" \\
        -d '{"model": "legal", "messages": [{"role": "user", "content": "Hi"}], "stream": true}'
 
@@ -42,6 +44,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="cap on a request body (default: 1 MiB)")
     p.add_argument("--served-model-name", help="the base's model name in requests (default: the base as given)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="base weights dtype (default: auto)")
+    p.add_argument("--quant-bits", choices=["4", "8", "none"], default=None,
+                   help="hold the base quantized through bitsandbytes, as QLoRA trains: 4 (NF4/FP4) or 8 (LLM.int8); "
+                   "none: in --dtype (default: as the runs served trained over it, else none)")
+    p.add_argument("--quant-type", choices=["nf4", "fp4"], default=None,
+                   help="the 4-bit code (default: the run's quant.type, else nf4)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--engine", choices=["leantune", "vllm"], default="leantune",
                    help="leantune: serve here (default); vllm: print the `vllm serve` command for the same adapters "

@@ -5,20 +5,28 @@
                                                  is the one their adapters name
 
 An adapter that fails its checks is refused with its reason and the server starts with the others.
+
+The base is quantized as the runs served trained over it (QLoRA: NF4/FP4, LLM.int8), by the loader training
+used, or as --quant-bits / --quant-type say (`base_quant`); the start-up line says which and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters.format import CONFIG_NAME
 from ..checkpoint.run_folder import find_model_and_adapter, is_run_folder, run_info
+from ..config import QuantConfig
 from ..device import pick_dtype, resolve_device
 from ..errors import ConfigError, LeantuneError, first_line
 from ..infer.materialize import run_tokenizer
 from ..models.load import check_vocab, load_model
+from ..models.quantized import saved_quantization
+from ..quant import spec_of
 from .api import Limits, build_app, env_api_key, port_free
 from .engine import Engine, check_name, finished_runs
 from .vllm import handoff, print_handoff
@@ -80,16 +88,96 @@ def plan(sources: list[str], adapters_dir: str | None = None, base: str | None =
     return Plan(chosen, found, root)
 
 
+@dataclass
+class BaseQuant:
+    """How the base is held: `quant` (None: in --dtype) and why, for the start-up line."""
+
+    quant: QuantConfig | None
+    why: str
+
+
+def describe_quant(q: QuantConfig | None) -> str:
+    if q is None or not q.bits:
+        return "16-bit"
+    return "8-bit (LLM.int8)" if q.bits == 8 else f"4-bit {q.type}{', double quant' if q.double_quant else ''}"
+
+
+def _quant_key(q: QuantConfig) -> tuple:
+    return (8,) if q.bits == 8 else (4, q.type, q.double_quant, q.blocksize)
+
+
+def base_quant(p: Plan, bits: str | None = None, quant_type: str | None = None) -> BaseQuant:
+    """The quantization to serve the base in: --quant-bits (4, 8 or none) when given, else that of the runs
+    served (every run that records one must agree), else none. --quant-type picks the 4-bit code."""
+    runs = {name: info for name, path in p.adapters.items() if (info := run_info(path)) is not None}
+    quantized = {name: q for name, info in runs.items() if (q := info.quant_config()) is not None and q.bits}
+    if bits == "8" and quant_type is not None:
+        raise ConfigError("--quant-type picks the 4-bit code (nf4 or fp4); drop it with --quant-bits 8")
+    if bits == "none":
+        if quant_type is not None:
+            raise ConfigError("--quant-type needs a 4-bit base; drop it with --quant-bits none")
+        if (saved := saved_quantization(p.base)) is not None:
+            raise ConfigError(f"the base {p.base} is saved quantized ({saved.get('quant_method')}); --quant-bits none "
+                              "needs the unquantized model: pass it with --base")
+        return BaseQuant(None, "--quant-bits none" + (f" (the runs {', '.join(quantized)} trained over a quantized "
+                                                      "base: their outputs differ slightly)" if quantized else ""))
+    if bits is not None:
+        like = next((q for q in quantized.values() if q.bits == int(bits)), QuantConfig(bits=int(bits)))
+        q = dataclasses.replace(like, type=quant_type or like.type)
+        return BaseQuant(q, f"--quant-bits {bits}")
+    if not quantized:
+        if quant_type is not None:
+            raise ConfigError("--quant-type needs --quant-bits 4 (no run served here trained over a 4-bit base)")
+        return BaseQuant(None, "")
+    kinds = {_quant_key(q) for q in quantized.values()}
+    sixteen = [name for name in runs if name not in quantized]
+    if len(kinds) > 1 or sixteen:
+        trained = ", ".join(f"{name}: {describe_quant(q)}" for name, q in quantized.items())
+        trained += "".join(f", {name}: 16-bit" for name in sixteen)
+        raise ConfigError(f"the runs served trained over different bases ({trained}); one server holds one base: pass "
+                          "--quant-bits 4, 8 or none to pick it (or start one server per base)")
+    q = next(iter(quantized.values()))
+    if quant_type is not None and quant_type != q.type:
+        return BaseQuant(dataclasses.replace(q, type=quant_type), f"--quant-type {quant_type}; the runs trained "
+                         f"over {describe_quant(q)}")
+    return BaseQuant(q, f"as {'run' if len(quantized) == 1 else 'runs'} {', '.join(quantized)} trained over it "
+                     "(QLoRA); --quant-bits none serves a 16-bit base")
+
+
+class _SayOnce(logging.Filter):
+    """bitsandbytes logs a warning on every 8-bit matmul whose input is not fp16 (every decode step here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "MatMul8bitLt: inputs will be cast" not in record.getMessage():
+            return True
+        said, self.said = self.said, True
+        return not said
+
+
 def load_engine(p: Plan, *, max_loras: int, max_cpu_loras: int | None, max_batch: int, dtype: str = "auto",
-                device: str = "auto"):
-    """The base loaded once; each adapter checked and registered (a failing one is skipped with its reason)."""
+                device: str = "auto", quant: BaseQuant | None = None):
+    """The base loaded once (quantized as `quant` says: the loader training uses); each adapter checked and
+    registered (a failing one is skipped with its reason)."""
     dev = resolve_device(device)
     info = run_info(p.base)
     tok = run_tokenizer(p.base, info)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = load_model(p.base, dtype=pick_dtype(dtype, dev), device=dev,
+    quant = quant or BaseQuant(None, "")
+    model = load_model(p.base, dtype=pick_dtype(dtype, dev), device=dev, quant=quant.quant,
                        trust_remote_code=bool(info and info.trust_remote_code))
+    spec = spec_of(model)
+    if spec is not None:
+        held = describe_quant(QuantConfig(bits=spec.bits, type=spec.type, double_quant=spec.double_quant))
+        print(f"base: {held} through bitsandbytes, {quant.why or 'as saved'}", file=sys.stderr)
+        if spec.bits == 8:
+            logging.getLogger("bitsandbytes.autograd._functions").addFilter(_SayOnce())
+    elif quant.why:
+        print(f"base: 16-bit, {quant.why}", file=sys.stderr)
     check_vocab(model, tok)
     engine = Engine(model, tok, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_batch=max_batch)
     for name, path in p.adapters.items():
@@ -121,8 +209,9 @@ def serve(ns) -> int:
     if ns.engine == "vllm":
         return print_vllm(p, ns)
     port_free(ns.host, ns.port)       # before the minutes of loading, not after
+    quant = base_quant(p, ns.quant_bits, ns.quant_type)     # before the minutes of loading too
     engine = load_engine(p, max_loras=ns.max_loras, max_cpu_loras=ns.max_cpu_loras, max_batch=ns.max_batch,
-                         dtype=ns.dtype, device=ns.device)
+                         dtype=ns.dtype, device=ns.device, quant=quant)
     name = base_name(p, ns.served_model_name)
     if name in engine.adapters:
         raise ConfigError(f"an adapter is named {name!r} like the base; rename it or pass --served-model-name")
