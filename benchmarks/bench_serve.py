@@ -9,9 +9,13 @@
   sequential   the batched server's tokens/s vs the same requests one at a time through `generate`
                (transformers' generate with the adapter attached, as `leantune generate` runs)
   swap         time to read an adapter from disk into a slot, per rank
+  table        the throughput ratio for each row of --rows: targets (qv = PEFT's Llama default q_proj, v_proj;
+               all = the 7 linears), rank, batch (8 = one row per adapter; 32 = four), base (fp32, or nf4: the
+               base held in 4 bits through bitsandbytes, as `serve --quant-bits 4` holds it), each row in one run
 
     python benchmarks/bench_serve.py --model tiny                 # a random 4-layer Llama, seconds
     python benchmarks/bench_serve.py --model smollm2 --requests 100 --clients 20   # the real SmolLM2-135M
+    python benchmarks/bench_serve.py --model smollm2 --only table --threads 1      # docs/serve.md's table
 
 Adapters: PEFT-saved, random factors, r16 (swap: r8-r64) on every linear layer of the decoder.
 """
@@ -36,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_SETS = {"qv": ["q_proj", "v_proj"], "all": list(TARGETS)}
+TABLE_ROWS = "qv:8:8:fp32,qv:16:8:fp32,all:8:8:fp32,all:16:8:fp32,qv:8:32:fp32,qv:16:32:fp32,all:8:32:fp32,"\
+             "all:16:32:fp32,qv:16:8:nf4,all:16:8:nf4"
 
 
 def make_base(kind: str, work: Path):
@@ -55,7 +62,8 @@ def make_base(kind: str, work: Path):
     return src, load_model(src, dtype=torch.float32, device="cpu"), load_tokenizer(src)
 
 
-def make_adapters(base, work: Path, ranks: list[int]) -> list[Path]:
+def make_adapters(base, work: Path, ranks: list[int], targets: list[str] | None = None) -> list[Path]:
+    """PEFT-saved adapters with random factors, one per rank; `base` is left as it was (PEFT unloaded)."""
     from peft import LoraConfig, get_peft_model
 
     out = []
@@ -63,12 +71,13 @@ def make_adapters(base, work: Path, ranks: list[int]) -> list[Path]:
         torch.manual_seed(i)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
+            m = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets or TARGETS))
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if "lora_" in n:
                     p.normal_(0, 0.02)
         m.save_pretrained(work / f"ad{i}-r{r}")
+        m.unload()
         out.append(work / f"ad{i}-r{r}")
     return out
 
@@ -89,21 +98,23 @@ def decode_rate(engine, prompts, adapters, tokens: int) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
-def throughput(base, tok, folders, tokens: int, repeats: int) -> dict:
+def throughput(base, tok, folders, tokens: int, repeats: int, batch: int = 8) -> dict:
+    """8 distinct adapters over `batch` rows (row i uses adapter i % 8) vs the same rows on the base alone."""
     from leantune.serve.engine import Engine
 
-    engine = Engine(base, tok, max_loras=8, max_batch=8)
+    engine = Engine(base, tok, max_loras=8, max_batch=batch)
     engine.eos = set()
     names = []
     for i, f in enumerate(folders[:8]):
         engine.add_adapter(f"a{i}", f)
         names.append(f"a{i}")
-    prompts = [tok(f"the quick brown fox number {i}")["input_ids"] for i in range(8)]
-    decode_rate(engine, prompts, names, 4)   # warm-up, and every adapter resident
+    prompts = [tok(f"the quick brown fox number {i}")["input_ids"] for i in range(batch)]
+    rows = [names[i % len(names)] for i in range(batch)]
+    decode_rate(engine, prompts, rows, 4)   # warm-up, and every adapter resident
     base_r, mixed_r = [], []
     for _ in range(repeats):                 # interleaved, so load changes on the machine hit both
-        base_r.append(decode_rate(engine, prompts, [None] * 8, tokens))
-        mixed_r.append(decode_rate(engine, prompts, names, tokens))
+        base_r.append(decode_rate(engine, prompts, [None] * batch, tokens))
+        mixed_r.append(decode_rate(engine, prompts, rows, tokens))
     b, m = statistics.median(r[0] for r in base_r), statistics.median(r[0] for r in mixed_r)
     bc, mc = statistics.median(r[1] for r in base_r), statistics.median(r[1] for r in mixed_r)
     return {"base_tok_s": round(b, 1), "mixed8_tok_s": round(m, 1), "ratio": round(m / b, 3),
@@ -114,13 +125,36 @@ def throughput(base, tok, folders, tokens: int, repeats: int) -> dict:
 def bytes_bound(engine) -> float:
     """The ratio a decode step cannot beat when it is bound by reading weights from memory (small batches on
     a CPU): the bytes of the base's matrices over those plus every resident slot's factors, all read per step."""
+    from leantune.quant import is_quantized, storage_bits
     from leantune.serve.batched_lora import BatchedLoraLinear
 
     size = lambda t: t.numel() * t.element_size()  # noqa: E731
-    base = sum(size(m.weight) for m in engine.model.modules()
+    base = sum(storage_bits(m)[0] // 8 if is_quantized(m) else size(m.weight) for m in engine.model.modules()
                if isinstance(m, torch.nn.Linear) and not isinstance(m, BatchedLoraLinear))
     lora = sum(size(m.A) + size(m.B) for m in engine.model.modules() if isinstance(m, BatchedLoraLinear))
     return base / (base + lora)
+
+
+def table(src: str, base, tok, work: Path, rows: str, tokens: int, repeats: int) -> None:
+    """One throughput run per row (targets:rank:batch:base), printed as it finishes."""
+    from leantune.config import QuantConfig
+    from leantune.models.load import load_model
+
+    quantized = {}
+    for row in rows.split(","):
+        targets, rank, batch, held = row.split(":")
+        folders = make_adapters(base, work / row.replace(":", "-"), [int(rank)] * 8, TARGET_SETS[targets])
+        if held == "fp32":
+            model = copy.deepcopy(base)
+        else:   # the base quantized by leantune's loader, as `leantune serve --quant-bits 4` holds it
+            if held not in quantized:
+                quantized[held] = load_model(src, dtype=torch.float32, device="cpu",
+                                             quant=QuantConfig(bits=4, type=held, compute_dtype="fp32"))
+            model = copy.deepcopy(quantized[held])
+        model.eval().requires_grad_(False)
+        result = throughput(model, tok, folders, tokens, repeats, batch=int(batch))
+        print(f"table {targets} r{rank} batch {batch} base {held}: {result}", flush=True)
+        del model
 
 
 def swap_times(base, tok, work: Path, ranks: list[int]) -> dict:
@@ -218,7 +252,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--sequential", type=int, default=24, help="requests for the one-at-a-time baseline")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", default="throughput,swap,load,sequential")
+    ap.add_argument("--only", default="throughput,swap,load,sequential", help="any of throughput, swap, load, "
+                    "sequential, table")
+    ap.add_argument("--rows", default=TABLE_ROWS, help="table rows, targets:rank:batch:base (targets qv or all; "
+                    "base fp32 or nf4/fp4)")
     ap.add_argument("--targets", default=",".join(TARGETS), help="modules the adapters adapt (default: every linear)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
@@ -233,6 +270,13 @@ def main() -> None:
         base.eval().requires_grad_(False)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
+        if "table" in only:
+            print(f"model {args.model}, torch threads {torch.get_num_threads()}, {args.tokens} tokens, "
+                  f"{args.repeats} interleaved repeats per row", flush=True)
+            table(src, base, tok, work, args.rows, args.tokens, args.repeats)
+            only.discard("table")
+            if not only:
+                return
         folders = make_adapters(base, work, [16] * 8)
         print(f"model {args.model} ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params), "
               f"8 adapters r16 on {len(TARGETS)} linears, torch threads {torch.get_num_threads()}", flush=True)
