@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..checkpoint.deploy_rules import (MAX_LORA_RANKS, Finding, adapter_folder, adapter_ranks, errors, read_adapter,
                                        serve_rank, vllm_findings)
+from ..checkpoint.run_folder import run_info
 from ..errors import ConfigError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")  # a model name a request can carry; no '=' or spaces
@@ -43,6 +44,7 @@ def handoff(adapters: Mapping[str, str | Path], base: str | None = None, *, max_
         findings += [Finding(f.target, f"{name}: {f.option}", f.message, f.severity)
                      for f in vllm_findings(config, shapes)]
         ranks.append(max(adapter_ranks(config, shapes), default=1))
+        findings += quantized_base_findings(name, source)
         bases[name] = config.get("base_model_name_or_path")
         modules.append(f"{name}={folder.resolve()}")
     recorded = {b for b in bases.values() if b}
@@ -67,6 +69,20 @@ def handoff(adapters: Mapping[str, str | Path], base: str | None = None, *, max_
     argv = ["vllm", "serve", str(base), "--host", host, "--port", str(port), "--enable-lora",
             "--lora-modules", *modules, "--max-lora-rank", str(rank), "--max-loras", str(n)]
     return argv, findings
+
+
+def quantized_base_findings(name: str, source: str | Path) -> list[Finding]:
+    """A QLoRA run's adapter: vLLM serves it over the 16-bit base (its core dropped bitsandbytes in 0.28), so its
+    outputs differ slightly from the run's own `generate` and `leantune serve`, which use the 4/8-bit base."""
+    info = run_info(str(source))
+    q = info.quant_config() if info is not None else None
+    if q is None or not q.bits:
+        return []
+    kind = "8-bit (LLM.int8)" if q.bits == 8 else f"4-bit {q.type}"
+    return [Finding("vllm", f"{name}: quant.bits", f"run {name} trained over a {kind} base; the command serves it over "
+                    "the 16-bit base (vLLM core has no bitsandbytes since 0.28; the out-of-tree vllm-bnb-plugin "
+                    "loads one), so its outputs differ slightly from `leantune serve`, which uses the run's own base",
+                    severity="warning")]
 
 
 def command_line(argv: list[str]) -> str:

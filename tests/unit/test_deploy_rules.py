@@ -275,3 +275,18 @@ def test_lint_refuses_every_break_the_restated_vllm_loader_refuses(tiny_llama_di
         except ModelError:
             continue  # refused as unreadable (no weights file)
         assert errors(vllm_findings(config, shapes, max_lora_rank=8)), name
+
+
+def test_handoff_warns_that_vllm_serves_a_qlora_runs_adapter_over_the_16_bit_base(base, tmp_path, tiny_llama_dir):
+    from leantune.checkpoint.run_folder import RunInfo, write_run_info
+
+    a = _peft_save(base, tmp_path / "q", LoraConfig(r=8, lora_alpha=16, target_modules=Q))
+    _edit_config(a, base_model_name_or_path=str(tiny_llama_dir))
+    argv, findings = handoff({"q": a})
+    assert findings == []                      # no sidecar: nothing known about the base it trained over
+    write_run_info(a, RunInfo(method="lora", base_model=str(tiny_llama_dir), dtype="fp32",
+                              quant={"bits": 4, "type": "nf4", "double_quant": True}))
+    argv2, findings = handoff({"q": a})
+    assert argv2 == argv
+    assert [(f.severity, f.option) for f in findings] == [("warning", "q: quant.bits")]
+    assert "4-bit nf4" in findings[0].message and "16-bit base" in findings[0].message
