@@ -6,7 +6,8 @@
                        W8A16 kernel).
     --quant W8A8       the same int8 weights in compressed-tensors `int-quantized` (its preset "W8A8"), plus
                        int8 activations rounded per token at run time: the int8 folder vLLM's CPU backend
-                       serves (`CompressedTensorsW8A8Int8`, oneDNN; AVX2 is enough), and its GPU one (CUTLASS).
+                       serves (`CompressedTensorsW8A8Int8`, oneDNN; AVX2 is enough, but without VNNI its
+                       GEMM saturates: `VLLM_CPU_NO_VNNI`), and its GPU one (CUTLASS).
     --quant LLM_INT8   LLM.int8 as bitsandbytes quantizes it and transformers serializes it (`weight` int8,
                        `SCB`, `weight_format`; config `quantization_config.quant_method: bitsandbytes`):
                        loads in transformers with bitsandbytes installed; vLLM core dropped bitsandbytes
@@ -15,7 +16,7 @@
 W8A16 is the default because more runtimes load it (vLLM core and transformers, without bitsandbytes);
 all three store the same kind of numbers (per-row absmax int8). W8A8 also rounds activations, so it is a
 little further from the float model; our read-back (`load_int8_folder`) simulates that rounding, so its
-fidelity report measures what vLLM computes. `VLLM` below is where each one runs in vLLM.
+fidelity report measures what vLLM computes with exact int8 GEMMs (GPUs, VNNI CPUs). `VLLM` below is where each one runs in vLLM.
 `layouts.py` holds the math and the on-disk layout of one weight; this file writes and reads the folder.
 Embeddings, norms and the output head stay in the checkpoint's own dtype, as the libraries expect.
 """
