@@ -5,9 +5,9 @@
   our read-back; every weight is within half a step of the source;
 * W8A8: the folder is what compressed-tensors 0.20 itself writes (preset "W8A8", format `int-quantized`) for
   the same weights and scales, config and tensors (float32; in bf16 its codes differ only where its bf16
-  division rounds, and ours are never further from the weight); it loads in transformers, whose logits equal our read-back
-  once both round activations the same way (compressed-tensors' fake quantization takes absmax / 127.5 per
-  token, vLLM's int8 kernels absmax / 127; our read-back simulates vLLM's);
+  division rounds, and ours are never further from the weight); it loads in transformers, whose logits
+  equal our read-back once both round activations the same way (compressed-tensors' fake quantization takes
+  absmax / 127.5 per token, vLLM's int8 kernels absmax / 127; our read-back simulates vLLM's);
 * LLM.int8: the stored tensors are exactly what transformers + bitsandbytes save when they quantize the
   same model themselves, and the folder reloads through them;
 * the common fidelity report lands beside the folder; bad input is one line, exit 2, nothing written.

@@ -16,7 +16,8 @@
 W8A16 is the default because more runtimes load it (vLLM core and transformers, without bitsandbytes);
 all three store the same kind of numbers (per-row absmax int8). W8A8 also rounds activations, so it is a
 little further from the float model; our read-back (`load_int8_folder`) simulates that rounding, so its
-fidelity report measures what vLLM computes with exact int8 GEMMs (GPUs, VNNI CPUs). `VLLM` below is where each one runs in vLLM.
+fidelity report measures what vLLM computes with exact int8 GEMMs (GPUs, VNNI CPUs). `VLLM` below is where
+each one runs in vLLM.
 `layouts.py` holds the math and the on-disk layout of one weight; this file writes and reads the folder.
 Embeddings, norms and the output head stay in the checkpoint's own dtype, as the libraries expect.
 """
