@@ -14,10 +14,10 @@
                        (0.28: the out-of-tree vllm-bnb-plugin reads it).
 
 W8A16 is the default because more runtimes load it (vLLM core and transformers, without bitsandbytes);
-all three store the same kind of numbers (per-row absmax int8). W8A8 also rounds activations, so it is a
-little further from the float model; our read-back (`load_int8_folder`) simulates that rounding, so its
-fidelity report measures what vLLM computes with exact int8 GEMMs (GPUs, VNNI CPUs). `VLLM` below is where
-each one runs in vLLM.
+all three store the same kind of numbers (per-row absmax int8). W8A8 also rounds activations, which costs
+more than the weights' rounding where activations have outliers (SmolLM2-135M: KL 14x W8A16's); our
+read-back (`load_int8_folder`) simulates that rounding, so its fidelity report measures what vLLM computes
+with exact int8 GEMMs (GPUs, VNNI CPUs). `VLLM` below is where each one runs in vLLM.
 `layouts.py` holds the math and the on-disk layout of one weight; this file writes and reads the folder.
 Embeddings, norms and the output head stay in the checkpoint's own dtype, as the libraries expect.
 """
@@ -88,7 +88,7 @@ class Int8Exporter(Exporter, format="int8"):
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_manifest(tmp)
-        warnings = [w for w in VLLM[quant][1:] if w]
+        warnings = [VLLM[quant][1]] if VLLM[quant][1] else []
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
         return {"linears_quantized": len(paths), "stored_dtype": str(dtype).removeprefix("torch."),
@@ -109,12 +109,20 @@ def stored_tensors(model, paths: list[str], quant: str, dtype: torch.dtype) -> d
         seen.add(t.data_ptr())
         if key in quantized:
             stem = key.removesuffix(".weight")
-            parts = (layouts.w8a16_tensors(t, dtype) if quant == "W8A16" else layouts.w8a8_tensors(t, dtype)
-                     if quant == "W8A8" else layouts.llm_int8_tensors(t))
+            parts = quantized_tensors(t, quant, dtype)
             out.update({f"{stem}.{k}": v for k, v in parts.items()})
         else:
             out[key] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
     return out
+
+
+def quantized_tensors(w: torch.Tensor, quant: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One Linear weight's stored tensors, by name under the Linear, in `quant`'s layout."""
+    if quant == "W8A16":
+        return layouts.w8a16_tensors(w, dtype)
+    if quant == "W8A8":
+        return layouts.w8a8_tensors(w, dtype)
+    return layouts.llm_int8_tensors(w)
 
 
 def w8a16_config(model, head) -> dict:
