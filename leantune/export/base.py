@@ -34,7 +34,7 @@ EXPORTERS: dict[str, type[Exporter]] = {}
 # types, default first. tests/unit/test_exporters.py checks this table against the registered classes.
 BUILTIN_QUANTS: dict[str, tuple[str, ...]] = {
     "gguf": ("Q4_K_M", "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q5_K_M", "Q6_K"),
-    "int8": ("W8A16", "LLM_INT8"),
+    "int8": ("W8A16", "W8A8", "LLM_INT8"),
     "gptq": ("GPTQ_V1", "PACK_QUANTIZED"),
     "awq": ("GEMM", "PACK_QUANTIZED"),
 }

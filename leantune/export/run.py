@@ -35,10 +35,10 @@ from . import fidelity
 from .base import Exporter, ExportOptions, available, get
 
 # What `--all` writes beyond each format's default quant: the variants the issue names (GGUF's near-lossless
-# Q8_0 beside its default Q4_K_M; both INT8 forms). A quant a format does not (yet) have is left out.
+# Q8_0 beside its default Q4_K_M; every INT8 form). A quant a format does not (yet) have is left out.
 ALL_QUANTS: dict[str, tuple[str, ...]] = {
     "gguf": ("Q8_0", "Q4_K_M"),
-    "int8": ("W8A16", "LLM_INT8"),
+    "int8": ("W8A16", "W8A8", "LLM_INT8"),
 }
 ALL_SUMMARY = "export_all.json"   # in the --all folder: marks it as ours (resumable) and holds the table
 

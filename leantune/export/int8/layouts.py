@@ -1,6 +1,6 @@
-"""The two INT8 layouts: how one Linear weight is quantized, stored and read back. Pure torch.
+"""The INT8 layouts: how one Linear weight is quantized, stored and read back. Pure torch.
 
-Both are per output channel (row) and symmetric, with no zero point: for a weight W (out, in)
+All three are per output channel (row) and symmetric, with no zero point: for a weight W (out, in)
 
     s_o = max_i |W_oi| / 127          q_oi = round(W_oi / s_o) in [-127, 127]          W'_oi = q_oi * s_o
 
@@ -10,6 +10,12 @@ exactly. q + 128 is packed four to an int32, element j of a word at bits 8j (com
 `pack_to_int32`: dense, LSB first, offset 2^(bits-1)). Tensors per Linear: `weight_packed` int32
 (out, ceil(in/4)), `weight_scale` (out, 1), `weight_shape` int64 [out, in]. Scale = absmax / 127 rather than
 llm-compressor's absmax / 127.5: the largest weight of each row is then stored exactly, never clipped.
+
+W8A8 (compressed-tensors `int-quantized`, its preset "W8A8"): the same q and scale stored plainly, `weight`
+int8 (out, in) and `weight_scale` (out, 1) in the model's dtype. The runtime also rounds every Linear's input
+to int8, per token (row of x), dynamically and symmetrically: s_t = max_i |x_ti| / 127, x'_ti = round(x_ti / s_t)
+* s_t; the product is then an int8 x int8 GEMM with int32 accumulation, rescaled by s_t * s_o (vLLM:
+oneDNN on CPU, CUTLASS on GPU). `fake_quantize_per_token` is that input rounding in float, for our reference.
 
 LLM.int8 (Dettmers et al. 2022, https://arxiv.org/abs/2208.07339), as bitsandbytes quantizes and
 transformers serializes it: W is cast to fp16 first, then `SCB` = max|W16| per row (float32) and
@@ -57,6 +63,23 @@ def w8a16_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The float32 weight the stored W8A16 tensors of one Linear stand for."""
     shape = tuple(int(x) for x in t["weight_shape"])
     return unpack_int8(t["weight_packed"], shape).float() * t["weight_scale"].float()
+
+
+def w8a8_tensors(w: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    q, scale = w8a16_quantize(w, scale_dtype)
+    return {"weight": q, "weight_scale": scale}
+
+
+def w8a8_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight the stored W8A8 tensors of one Linear stand for."""
+    return t["weight"].float() * t["weight_scale"].float()
+
+
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) rounded to int8 per token (last dim), symmetric, and back: what W8A8's runtime feeds its GEMM."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float() / 127                     # (..., 1)
+    safe = scale.clamp_min(torch.finfo(torch.float32).tiny)                      # an all-zero token stays 0
+    return (torch.round(x.float() / safe).clamp_(-127, 127) * scale).to(x.dtype)
 
 
 def llm_int8_tensors(w: torch.Tensor) -> dict[str, torch.Tensor]:
