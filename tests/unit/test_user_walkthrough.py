@@ -1,0 +1,23 @@
+"""What a new user ran into walking the README and `--help`: each case once broke or misled."""
+
+from __future__ import annotations
+
+import pytest
+
+from leantune.cli.main import main
+from tests.conftest import assert_one_line_error
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--max-new-tokens", "0", ["--max-new-tokens", ">= 1"]),
+    ("--max-new-tokens", "-1", ["--max-new-tokens", ">= 1"]),
+    ("--temperature", "-0.5", ["--temperature", ">= 0"]),
+    ("--temperature", "nan", ["--temperature", ">= 0"]),
+    ("--top-p", "0", ["--top-p", "(0, 1]"]),
+    ("--top-p", "1.5", ["--top-p", "(0, 1]"]),
+])
+def test_generate_refuses_out_of_range_sampling_options_before_loading(flag, value, words, tmp_path, capsys):
+    """A negative token count was a transformers traceback after the model loaded; a negative temperature silently
+    ran greedy. Both are now a usage error naming the range (the source does not even need to exist)."""
+    assert main(["generate", str(tmp_path / "no-such-run"), "--prompt", "hi", flag, value]) == 2
+    assert_one_line_error(capsys.readouterr(), words)
