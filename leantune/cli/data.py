@@ -55,6 +55,11 @@ def _data_config(ns: argparse.Namespace):
     return cfg
 
 
+def _wrap(text: str) -> str:
+    # Wrapped at spaces only: a cache path is printed whole, so it can be copied from the terminal.
+    return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+
+
 def _inspect(ns: argparse.Namespace) -> int:
     cfg = _data_config(ns)
     from ..data.dataset import build
@@ -64,7 +69,7 @@ def _inspect(ns: argparse.Namespace) -> int:
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prepared = build(cfg.data, tok, seed=cfg.seed)
     print(render_examples(prepared.train, tok, ns.num))
-    print(textwrap.fill(prepared.report.summary(), width=100))
+    print(_wrap(prepared.report.summary()))
     return 0
 
 
@@ -75,5 +80,5 @@ def _preprocess(ns: argparse.Namespace) -> int:
 
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prepared = build(cfg.data, tok, seed=cfg.seed, save_cache=True)
-    print(textwrap.fill(prepared.report.summary(), width=100))
+    print(_wrap(prepared.report.summary()))
     return 0

@@ -21,3 +21,15 @@ def test_generate_refuses_out_of_range_sampling_options_before_loading(flag, val
     ran greedy. Both are now a usage error naming the range (the source does not even need to exist)."""
     assert main(["generate", str(tmp_path / "no-such-run"), "--prompt", "hi", flag, value]) == 2
     assert_one_line_error(capsys.readouterr(), words)
+
+
+def test_preprocess_prints_the_cache_path_whole(tmp_path, tiny_llama_dir, capsys):
+    """The summary was wrapped inside the cache file's path (at its hyphen and mid-word), so the printed path
+    could not be copied."""
+    from data_helpers import alpaca, write_jsonl
+
+    data = write_jsonl(tmp_path / "train-set.jsonl", alpaca(8))
+    cache = tmp_path / "a-long-cache-folder-name-that-goes-past-the-line-width" / "data"
+    assert main(["preprocess", "--model", str(tiny_llama_dir), "--data", data, "--cache-dir", str(cache)]) == 0
+    [written] = cache.rglob("*.safetensors")
+    assert str(written) in capsys.readouterr().out
