@@ -33,3 +33,19 @@ def test_preprocess_prints_the_cache_path_whole(tmp_path, tiny_llama_dir, capsys
     assert main(["preprocess", "--model", str(tiny_llama_dir), "--data", data, "--cache-dir", str(cache)]) == 0
     [written] = cache.rglob("*.safetensors")
     assert str(written) in capsys.readouterr().out
+
+
+def test_plan_prints_a_small_models_step_flops_in_a_unit_that_shows_them(tiny_llama_dir, tmp_path, capsys):
+    """A tiny model's step was printed as '0.0 TFLOP per optimizer step'; the figure now reads back to the JSON's."""
+    import json
+    import re
+
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text(f"model: {tiny_llama_dir}\ndata: {{max_length: 64}}\ntrain: {{batch_size: 2}}\n")
+    assert main(["plan", str(cfg), "--gpu", "8GB", "--json"]) == 0
+    flops = json.loads(capsys.readouterr().out)["recommendation"]["flops"]
+    assert 0 < flops < 1e11
+    assert main(["plan", str(cfg), "--gpu", "8GB"]) == 0
+    value, unit = re.search(r"step: ([\d.]+) (\w)FLOP per optimizer step", capsys.readouterr().out).groups()
+    scale = {"P": 1e15, "T": 1e12, "G": 1e9, "M": 1e6}[unit]
+    assert float(value) * scale == pytest.approx(flops, rel=0.06)
