@@ -49,3 +49,21 @@ def test_plan_prints_a_small_models_step_flops_in_a_unit_that_shows_them(tiny_ll
     value, unit = re.search(r"step: ([\d.]+) (\w)FLOP per optimizer step", capsys.readouterr().out).groups()
     scale = {"P": 1e15, "T": 1e12, "G": 1e9, "M": 1e6}[unit]
     assert float(value) * scale == pytest.approx(flops, rel=0.06)
+
+
+def test_merge_takes_the_base_model_as_base_like_export(tiny_llama_dir, tmp_path, capsys):
+    """`--base ./folder` names the base model in export and generate; merge refused it ('invalid choice')
+    because there it was the hidden old name of --merge-base. Now it merges onto that folder."""
+    import shutil
+
+    from tests.e2e.test_train_cli import base_args, write_chat_data
+
+    base = shutil.copytree(tiny_llama_dir, tmp_path / "moved-base")
+    run = tmp_path / "run"
+    assert main(base_args(base, write_chat_data(tmp_path / "d.jsonl", n=16), run, "--train.max_steps", "1")) == 0
+    shutil.move(base, tmp_path / "base-elsewhere")  # the folder the adapter records is gone
+    capsys.readouterr()
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged"), "--base", str(tmp_path / "base-elsewhere")]) == 0
+    out = capsys.readouterr()
+    assert f"into {tmp_path / 'base-elsewhere'}" in out.out + out.err
+    assert (tmp_path / "merged" / "config.json").is_file()
