@@ -96,7 +96,13 @@ def export(source: str, *, format: str = "gguf", quant: str | None = None, out: 
         return exporter.write_adapter(model, tok, facts, folder, path, options)
     print(f"exporting: {facts.describe()}", file=sys.stderr)
     batches, where = fidelity.held_out(tok, options.texts, found.cfg) if options.evaluate else ([], "")
-    report = write_and_report(exporter, model, tok, facts, folder, path, quant, options, batches, where)
+    try:
+        report = write_and_report(exporter, model, tok, facts, folder, path, quant, options, batches, where)
+    except KeyboardInterrupt:  # the artifact is renamed into place whole; say so if only its report is missing
+        if path.exists() and not fidelity.report_path(path, exporter.suffix).exists():
+            print(f"{path} is complete, but its fidelity check was interrupted: rerun with --overwrite for the report "
+                  f"(or add --no-eval)", file=sys.stderr)
+        raise
     print(fidelity.summary(report))
     return report
 

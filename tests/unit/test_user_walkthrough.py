@@ -67,3 +67,20 @@ def test_merge_takes_the_base_model_as_base_like_export(tiny_llama_dir, tmp_path
     out = capsys.readouterr()
     assert f"into {tmp_path / 'base-elsewhere'}" in out.out + out.err
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_ctrl_c_in_the_fidelity_check_says_the_export_itself_is_complete(tiny_llama_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Ctrl-C after the GGUF was written but before its fidelity report printed only 'interrupted', leaving a
+    file that looks finished beside no report, and a rerun that refuses it without saying why."""
+    from leantune.export import fidelity
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fidelity, "model_scores", interrupted)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tiny_llama_dir), "--quant", "F32", "--out", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert out.is_file() and not fidelity.report_path(out, ".gguf").exists()
+    assert f"{out} is complete" in err and "--overwrite" in err
