@@ -32,14 +32,8 @@ from ..io.atomic import write_json
 from ..io.outputs import check_output_dir, check_output_file
 from ..models.gguf_import import gguf_to_hf
 from . import fidelity
-from .base import Exporter, ExportOptions, available, get
+from .base import ALL_QUANTS, Exporter, ExportOptions, available, get
 
-# What `--all` writes beyond each format's default quant: the variants the issue names (GGUF's near-lossless
-# Q8_0 beside its default Q4_K_M; both INT8 forms). A quant a format does not (yet) have is left out.
-ALL_QUANTS: dict[str, tuple[str, ...]] = {
-    "gguf": ("Q8_0", "Q4_K_M"),
-    "int8": ("W8A16", "LLM_INT8"),
-}
 ALL_SUMMARY = "export_all.json"   # in the --all folder: marks it as ours (resumable) and holds the table
 
 
