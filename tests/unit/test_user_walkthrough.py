@@ -100,3 +100,17 @@ def test_export_help_names_every_format_and_what_all_writes(capsys):
     every = text.split("--all every format (")[1].split(")")[0]
     for name, quant, _, _ in all_plan():
         assert f"{name} " in every and quant in every, (name, quant, every)
+
+
+@pytest.mark.parametrize("ppl, delta", [(14.2, 5.8), (1.4664e10, 4.6), (3.2e6, 2.5e7), (float("inf"), float("inf"))])
+def test_export_all_table_keeps_a_large_perplexity_in_its_column(ppl, delta):
+    """An untrained model's perplexity (1.47e10) printed as '13.6614664793217.141': bits/w and ppl ran together."""
+    from leantune.export import fidelity
+
+    report = {"file_bytes": 64e6, "bits_per_weight": 13.66, "export_seconds": 1.9, "peak_rss_bytes": 0.76 * 2**30,
+              "model": {"perplexity_export": ppl, "perplexity_delta_pct": delta, "kl_mean": 2.45e-2,
+                        "top1_agreement": 0.881}}
+    fields = fidelity.table_row("awq", "GEMM", report, "ok").split()
+    assert len(fields) == 11 and fields[-1] == "ok"
+    assert float(fields[3]) == pytest.approx(13.66)
+    assert float(fields[4]) == pytest.approx(ppl, rel=1e-2) and float(fields[5]) == pytest.approx(delta, rel=1e-2)
