@@ -114,3 +114,36 @@ def test_export_all_table_keeps_a_large_perplexity_in_its_column(ppl, delta):
     assert len(fields) == 11 and fields[-1] == "ok"
     assert float(fields[3]) == pytest.approx(13.66)
     assert float(fields[4]) == pytest.approx(ppl, rel=1e-2) and float(fields[5]) == pytest.approx(delta, rel=1e-2)
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--steps", "-2"), ("--layers", "0"), ("--layers", "-1")])
+def test_demo_refuses_a_count_below_one_before_it_starts(flag, value, capsys):
+    """`demo --steps 0` read 0 as unset and ran the whole tuned demo; --steps -2 failed after minutes of
+    questions to the base model."""
+    from leantune.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", flag, value])
+    assert ">= 1" in capsys.readouterr().err
+
+
+def test_demo_checks_its_output_folder_and_layer_count_before_the_model(tmp_path, tiny_llama_dir, capsys,
+                                                                        monkeypatch):
+    """A folder of the user's was refused only after the model conversion (~40 s the first time), and a
+    --layers past the model's depth was an error from an internal helper naming a cache hash."""
+    import leantune.demo as demo
+
+    def no_conversion():
+        raise AssertionError("the model was converted before the output folder was checked")
+
+    monkeypatch.setattr(demo, "demo_model_dir", no_conversion)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    assert main(["demo", "--output-dir", str(mine), "--quiet"]) == 2
+    assert_one_line_error(capsys.readouterr(), ["not an earlier demo run"])
+    assert (mine / "notes.txt").read_text() == "the user's"
+
+    monkeypatch.setattr(demo, "demo_model_dir", lambda: tiny_llama_dir)
+    assert main(["demo", "--output-dir", str(tmp_path / "d"), "--layers", "5", "--quiet"]) == 2
+    assert_one_line_error(capsys.readouterr(), ["--layers must be in 1..2"])
