@@ -114,7 +114,8 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, layers: in
     if layers:
         total = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers")
         if not 1 <= layers <= (total or 0):
-            raise ConfigError(f"--layers must be in 1..{total}: the demo model has {total} decoder layers, got {layers}")
+            raise ConfigError(f"--layers must be in 1..{total}: the demo model has {total} decoder layers, "
+                              f"got {layers}")
         out_abs = out.resolve()
         model_dir = cut_layers(model_dir, layers, out_abs.with_name(out_abs.name + f"-base-{layers}l"))
     _, held_out = demo_assets()
