@@ -147,3 +147,16 @@ def test_demo_checks_its_output_folder_and_layer_count_before_the_model(tmp_path
     monkeypatch.setattr(demo, "demo_model_dir", lambda: tiny_llama_dir)
     assert main(["demo", "--output-dir", str(tmp_path / "d"), "--layers", "5", "--quiet"]) == 2
     assert_one_line_error(capsys.readouterr(), ["--layers must be in 1..2"])
+
+
+def test_inspect_data_and_preprocess_take_trains_data_flags(tmp_path, tiny_llama_dir, capsys):
+    """`inspect-data --data.path FILE` (the spelling `train` uses) was 'unrecognized arguments'."""
+    from data_helpers import alpaca, write_jsonl
+
+    data = write_jsonl(tmp_path / "t.jsonl", alpaca(8))
+    assert main(["inspect-data", "--model", str(tiny_llama_dir), "--data.path", data, "--data.max_length", "64",
+                 "-n", "1"]) == 0
+    assert "8 records" in capsys.readouterr().out
+    assert main(["preprocess", "--model", str(tiny_llama_dir), "--data.path", data, "--data.format", "alpaca",
+                 "--data.cache_dir", str(tmp_path / "cache")]) == 0
+    assert list((tmp_path / "cache").rglob("*.safetensors"))
