@@ -41,7 +41,8 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                    help="data file, or a list of them: '[a.jsonl, b.txt]'")
     p.add_argument("--format", "--data.format", dest="cfg:data.format", default=argparse.SUPPRESS, metavar="FORMAT",
                    help="data format: auto, alpaca, chat, prompt_completion or text (default: auto)")
-    p.add_argument("--max-length", "--data.max_length", "--data.max-length", dest="cfg:data.max_length", default=argparse.SUPPRESS, metavar="INT",
+    p.add_argument("--max-length", "--data.max_length", "--data.max-length", dest="cfg:data.max_length",
+                   default=argparse.SUPPRESS, metavar="INT",
                    help="max tokens per example")
 
 

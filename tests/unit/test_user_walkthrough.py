@@ -160,3 +160,18 @@ def test_inspect_data_and_preprocess_take_trains_data_flags(tmp_path, tiny_llama
     assert main(["preprocess", "--model", str(tiny_llama_dir), "--data.path", data, "--data.format", "alpaca",
                  "--data.cache_dir", str(tmp_path / "cache")]) == 0
     assert list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_tokenizing_a_dataset_that_takes_a_while_shows_progress(tmp_path, capsys, monkeypatch):
+    """27,900 records tokenized for a minute and a half with nothing on the screen; past a short delay a bar
+    now counts the records."""
+    from conftest import build_tokenizer
+    from data_helpers import alpaca, write_jsonl
+
+    from leantune.config import DataConfig
+    from leantune.data import dataset
+
+    monkeypatch.setattr(dataset, "PROGRESS_DELAY_S", 0.0)  # as if the data were large
+    dataset.build(DataConfig(path=write_jsonl(tmp_path / "t.jsonl", alpaca(40))), build_tokenizer(), seed=0)
+    err = capsys.readouterr().err
+    assert "tokenizing data.path" in err and "/40 " in err
