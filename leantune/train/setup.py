@@ -225,8 +225,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
         raise ConfigError(f"{run_dir} already holds a finished run; nothing to resume" if finished else
                           f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
     if not resume and (ckpts or folder.adapter.exists()):
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
-                          f"output_dir (e.g. --output_dir {run_dir}-2)")
+        # A finished run cannot be resumed (see above): only an unfinished one is offered --resume.
+        what = ("a finished run; choose another" if finished else
+                "a run; pass --resume to continue it, or choose another")
+        raise ConfigError(f"{run_dir} already holds {what} output_dir (e.g. --output_dir {run_dir}-2)")
     return ckpts
 
 
