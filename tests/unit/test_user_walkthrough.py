@@ -190,3 +190,27 @@ def test_a_second_train_on_a_finished_run_is_not_told_to_resume(tiny_llama_dir, 
     out = capsys.readouterr()
     assert_one_line_error(out, ["finished", "--output_dir"])
     assert "--resume" not in out.err
+
+
+def test_a_resume_that_changes_the_schedule_says_so(tiny_llama_dir, tmp_path, capsys):
+    """`train runs/x/config.yaml --resume --max-steps 25` on a 200-step run silently recomputed the cosine
+    schedule: the rate jumped from 2.0e-4 to 1.4e-4 between two steps."""
+    import shutil
+
+    from tests.e2e.test_train_cli import base_args, write_chat_data
+
+    run = tmp_path / "run"
+    args = base_args(tiny_llama_dir, write_chat_data(tmp_path / "d.jsonl", n=16), run, "--train.save_every", "2")
+    assert main([*args, "--train.max_steps", "4"]) == 0
+
+    def stop_before_the_end(last: int) -> None:  # as if killed after the checkpoint before step `last`
+        (run / "summary.json").unlink()
+        shutil.rmtree(run / "checkpoints" / f"step-{last:06d}")
+
+    stop_before_the_end(4)
+    capsys.readouterr()
+    assert main(["train", str(run / "config.yaml"), "--resume", "--train.max_steps", "5"]) == 0
+    assert "warning: resuming with train.max_steps 5 (was 4)" in capsys.readouterr().out
+    stop_before_the_end(5)
+    assert main(["train", str(run / "config.yaml"), "--resume"]) == 0
+    assert "warning: resuming" not in capsys.readouterr().out
