@@ -177,21 +177,6 @@ def test_tokenizing_a_dataset_that_takes_a_while_shows_progress(tmp_path, capsys
     assert "tokenizing data.path" in err and "/40 " in err
 
 
-def test_a_second_train_on_a_finished_run_is_not_told_to_resume(tiny_llama_dir, tmp_path, capsys):
-    """Training again into a finished run said 'pass --resume to continue it', and --resume then said
-    'already holds a finished run; nothing to resume': the fix named was one that cannot work."""
-    from tests.e2e.test_train_cli import base_args, write_chat_data
-
-    args = base_args(tiny_llama_dir, write_chat_data(tmp_path / "d.jsonl", n=16), tmp_path / "run",
-                     "--train.max_steps", "1")
-    assert main(args) == 0
-    capsys.readouterr()
-    assert main(args) == 2
-    out = capsys.readouterr()
-    assert_one_line_error(out, ["finished", "--output_dir"])
-    assert "--resume" not in out.err
-
-
 def test_a_resume_that_changes_the_schedule_says_so(tiny_llama_dir, tmp_path, capsys):
     """`train runs/x/config.yaml --resume --max-steps 25` on a 200-step run silently recomputed the cosine
     schedule: the rate jumped from 2.0e-4 to 1.4e-4 between two steps."""
