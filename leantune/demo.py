@@ -107,16 +107,20 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, layers: in
              quiet: bool = False) -> int:
     t0 = time.perf_counter()
     print("leantune demo: LoRA on SmolLM2-135M-Instruct, offline, on this machine's CPU")
+    out = Path(output_dir)
+    if out.exists():  # before the model is converted (~40 s the first time): a refused folder fails at once
+        _remove_previous_demo(out)  # the demo starts fresh; real runs refuse to overwrite
     model_dir = demo_model_dir()
     if layers:
-        out_abs = Path(output_dir).resolve()
+        total = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers")
+        if not 1 <= layers <= (total or 0):
+            raise ConfigError(f"--layers must be in 1..{total}: the demo model has {total} decoder layers, "
+                              f"got {layers}")
+        out_abs = out.resolve()
         model_dir = cut_layers(model_dir, layers, out_abs.with_name(out_abs.name + f"-base-{layers}l"))
     _, held_out = demo_assets()
     questions, topics = held_out["questions"], held_out["topics"]
     prompts = [q["prompt"] for q in questions]
-    out = Path(output_dir)
-    if out.exists():
-        _remove_previous_demo(out)  # the demo starts fresh; real runs refuse to overwrite
 
     device = resolve_device("auto")
     tok = load_tokenizer(str(model_dir))

@@ -28,7 +28,7 @@ def _add_preprocess(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config file (its model and data sections are used)")
     _add_data_flags(p)
-    p.add_argument("--cache-dir", dest="cfg:data.cache_dir", default=argparse.SUPPRESS, metavar="DIR",
+    p.add_argument("--cache-dir", "--data.cache_dir", "--data.cache-dir", dest="cfg:data.cache_dir", default=argparse.SUPPRESS, metavar="DIR",
                    help="where to write the cache (default: data.cache_dir, else ~/.cache/leantune/data)")
 
 
@@ -36,11 +36,13 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     """The few flags inspect-data and preprocess take without a config file."""
     p.add_argument("--model", dest="cfg:model", default=argparse.SUPPRESS, metavar="MODEL",
                    help="model (for its tokenizer)")
-    p.add_argument("--data", dest="cfg:data.path", default=argparse.SUPPRESS, metavar="FILE",
+    # Each also under the name `train` gives it (--data.path, ...), so a flag copied from a train line works here.
+    p.add_argument("--data", "--data.path", dest="cfg:data.path", default=argparse.SUPPRESS, metavar="FILE",
                    help="data file, or a list of them: '[a.jsonl, b.txt]'")
-    p.add_argument("--format", dest="cfg:data.format", default=argparse.SUPPRESS, metavar="FORMAT",
+    p.add_argument("--format", "--data.format", dest="cfg:data.format", default=argparse.SUPPRESS, metavar="FORMAT",
                    help="data format: auto, alpaca, chat, prompt_completion or text (default: auto)")
-    p.add_argument("--max-length", dest="cfg:data.max_length", default=argparse.SUPPRESS, metavar="INT",
+    p.add_argument("--max-length", "--data.max_length", "--data.max-length", dest="cfg:data.max_length",
+                   default=argparse.SUPPRESS, metavar="INT",
                    help="max tokens per example")
 
 
@@ -55,6 +57,11 @@ def _data_config(ns: argparse.Namespace):
     return cfg
 
 
+def _wrap(text: str) -> str:
+    # Wrapped at spaces only: a cache path is printed whole, so it can be copied from the terminal.
+    return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+
+
 def _inspect(ns: argparse.Namespace) -> int:
     cfg = _data_config(ns)
     from ..data.dataset import build
@@ -64,7 +71,7 @@ def _inspect(ns: argparse.Namespace) -> int:
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prepared = build(cfg.data, tok, seed=cfg.seed)
     print(render_examples(prepared.train, tok, ns.num))
-    print(textwrap.fill(prepared.report.summary(), width=100))
+    print(_wrap(prepared.report.summary()))
     return 0
 
 
@@ -75,5 +82,5 @@ def _preprocess(ns: argparse.Namespace) -> int:
 
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prepared = build(cfg.data, tok, seed=cfg.seed, save_cache=True)
-    print(textwrap.fill(prepared.report.summary(), width=100))
+    print(_wrap(prepared.report.summary()))
     return 0

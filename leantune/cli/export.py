@@ -6,16 +6,17 @@ import argparse
 
 
 def _add_export(sub) -> None:
-    from ..export.base import available, quant_help  # a light name table: no exporter is imported
+    from ..export.base import all_help, available, quant_help  # a light name table: no exporter is imported
 
-    p = sub.add_parser("export", help="write a model or a run (its adapter merged, or alone) as GGUF or INT8 (or --all), "
-                       "with a fidelity report",
+    p = sub.add_parser("export", help="write a model or a run (its adapter merged, or alone) as GGUF, INT8, GPTQ "
+                       "or AWQ (or --all), with a fidelity report",
                        description="Write a model or a run (LoRA, DoRA or IA3 merged into its base) in a serving "
                        "format: GGUF for llama.cpp / Ollama / LM Studio (k-quants in pure Python); INT8 as "
-                       "weight-only W8A16 in compressed-tensors (vLLM on GPU, transformers), W8A8 (int8 weights and activations: "
-                       "vLLM on CPU and GPU) or LLM.int8 (bitsandbytes, "
-                       "transformers). Beside each, <name>.fidelity.json: held-out perplexity, KL and greedy top-1 "
-                       "agreement against the unquantized model, size, bits/weight, time and peak memory.",
+                       "weight-only W8A16 in compressed-tensors (vLLM on GPU, transformers), W8A8 (int8 weights and "
+                       "activations: vLLM on CPU and GPU) or LLM.int8 (bitsandbytes, transformers); GPTQ and AWQ as "
+                       "4-bit folders for vLLM, calibrated on the run's data. Beside each, <name>.fidelity.json: "
+                       "held-out perplexity, KL and greedy top-1 agreement against the unquantized model, size, "
+                       "bits/weight, time and peak memory.",
                        epilog="examples:\n  leantune export runs/first --quant Q4_K_M --modelfile\n"
                        "  leantune export ./SmolLM2-135M --quant Q8_0 --out smol.gguf\n"
                        "  leantune export runs/first --format int8                # W8A16 folder for vLLM/transformers\n"
@@ -27,10 +28,10 @@ def _add_export(sub) -> None:
     p.add_argument("source", help="a run folder, an adapter folder, an HF model folder or a .gguf file")
     p.add_argument("--format", default=None, metavar="NAME",  # checked by export.base.get: one line naming the choices
                    help=f"output format: {', '.join(available())} (default: gguf)")
-    p.add_argument("--all", action="store_true", help="every format (each one's default quant, GGUF Q8_0 and Q4_K_M, "
-                   "INT8 W8A16, W8A8 and LLM_INT8) into one folder (--out; default <run>/export or ./<name>-export), one "
-                   "fidelity table at the end and export_all.json; a failed format is a row of the table; rerun "
-                   "to resume (finished formats are kept); exit 1 if any format failed")
+    p.add_argument("--all", action="store_true", help=f"every format ({all_help()}) into one folder (--out; default "
+                   "<run>/export or ./<name>-export), one fidelity table at the end and export_all.json; a failed "
+                   "format is a row of the table; rerun to resume (finished formats are kept); exit 1 if any format "
+                   "failed")
     p.add_argument("--quant", default=None, type=str.upper, metavar="TYPE",
                    help=f"the format's quant type ({quant_help()}); GGUF _M types use llama.cpp's per-tensor mix")
     p.add_argument("--out", help="output file, or folder for a folder format (default: <source name>-<quant>[.gguf], "

@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+
+class _BaseAction(argparse.Action):
+    """`--base` names the base model, as in every other subcommand. Before `--merge-base` existed, merge's
+    `--base dequantized|original` picked the QLoRA merge target: those two words still do, unless a folder of
+    that name exists here (then `./original` and `original` both name the folder)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value in ("dequantized", "original") and not os.path.exists(value):
+            namespace.merge_base = value
+        else:
+            namespace.base_model = value
 
 
 def _add_merge(sub) -> None:
@@ -21,11 +34,10 @@ def _add_merge(sub) -> None:
     p.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
                    help="QLoRA runs: merge into dequant(4-bit weights), what the adapter trained against, or into "
                    "the original 16-bit weights (default: dequantized)")
-    # The name this choice had before it took export's (--base names the base model in export, generate, serve and
-    # lint): still accepted, no longer listed.
-    p.add_argument("--base", dest="merge_base", choices=["dequantized", "original"], default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)
-    p.add_argument("--base-model", help="base model, when it differs from the one recorded in the adapter")
+    p.add_argument("--base", dest="base_model", action=_BaseAction, metavar="BASE",
+                   help="base model, when it differs from the one recorded in the adapter (as in export, generate, "
+                   "serve and lint)")
+    p.add_argument("--base-model", dest="base_model", help=argparse.SUPPRESS)  # this flag's earlier name
     p.add_argument("--eval-batches", type=int, default=4, help="QLoRA runs: held-out batches for merge_report.json "
                    "(default: 4)")
     p.add_argument("--no-report", action="store_true", help="QLoRA runs: skip measuring the merge's cost")

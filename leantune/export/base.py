@@ -39,6 +39,13 @@ BUILTIN_QUANTS: dict[str, tuple[str, ...]] = {
     "awq": ("GEMM", "PACK_QUANTIZED"),
 }
 
+# What `--all` writes beyond each format's default quant: the variants the issue names (GGUF's near-lossless
+# Q8_0 beside its default Q4_K_M; every INT8 form). A quant a format does not (yet) have is left out.
+ALL_QUANTS: dict[str, tuple[str, ...]] = {
+    "gguf": ("Q8_0", "Q4_K_M"),
+    "int8": ("W8A16", "W8A8", "LLM_INT8"),
+}
+
 
 @dataclass
 class ExportOptions:
@@ -120,6 +127,12 @@ def get(name: str) -> Exporter:
     if name not in EXPORTERS:
         raise ConfigError(f"unknown export format {name!r}; choose one of {', '.join(available())}")
     return EXPORTERS[name]()
+
+
+def all_help() -> str:
+    """'awq GEMM, gguf Q8_0 and Q4_K_M, ...': what `--all` writes, for --help, without importing any exporter."""
+    return ", ".join(f"{n} {' and '.join(ALL_QUANTS.get(n) or BUILTIN_QUANTS.get(n, ('(its default)',))[:1])}"
+                     for n in available())
 
 
 def quant_help() -> str:

@@ -202,8 +202,12 @@ def table_row(fmt: str, quant: str | None, report: dict | None, status: str) -> 
     if report is None:
         return f"{fmt:<8}{quant or '-':<10}{'':>9}{'':>8}{'':>9}{'':>9}{'':>10}{'':>9}{'':>8}{'':>9}  {status}"
     m = report.get("model") or {}
-    ppl = f"{m['perplexity_export']:.3f}" if m else "-"
-    delta = f"{m['perplexity_delta_pct']:+.2f}" if m else "-"
+    # An untrained or tiny model's perplexity runs to billions: in exponent form it keeps to its column
+    # (fixed-point ran it into bits/w).
+    ppl = ("-" if not m else f"{m['perplexity_export']:.3f}" if m['perplexity_export'] < 1e4
+           else f"{m['perplexity_export']:.2e}")
+    delta = ("-" if not m else f"{m['perplexity_delta_pct']:+.2f}" if abs(m['perplexity_delta_pct']) < 1e4
+             else f"{m['perplexity_delta_pct']:+.1e}")
     kl = f"{m['kl_mean']:.2e}" if m else "-"
     top1 = f"{100 * m['top1_agreement']:.1f}" if m else "-"
     return (f"{fmt:<8}{quant or '-':<10}{report['file_bytes'] / 1e6:>9.1f}{report['bits_per_weight']:>8.2f}{ppl:>9}"

@@ -32,14 +32,8 @@ from ..io.atomic import write_json
 from ..io.outputs import check_output_dir, check_output_file
 from ..models.gguf_import import gguf_to_hf
 from . import fidelity
-from .base import Exporter, ExportOptions, available, get
+from .base import ALL_QUANTS, Exporter, ExportOptions, available, get
 
-# What `--all` writes beyond each format's default quant: the variants the issue names (GGUF's near-lossless
-# Q8_0 beside its default Q4_K_M; every INT8 form). A quant a format does not (yet) have is left out.
-ALL_QUANTS: dict[str, tuple[str, ...]] = {
-    "gguf": ("Q8_0", "Q4_K_M"),
-    "int8": ("W8A16", "W8A8", "LLM_INT8"),
-}
 ALL_SUMMARY = "export_all.json"   # in the --all folder: marks it as ours (resumable) and holds the table
 
 
@@ -96,7 +90,13 @@ def export(source: str, *, format: str = "gguf", quant: str | None = None, out: 
         return exporter.write_adapter(model, tok, facts, folder, path, options)
     print(f"exporting: {facts.describe()}", file=sys.stderr)
     batches, where = fidelity.held_out(tok, options.texts, found.cfg) if options.evaluate else ([], "")
-    report = write_and_report(exporter, model, tok, facts, folder, path, quant, options, batches, where)
+    try:
+        report = write_and_report(exporter, model, tok, facts, folder, path, quant, options, batches, where)
+    except KeyboardInterrupt:  # the artifact is renamed into place whole; say so if only its report is missing
+        if path.exists() and not fidelity.report_path(path, exporter.suffix).exists():
+            print(f"{path} is complete, but its fidelity check was interrupted: rerun with --overwrite for the report "
+                  f"(or add --no-eval)", file=sys.stderr)
+        raise
     print(fidelity.summary(report))
     return report
 

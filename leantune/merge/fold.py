@@ -62,7 +62,7 @@ def module_layout(folder: Path, trust_remote_code: bool = False) -> tuple[list[s
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise ModelError(f"{folder} is saved quantized; merging needs the 16-bit base it was quantized from: pass "
-                         "that with --base-model")
+                         "that with --base")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     order = [p for p, _ in model.named_modules()]
@@ -112,7 +112,7 @@ def _fold_file(src: Path, dst: Path, factors: dict[str, tuple[Tensor, Tensor]], 
                 continue
             if tensors.entries[key]["dtype"] not in _FLOAT_DTYPES:
                 raise ModelError(f"{key} is stored as {tensors.entries[key]['dtype']}, not as floats: the base is saved "
-                                 "quantized; merging needs the 16-bit base it was quantized from (pass it with --base-model)")
+                                 "quantized; merging needs the 16-bit base it was quantized from (pass it with --base)")
             merged = _merged_weight(tensors.get(key), path, factors.get(path), scaling,
                                     quant if path in requantize else None, quant_dtype)
             out.seek(tensors.span(key)[0])

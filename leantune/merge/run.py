@@ -66,7 +66,7 @@ def merge_source(source: str, out: str | os.PathLike, *, base: BaseChoice = "deq
                 "on; merge_report.json records only what was merged")
     elif facts.quant_bits and report:
         cfg = found.cfg
-        if cfg.model != found.base_model:  # --base-model overrides the run's base for the report too
+        if cfg.model != found.base_model:  # --base overrides the run's base for the report too
             cfg.model = found.base_model
         result |= merge_cost(cfg, found.adapter, written, base=base, limit=eval_batches)
         console(summary(result))

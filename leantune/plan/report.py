@@ -261,6 +261,14 @@ def _secs(t: float | None) -> str:
     return f"{t * 1e3:.0f} ms" if t < 1 else f"{t:.1f} s"
 
 
+def _flop(n: float) -> str:
+    """FLOPs in the unit that shows them: a small model's step is GFLOPs, which 0.0 TFLOP hid."""
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e6:.1f} MFLOP"
+
+
 def render(plan: Plan, fit: bool = False, source: str = "CONFIG") -> str:
     sh, d, b = plan.shape, plan.device, plan.base
     rate = f"{d.tflops:.0f} TFLOP/s ({d.source})" if d.tflops and d.tflops >= 1 else \
@@ -297,7 +305,7 @@ def render(plan: Plan, fit: bool = False, source: str = "CONFIG") -> str:
                  + (f"; offloaded checkpoints {_gib(o['offload_host'])} pinned host RAM during the step"
                     if o.get("offload_host") else ""))
     t = plan.step_s.get(id(e))
-    lines.append(f"  step: {e.flops / 1e12:.1f} TFLOP per optimizer step" +
+    lines.append(f"  step: {_flop(e.flops)} per optimizer step" +
                  (f", {_secs(t)}" if t else " (for a time, name the GPU or pass --tflops)"))
     q4 = next((pair for pair in plan.rows if pair[0].setup.quant == 4 and pair[0].setup.optimizer == "adamw"), None)
     l16 = next((pair for pair in plan.rows if pair[0].setup.method == "lora" and pair[0].setup.quant is None), None)

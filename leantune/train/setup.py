@@ -171,6 +171,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
         progress, ckpt = resume_from(ckpts, model, optimizer, console)  # the newest intact one
         distributed.check_resume(progress.rows_per_batch, cfg)
         console(f"resuming from {ckpt.name} (step {progress.step} of {total_steps})")
+        warn_schedule_change(folder, cfg, console)
 
     template = resolve_chat_template(tokenizer, cfg.data.chat_template) if cfg.data.chat_template else None
     progress.rows_per_batch = t.batch_size * distributed.world_size()
@@ -191,6 +192,26 @@ def setup(cfg: RunConfig, *, resume: bool = False, console: Callable[[str], None
                    warmup=warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio), optimizer=optimizer, log=log,
                    progress=progress, trainable=[p for p in model.parameters() if p.requires_grad],
                    meter=SavedTensorMeter(model))
+
+
+SCHEDULE_KEYS = ("max_steps", "epochs", "lr", "schedule", "warmup_steps", "warmup_ratio")
+
+
+def warn_schedule_change(folder: RunFolder, cfg: RunConfig, console: Callable[[str], None]) -> None:
+    """A resume whose train.* overrides change the learning-rate schedule (e.g. --max-steps 25 on a 200-step
+    run) goes on under the new schedule, so the rate jumps at once (2.0e-4 -> 1.4e-4 at step 11 of 200 -> 25,
+    measured): say so, reading the run's config.yaml before it is rewritten."""
+    import yaml
+
+    try:
+        before = (yaml.safe_load(folder.config.read_text()) or {}).get("train") or {}
+    except (OSError, yaml.YAMLError):
+        return
+    now = to_dict(cfg)["train"]
+    changed = [f"train.{k} {now[k]} (was {before[k]})" for k in SCHEDULE_KEYS if k in before and before[k] != now[k]]
+    if changed:
+        console(f"warning: resuming with {', '.join(changed)}: the learning-rate schedule follows the new "
+                "values from this step, so the rate changes at once")
 
 
 def _load(cfg: RunConfig, device: torch.device, console: Callable[[str], None]) -> tuple[Any, Any, str]:
@@ -225,8 +246,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
         raise ConfigError(f"{run_dir} already holds a finished run; nothing to resume" if finished else
                           f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
     if not resume and (ckpts or folder.adapter.exists()):
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
-                          f"output_dir (e.g. --output_dir {run_dir}-2)")
+        # A finished run cannot be resumed (see above): only an unfinished one is offered --resume.
+        what = ("a finished run; choose another" if finished else
+                "a run; pass --resume to continue it, or choose another")
+        raise ConfigError(f"{run_dir} already holds {what} output_dir (e.g. --output_dir {run_dir}-2)")
     return ckpts
 
 

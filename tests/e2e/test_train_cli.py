@@ -57,7 +57,8 @@ def test_refuses_to_overwrite_a_finished_run(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(base_args(tiny_llama_dir, data, out, "--train.max_steps", "1")) == 0
     assert main(base_args(tiny_llama_dir, data, out, "--train.max_steps", "1")) == 2
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err  # a finished run cannot be resumed, so --resume is not the fix offered
+    assert "finished run" in err and "--output_dir" in err and "--resume" not in err
 
 
 def test_killed_run_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path):

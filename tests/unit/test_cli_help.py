@@ -50,12 +50,18 @@ def test_merge_and_export_name_the_qlora_base_choice_alike(command, capsys):
     assert "--merge-base {dequantized,original}" in capsys.readouterr().out
 
 
-def test_merge_base_keeps_its_earlier_name_as_a_hidden_alias(capsys):
+def test_merge_base_keeps_its_earlier_name_as_a_hidden_alias(capsys, tmp_path, monkeypatch):
+    """Merge's earlier `--base dequantized|original` still sets --merge-base; any other value (or a folder of
+    that name) is the base model, as `--base` is in export and generate; `--base-model` stays accepted."""
+    monkeypatch.chdir(tmp_path)
     parser = build_parser()
     ns = parser.parse_args(["merge", "run", "--base", "original"])
-    assert ns.merge_base == "original" and not hasattr(ns, "base")
+    assert ns.merge_base == "original" and ns.base_model is None
+    assert parser.parse_args(["merge", "run", "--base", "./base"]).base_model == "./base"
+    assert parser.parse_args(["merge", "run", "--base-model", "b"]).base_model == "b"
+    (tmp_path / "original").mkdir()
+    ns = parser.parse_args(["merge", "run", "--base", "original"])
+    assert ns.base_model == "original" and ns.merge_base == "dequantized"
     assert main(["merge", "--help"]) == 0
     text = capsys.readouterr().out
-    assert "--base " not in text and "--base," not in text and "--base-model" in text
-    assert main(["merge", "run", "--base", "16bit"]) == 2  # the alias checks its choices like the flag
-    assert "invalid choice" in capsys.readouterr().err
+    assert "--base BASE" in text and "--base-model" not in text
