@@ -32,16 +32,7 @@ CASES = {  # leantune's quant section / transformers' BitsAndBytesConfig for the
             dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False)),
     "int8": (dict(bits=8), dict(load_in_8bit=True)),
 }
-SPECS = {  # name: (rank, targets, extra LoraConfig fields)
-    "a": (4, ["q_proj", "v_proj"], {}),
-    "b": (8, ["v_proj", "up_proj", "o_proj"], {}),
-    "c": (2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], {"use_rslora": True}),
-    "d": (4, ["q_proj", "v_proj", "down_proj"], {"use_dora": True}),
-}
-TEXTS = ["the quick brown fox", "one two three four five six", "a journey", "write a haiku about the sea",
-         "what is", "instruction input"]
-ROWS = ["a", "b", None, "c", "d", None]
-N = 10
+from tests.unit.test_serve_engine import N, ROWS, SPECS, TEXTS  # noqa: E402  (the same four adapters + base rows)
 
 
 @pytest.fixture(scope="module")
