@@ -91,3 +91,21 @@ def finished_runs(root: str | Path) -> dict[str, Path]:
         raise ConfigError(f"--adapters {root}: no such folder; point it at the folder holding your run folders")
     return {d.name: d for d in sorted(root.iterdir())
             if d.is_dir() and is_run_folder(d) and (d / SUMMARY).is_file() and (d / "adapter").is_dir()}
+
+
+def base_mismatch(model, folder: str | Path) -> str | None:
+    """When the run `folder` belongs to trained over another base precision than `model` holds (a QLoRA run
+    on a 16-bit server, a 16-bit run on a 4-bit one, nf4 vs fp4): one sentence saying so, else None."""
+    from ..quant import spec_of
+
+    info = run_info(str(folder))
+    if info is None:
+        return None
+    q, spec = info.quant_config(), spec_of(model)
+    trained = None if q is None or not q.bits else (8,) if q.bits == 8 else (4, q.type)
+    held = None if spec is None else (8,) if spec.bits == 8 else (4, spec.type)
+    if trained == held:
+        return None
+    say = lambda k: "16-bit" if k is None else "8-bit" if k == (8,) else f"4-bit {k[1]}"  # noqa: E731
+    return (f"its run trained over a {say(trained)} base and this server holds a {say(held)} base, so its outputs "
+            "differ slightly from the run's own generate (start a server with the run's --quant-bits to match)")

@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from pathlib import Path
 from fastapi import Request as HttpRequest   # at module level: FastAPI resolves route annotations by name
 
 from ..errors import ConfigError, LeantuneError, first_line
+from .adapter_folders import base_mismatch
 from .engine import Engine, Request, check_name, check_sampling
 
 
@@ -376,7 +378,11 @@ def build_app(engine: Engine, base_name: str, *, api_key: str | None = None, ada
                 await asyncio.to_thread(engine.add_adapter, name, path)
             except LeantuneError as e:
                 raise ApiError(400, first_line(e), param="lora_path") from None
-            return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+            said = f"Success: LoRA adapter '{name}' added successfully."
+            if (other := base_mismatch(engine.model, path)) is not None:
+                print(f"warning: adapter {name}: {other}", file=sys.stderr)
+                said += f" Warning: {other}."
+            return Response(said, media_type="text/plain")
         return await handle(go)
 
     @app.post("/v1/unload_lora_adapter")

@@ -170,3 +170,21 @@ def test_the_base_matrices_are_held_quantized_only(tiny_llama_dir, tiny_tokenize
     assert quantized * 8 / weights < (6.5 if quant["bits"] == 4 else 9)
     assert spec_of(model).bits == quant["bits"]
     assert isinstance(engine.model.model.layers[0].self_attn.q_proj, BatchedLoraLinear)
+
+
+def test_an_adapter_loaded_at_run_time_is_told_when_its_run_trained_over_another_base(tiny_llama_dir, tmp_path):
+    from leantune.checkpoint.run_folder import RunInfo, write_run_info
+    from leantune.serve.adapter_folders import base_mismatch
+
+    sixteen = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    nf4 = load_model(str(tiny_llama_dir), dtype=torch.float32, device="cpu",
+                     quant=QuantConfig(bits=4, type="nf4", compute_dtype="fp32"))
+    plain, qlora = tmp_path / "plain", tmp_path / "qlora"
+    for d, quant in ((plain, None), (qlora, {"bits": 4, "type": "nf4", "double_quant": True})):
+        d.mkdir()
+        write_run_info(d, RunInfo(method="lora", base_model=str(tiny_llama_dir), dtype="fp32", quant=quant))
+    assert base_mismatch(sixteen, plain) is None and base_mismatch(nf4, qlora) is None
+    assert base_mismatch(sixteen, tmp_path) is None                       # no sidecar: nothing to compare
+    said = base_mismatch(sixteen, qlora)
+    assert "trained over a 4-bit nf4 base" in said and "holds a 16-bit base" in said
+    assert "trained over a 16-bit base" in base_mismatch(nf4, plain)
