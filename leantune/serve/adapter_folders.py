@@ -15,6 +15,7 @@ from ..checkpoint.peft_format import MAGNITUDE, read_lora
 from ..checkpoint.run_folder import SUMMARY, find_model_and_adapter, is_run_folder, run_info
 from ..data.tokenize import resolve_chat_template
 from ..errors import ConfigError, ModelError
+from ..quant import spec_of
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NOT_SERVED = {  # peft_type -> why it is refused, and what to do instead
@@ -96,8 +97,6 @@ def finished_runs(root: str | Path) -> dict[str, Path]:
 def base_mismatch(model, folder: str | Path) -> str | None:
     """When the run `folder` belongs to trained over another base precision than `model` holds (a QLoRA run
     on a 16-bit server, a 16-bit run on a 4-bit one, nf4 vs fp4): one sentence saying so, else None."""
-    from ..quant import spec_of
-
     info = run_info(str(folder))
     if info is None:
         return None
