@@ -4,17 +4,12 @@ under --adapters by name, refuses a broken one with its reason and keeps serving
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 pytest.importorskip("fastapi")
+from e2e.serve_proc import leantune_serve  # noqa: E402
 
 
 def test_serve_command_serves_finished_runs(tmp_path, tiny_llama_dir):
@@ -32,28 +27,11 @@ def test_serve_command_serves_finished_runs(tmp_path, tiny_llama_dir):
         m.save_pretrained(run / "adapter")
     cfg = runs / "broken" / "adapter" / "adapter_config.json"
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "r": "four"}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, "-m", "leantune.cli.main", "serve", str(tiny_llama_dir), "--adapters",
-                             str(runs), "--port", str(port), "--served-model-name", "tiny"],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stderr.read()
-                time.sleep(0.5)
+    with leantune_serve(str(tiny_llama_dir), "--adapters", str(runs), "--served-model-name", "tiny") as served:
+        url = served.url
         models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
         assert models == ["tiny", "legal"]
         r = httpx.post(url + "/v1/completions", json={"model": "legal", "prompt": "hi", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
-    finally:
-        proc.terminate()
-        err = proc.communicate(timeout=30)[1]
+    err = served.err
     assert "refused adapter broken:" in err and "r must be a positive integer" in err

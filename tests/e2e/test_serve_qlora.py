@@ -4,20 +4,13 @@ over it (said in the start-up line), and the official openai client gets the ans
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("fastapi")
 
+from e2e.serve_proc import leantune_serve  # noqa: E402
 from e2e.test_train_cli import write_chat_data  # noqa: E402
 
 
@@ -39,28 +32,12 @@ def test_a_qlora_run_is_served_over_its_4bit_base_to_the_openai_client(tmp_path,
     assert spec_of(model).bits == 4
     expected = generate_text(model, tok, messages, max_new_tokens=8)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, "-m", "leantune.cli.main", "serve", str(tmp_path / "qrun"),
-                             "--port", str(port), "--dtype", "fp32", "--device", "cpu", "--served-model-name", "tiny"],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stderr.read()
-                time.sleep(0.5)
+    with leantune_serve(str(tmp_path / "qrun"), "--dtype", "fp32", "--device", "cpu",
+                        "--served-model-name", "tiny") as served:
+        url = served.url
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["tiny", "qrun"]
         got = client.chat.completions.create(model="qrun", messages=messages, max_tokens=8, temperature=0)
         assert got.choices[0].message.content.strip() == expected
-    finally:
-        proc.terminate()
-        err = proc.communicate(timeout=30)[1]
+    err = served.err
     assert "base: 4-bit nf4, double quant through bitsandbytes, as run qrun trained over it (QLoRA)" in err, err

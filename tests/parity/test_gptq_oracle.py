@@ -29,14 +29,13 @@ pytestmark = [pytest.mark.slow,
 GROUP = 32
 
 
-def test_our_gptq_matches_llm_compressors_on_the_same_layer_and_calibration(tmp_path):
-    from safetensors.torch import load_file, save_file
+def _tiny_and_rows(tmp_path):
+    """(a tiny random Llama's folder, the model in fp32, 16 x 64 calibration rows), the rows also written to
+    rows.safetensors for the oracle process."""
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from leantune.export import wna16
     from leantune.export.calibration import calibration_rows
-    from leantune.export.gptq import solve
-    from leantune.quant import wna16 as packing
 
     base = tmp_path / "base"
     tok = build_tokenizer()
@@ -47,6 +46,18 @@ def test_our_gptq_matches_llm_compressors_on_the_same_layer_and_calibration(tmp_
     calib.write_text("\n".join(CORPUS) + "\n")
     rows = calibration_rows(tok, file=str(calib), source=None, samples=16, seq=64).rows
     save_file({"input_ids": rows.contiguous()}, str(tmp_path / "rows.safetensors"))
+    return base, model, rows
+
+
+def test_our_gptq_matches_llm_compressors_on_the_same_layer_and_calibration(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from leantune.export import wna16
+    from leantune.export.gptq import solve
+    from leantune.quant import wna16 as packing
+
+    base, model, rows = _tiny_and_rows(tmp_path)
     script = Path(__file__).with_name("oracle_llmcompressor.py")
 
     def library(actorder: str) -> dict:
@@ -128,24 +139,15 @@ def test_our_awq_is_at_least_as_close_to_the_float_model_as_llm_compressors(tmp_
     grid of 10 and clip search; its 20-point duo-scaling grid without clipping), so the results are compared,
     not the weights: the next-token KL to the float model on the calibration rows, ours no worse than 5% above
     the library's (measured 2026-11-27: ours 3.56e-4, library 4.14e-4)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from leantune.eval.compare import compare
     from leantune.export import wna16
     from leantune.export.awq import solve
-    from leantune.export.calibration import calibration_rows
     from leantune.quant import wna16 as packing
 
-    base = tmp_path / "base"
-    tok = build_tokenizer()
-    tok.save_pretrained(base)
-    build_llama(base, vocab_size=512, hidden=128)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(CORPUS) + "\n")
-    rows = calibration_rows(tok, file=str(calib), source=None, samples=16, seq=64).rows
-    save_file({"input_ids": rows.contiguous()}, str(tmp_path / "rows.safetensors"))
+    base, model, rows = _tiny_and_rows(tmp_path)
     out = tmp_path / "theirs.safetensors"
     done = subprocess.run([ORACLE_PYTHON, str(Path(__file__).with_name("oracle_llmcompressor.py")), str(base),
                            str(tmp_path / "rows.safetensors"), str(out), str(GROUP), "awq"],
