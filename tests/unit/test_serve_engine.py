@@ -39,13 +39,17 @@ def base(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, base):
-    d = tmp_path_factory.mktemp("served")
+    return save_adapters(base, tmp_path_factory.mktemp("served"))
+
+
+def save_adapters(base, d):
+    """SPECS saved with PEFT under `d`, their factors random (B = 0 at init would make every adapter the base)."""
     for i, (name, (r, targets, extra)) in enumerate(SPECS.items()):
         torch.manual_seed(i)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             m = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, **extra))
-        with torch.no_grad():   # random factors (B = 0 at init would make every adapter the base)
+        with torch.no_grad():
             for n, p in m.named_parameters():
                 if "lora_" in n:
                     p.normal_(0, 0.3)

@@ -6,7 +6,6 @@ base rows gives, row for row, PEFT's greedy tokens; the base's matrices exist on
 
 from __future__ import annotations
 
-import copy
 import gc
 import types
 import warnings
@@ -16,7 +15,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from leantune.config import QuantConfig  # noqa: E402
@@ -24,6 +23,7 @@ from leantune.models.load import load_model  # noqa: E402
 from leantune.quant import is_quantized, spec_of, storage_bits  # noqa: E402
 from leantune.serve.batched_lora import BatchedLoraLinear  # noqa: E402
 from leantune.serve.engine import Engine, Request, Sampling  # noqa: E402
+from tests.unit.test_serve_engine import N, ROWS, SPECS, TEXTS, save_adapters  # noqa: E402  (the same adapters + rows)
 
 CASES = {  # leantune's quant section / transformers' BitsAndBytesConfig for the same base
     "nf4-double": (dict(bits=4, type="nf4", double_quant=True),
@@ -32,26 +32,12 @@ CASES = {  # leantune's quant section / transformers' BitsAndBytesConfig for the
             dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False)),
     "int8": (dict(bits=8), dict(load_in_8bit=True)),
 }
-from tests.unit.test_serve_engine import N, ROWS, SPECS, TEXTS  # noqa: E402  (the same four adapters + base rows)
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tiny_llama_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    d = tmp_path_factory.mktemp("served-q")
-    for i, (name, (r, targets, extra)) in enumerate(SPECS.items()):
-        torch.manual_seed(i)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, **extra))
-        with torch.no_grad():   # random factors, large enough to move greedy tokens away from the base's
-            for n, p in m.named_parameters():
-                if "lora_" in n:
-                    p.normal_(0, 0.3)
-                if "magnitude" in n:
-                    p.mul_(1.5)
-        m.save_pretrained(d / name)
-    return {n: d / n for n in SPECS}
+    return save_adapters(base, tmp_path_factory.mktemp("served-q"))
 
 
 def ours(folder, quant: dict):
