@@ -23,7 +23,7 @@ from ..adapters.base import METHODS, adapter_modules, format_trainable, layer_fe
 from ..checkpoint.adapter_io import save_adapter
 from ..checkpoint.deploy_rules import check_deploy_targets
 from ..checkpoint.run_folder import RunFolder, RunInfo, write_run_info
-from ..config import RunConfig, dump_yaml, to_dict
+from ..config import RunConfig, dump_yaml, load_yaml, to_dict
 from ..data.dataset import EpochPlan, Prepared, batch_plan, build as build_data
 from ..data.tokenize import resolve_chat_template
 from ..device import pick_dtype, resolve_device
@@ -201,11 +201,9 @@ def warn_schedule_change(folder: RunFolder, cfg: RunConfig, console: Callable[[s
     """A resume whose train.* overrides change the learning-rate schedule (e.g. --max-steps 25 on a 200-step
     run) goes on under the new schedule, so the rate jumps at once (2.0e-4 -> 1.4e-4 at step 11 of 200 -> 25,
     measured): say so, reading the run's config.yaml before it is rewritten."""
-    import yaml
-
     try:
-        before = (yaml.safe_load(folder.config.read_text()) or {}).get("train") or {}
-    except (OSError, yaml.YAMLError):
+        before = (load_yaml(folder.config) or {}).get("train") or {}
+    except (OSError, ConfigError):
         return
     now = to_dict(cfg)["train"]
     changed = [f"train.{k} {now[k]} (was {before[k]})" for k in SCHEDULE_KEYS if k in before and before[k] != now[k]]
